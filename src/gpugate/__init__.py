@@ -1,0 +1,51 @@
+"""gpugate: race-free admission of GPU jobs — admit, defer with a retry-after, or reject.
+
+Every decision is one atomic Lua script in Redis, shared by every worker of a
+pool; see the README for the two-minute tour.
+"""
+
+from ._exceptions import (
+    AdmissionError,
+    AdmissionRejected,
+    AdmissionTimeout,
+    BackendError,
+    ConfigError,
+    GpugateError,
+    UsageError,
+)
+from ._units import format_duration, format_size, parse_duration, parse_rate, parse_size
+from .admission import Decision, Gate, Lease, Outcome, Reason, Ticket
+from .policy import ClassPolicy, Policy, PoolSettings
+from .sampling import DeviceSample, NoGpuSampler, Sampler, SimulatedSampler, Snapshot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdmissionError",
+    "AdmissionRejected",
+    "AdmissionTimeout",
+    "BackendError",
+    "ClassPolicy",
+    "ConfigError",
+    "Decision",
+    "DeviceSample",
+    "Gate",
+    "GpugateError",
+    "Lease",
+    "NoGpuSampler",
+    "Outcome",
+    "Policy",
+    "PoolSettings",
+    "Reason",
+    "Sampler",
+    "SimulatedSampler",
+    "Snapshot",
+    "Ticket",
+    "UsageError",
+    "__version__",
+    "format_duration",
+    "format_size",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+]

@@ -1,0 +1,656 @@
+"""The gate: every admission decision of this process goes through here.
+
+``try_admit`` is one round trip to Redis (the ``admit_job`` script), unless the
+local pre-check already knows that no device can fit, in which case it answers
+DEFER without Redis. ``admit`` blocks, registered as a waiter, until it is
+admitted, rejected or out of time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import random
+import threading
+import time
+import uuid as _uuid
+import weakref
+from collections.abc import Callable, Generator
+from typing import Any
+
+import redis
+import structlog
+
+from .. import _speedups
+from .._exceptions import (
+    AdmissionRejected,
+    AdmissionTimeout,
+    BackendError,
+    ConfigError,
+    UsageError,
+)
+from .._units import parse_duration, parse_size
+from ..policy import Policy
+from ..sampling import NoGpuSampler, Sampler, Snapshot
+from ..state._connect import connect, mask_url, resolve_redis_url
+from ..state._keys import PoolKeys
+from ..state._scripts import Scripts
+from ..state._wire import publish_args
+from ._decision import Decision, Outcome, Reason
+from ._heartbeat import Heartbeat
+from ._lease import Lease, LeaseRegistry
+from ._ticket import Ticket
+from ._wake import WakeListener
+
+log = structlog.get_logger(__name__)
+
+# Reasons whose retry_after is an estimate: they get jitter so that waiters
+# polling the same pool do not come back in lockstep.
+_ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample", Reason.LOCAL_PRECHECK})
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+_live_gates: weakref.WeakSet[Gate] = weakref.WeakSet()
+
+
+def _b2s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Gate:
+    """Admission to the GPUs of one pool.
+
+    ``redis_url``: where the pool's state lives; by default
+    ``$GPUGATE_REDIS_URL``, then ``$REDIS_URL``, then an embedded Redis shared
+    by the processes of this host. ``pool``: the pool's name (default
+    ``$GPUGATE_POOL`` or ``"default"``). ``policy``: this gate's policy; it is
+    published to the pool when the pool has none, and the pool's policy is the
+    one enforced (a differing one is logged and shown in ``policy_mismatch``).
+    ``sampler``: what the GPUs look like (default: no GPU until the NVML
+    sampler is configured). ``socket_timeout_s`` bounds every Redis call.
+
+    A gate belongs to the process that made it; a forked child must make its
+    own (using a parent's gate there raises :class:`UsageError`).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        pool: str | None = None,
+        policy: Policy | None = None,
+        sampler: Sampler | None = None,
+        socket_timeout_s: float = 2.0,
+        _clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.pool = pool or os.environ.get("GPUGATE_POOL") or "default"
+        self._keys = PoolKeys(self.pool)
+        url, self.embedded = resolve_redis_url(redis_url)
+        self.redis_url = mask_url(url)
+        self._client = connect(url, socket_timeout_s=socket_timeout_s)
+        self._scripts = Scripts(self._client)
+        self.policy = policy
+        self.pool_policy: Policy | None = None
+        self.pool_policy_version: str | None = None
+        self.policy_mismatch = False
+        self.sampler: Sampler = sampler if sampler is not None else NoGpuSampler()
+        self._clock_ms = _clock_ms
+        self._pid = os.getpid()
+        self.owner = f"{self.sampler.sample().host or 'host'}:{self._pid}:{_uuid.uuid4().hex[:8]}"
+        self._leases = LeaseRegistry()
+        self._heartbeat: Heartbeat | None = None
+        self._wake: WakeListener | None = None
+        self._lock = threading.Lock()
+        self._recent_defer: dict[tuple[str, int, str], float] = {}
+        self._local_open: dict[str, int] = {}
+        self._closed = False
+        self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
+        _live_gates.add(self)
+        if self.embedded:
+            log.info("embedded_redis", url=self.redis_url, note="single host only: set GPUGATE_REDIS_URL to share a pool between hosts")
+        try:
+            self.sync_policy()
+        except BackendError as exc:
+            log.warning("policy_sync_deferred", error=str(exc))
+
+    # -- policy -----------------------------------------------------------------
+
+    @property
+    def effective_policy(self) -> Policy:
+        """The pool's policy when known, else this gate's own, else the default."""
+        return self.pool_policy or self.policy or Policy.default()
+
+    @property
+    def lease_ttl_s(self) -> float:
+        """The pool's lease TTL."""
+        return self.effective_policy.pool.lease_ttl_s
+
+    def sync_policy(self, *, force: bool = False) -> str:
+        """Publish this gate's policy if the pool has none (or ``force``); read the pool's.
+
+        Returns the pool's policy version. Without a policy of its own the gate
+        publishes :meth:`Policy.default` to an empty pool.
+        """
+        mine = self.policy or Policy.default()
+        if self.policy is None and not force:
+            current = self._call(self._client.hget, self._keys.state, "pdoc")
+            if current is not None:
+                self._adopt(_b2s(current))
+                return self.pool_policy_version or ""
+        published, version = self._call(
+            self._scripts.publish_policy, keys=[self._keys.state], args=publish_args(mine, force=force)
+        )
+        version = _b2s(version)
+        if published:
+            log.info("policy_published", pool=self.pool, version=version)
+            self.pool_policy, self.pool_policy_version = mine, version
+        else:
+            doc = self._call(self._client.hget, self._keys.state, "pdoc")
+            self._adopt(_b2s(doc) if doc is not None else None, version)
+        self.policy_mismatch = self.policy is not None and self.pool_policy_version != self.policy.version
+        if self.policy_mismatch:
+            log.warning(
+                "policy_mismatch",
+                pool=self.pool,
+                pool_version=self.pool_policy_version,
+                local_version=self.policy.version if self.policy else None,
+                fix="the pool's policy is enforced; run `gpugate policy apply FILE` to change it",
+            )
+        return self.pool_policy_version or ""
+
+    def _adopt(self, doc: str | None, version: str | None = None) -> None:
+        if doc is not None:
+            try:
+                self.pool_policy = Policy.from_dict(json.loads(doc), source=f"pool {self.pool}")
+            except (ConfigError, ValueError) as exc:
+                log.warning("pool_policy_unreadable", error=str(exc))
+        self.pool_policy_version = version or (self.pool_policy.version if self.pool_policy else None)
+
+    # -- decisions --------------------------------------------------------------
+
+    def try_admit(
+        self,
+        cls: str,
+        vram: int | str = 0,
+        *,
+        device: str | None = None,
+        tenant: str | None = None,
+    ) -> Decision:
+        """Decide now, without blocking: one round trip at most.
+
+        ``cls``: the class; ``vram``: the estimated peak VRAM of the job
+        (bytes or a size string); ``device``: a device uuid to insist on.
+        A DEFER registers this request as a waiter (keyed by this gate, class,
+        size and device) for the pool's waiter TTL, so polling counts for
+        priority. An ADMIT's lease is renewed by this gate's heartbeat until
+        released or dropped.
+        """
+        vram_b = parse_size(vram, key="vram")
+        waiter = f"{self.owner}|{cls}|{vram_b}|{device or ''}"
+        return self._decide(cls, vram_b, waiter, device, tenant, precheck=True)
+
+    def admit(
+        self,
+        cls: str,
+        vram: int | str = 0,
+        *,
+        timeout: float | str | None = None,
+        device: str | None = None,
+        tenant: str | None = None,
+    ) -> Ticket:
+        """Block until admitted; return the :class:`Ticket` (a context manager).
+
+        Waits as a registered waiter, woken by releases and override changes
+        (and by a timer as a fallback). Raises :class:`AdmissionTimeout` after
+        ``timeout`` seconds (``None`` waits forever) and
+        :class:`AdmissionRejected` when the request can never be admitted;
+        both carry the last decision.
+        """
+        vram_b = parse_size(vram, key="vram")
+        deadline = None if timeout is None else time.monotonic() + parse_duration(timeout, key="timeout")
+        waiter = f"{self.owner}|{_uuid.uuid4().hex}"
+        wake = self._wake_listener()
+        while True:
+            generation = wake.generation
+            d = self._decide(cls, vram_b, waiter, device, tenant, precheck=False)
+            if d.outcome is Outcome.ADMIT:
+                return self._ticket(d)
+            if d.outcome is Outcome.REJECT:
+                raise AdmissionRejected(f"{cls} request for {vram_b} bytes rejected: {d.reason} ({d.detail})", d)
+            pause = self._wait_time(d, deadline, cls, vram_b)
+            if pause is None:
+                self._forget_waiter(waiter)
+                raise AdmissionTimeout(
+                    f"{cls} request for {vram_b} bytes not admitted within {timeout}s; last reason: {d.reason}", d
+                )
+            wake.wait(generation, pause)
+
+    def admit_async(
+        self,
+        cls: str,
+        vram: int | str = 0,
+        *,
+        timeout: float | str | None = None,
+        device: str | None = None,
+        tenant: str | None = None,
+    ) -> _AsyncAdmission:
+        """The asyncio form of :meth:`admit`: ``async with gate.admit_async(...) as ticket``.
+
+        Also awaitable: ``ticket = await gate.admit_async(...)``. Redis calls
+        run in a worker thread; waiting does not hold a thread.
+        """
+        return _AsyncAdmission(self, cls, vram, timeout, device, tenant)
+
+    async def _admit_async(
+        self, cls: str, vram: int | str, timeout: float | str | None, device: str | None, tenant: str | None
+    ) -> Ticket:
+        vram_b = parse_size(vram, key="vram")
+        deadline = None if timeout is None else time.monotonic() + parse_duration(timeout, key="timeout")
+        waiter = f"{self.owner}|{_uuid.uuid4().hex}"
+        wake = self._wake_listener()
+        while True:
+            generation = wake.generation
+            d = await asyncio.to_thread(self._decide, cls, vram_b, waiter, device, tenant, False)
+            if d.outcome is Outcome.ADMIT:
+                return self._ticket(d)
+            if d.outcome is Outcome.REJECT:
+                raise AdmissionRejected(f"{cls} request for {vram_b} bytes rejected: {d.reason} ({d.detail})", d)
+            pause = self._wait_time(d, deadline, cls, vram_b)
+            if pause is None:
+                await asyncio.to_thread(self._forget_waiter, waiter)
+                raise AdmissionTimeout(
+                    f"{cls} request for {vram_b} bytes not admitted within {timeout}s; last reason: {d.reason}", d
+                )
+            await wake.wait_async(generation, pause)
+
+    def _wait_time(self, d: Decision, deadline: float | None, cls: str, vram: int) -> float | None:
+        """How long a blocked waiter sleeps before trying again; None when out of time."""
+        # Come back before the waiter entry expires so the request keeps counting.
+        pause = min(d.retry_after, self.effective_policy.pool.waiter_ttl_s / 2)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            pause = min(pause, left)
+        return max(pause, 0.001)
+
+    def _ticket(self, d: Decision) -> Ticket:
+        if d.reason == Reason.BACKEND_OPEN:
+            return Ticket(d, on_release=lambda: self._local_done(d.cls))
+        return Ticket(d)
+
+    def _decide(
+        self,
+        cls: str,
+        vram: int,
+        waiter: str,
+        device: str | None,
+        tenant: str | None,
+        precheck: bool,
+    ) -> Decision:
+        self._check_usable()
+        snap = self.sampler.sample()
+        self.stats["decisions"] += 1
+        if precheck and snap.devices and self._local_defer_ok(cls, vram, device, snap):
+            self.stats["local_defers"] += 1
+            return Decision(
+                Outcome.DEFER,
+                Reason.LOCAL_PRECHECK,
+                retry_after=self._jitter(1.0),
+                detail="the local sample shows no device with room",
+                cls=cls,
+                vram=vram,
+            )
+        devices = snap.devices
+        age_ms = int(snap.age_s() * 1000)
+        args = [
+            self._keys.prefix,
+            self._clock_ms() if self._clock_ms is not None else 0,
+            cls,
+            vram,
+            waiter,
+            self.owner,
+            device or "",
+            tenant or "",
+            len(devices),
+            *_speedups.pack_samples(
+                [d.uuid for d in devices], [d.total for d in devices], [d.used for d in devices], [age_ms] * len(devices)
+            ),
+        ]
+        keys = [self._keys.state, self._keys.exp, self._keys.waiters, self._keys.samples, self._keys.buckets]
+        try:
+            reply = self._run_admit(keys, args)
+        except BackendError as exc:
+            return self._backend_down(cls, vram, snap, exc)
+        outcome, reason, retry_ms, dev_uuid, lease_id, expires_ms, detail = reply
+        d_uuid = _b2s(dev_uuid) or None
+        reason = _b2s(reason)
+        out = Outcome(_b2s(outcome))
+        retry = int(retry_ms) / 1000.0
+        if reason in _ESTIMATED:
+            retry = self._jitter(retry)
+        index = None
+        lease = None
+        if d_uuid is not None:
+            found = snap.by_uuid(d_uuid)
+            index = found.index if found is not None else None
+        if out is Outcome.ADMIT and d_uuid is not None:
+            lease = Lease(
+                self,
+                id=_b2s(lease_id),
+                cls=cls,
+                vram=vram,
+                device=index,
+                device_uuid=d_uuid,
+                expires_ms=int(expires_ms),
+            )
+            self._hold(lease)
+        elif out is Outcome.DEFER and precheck:
+            self._recent_defer[(cls, vram, device or "")] = time.monotonic()
+        decision = Decision(
+            out,
+            reason,
+            retry_after=retry if out is Outcome.DEFER else 0.0,
+            device=index if out is Outcome.ADMIT else None,
+            device_uuid=d_uuid if out is Outcome.ADMIT else None,
+            lease=lease,
+            detail=_b2s(detail),
+            cls=cls,
+            vram=vram,
+        )
+        return decision
+
+    def _run_admit(self, keys: list[str], args: list[Any]) -> list[Any]:
+        for attempt in (0, 1):
+            try:
+                self.stats["round_trips"] += 1
+                return self._call(self._scripts.admit_job, keys=keys, args=args)  # type: ignore[no-any-return]
+            except redis.ResponseError as exc:
+                msg = str(exc)
+                if "nopolicy" in msg and attempt == 0:
+                    self.sync_policy()
+                    continue
+                if "unknown_class" in msg:
+                    known = sorted(self.effective_policy.classes)
+                    raise UsageError(
+                        f"class {args[2]!r} is not in pool {self.pool!r}'s policy; known classes: {', '.join(known)}"
+                    ) from None
+                raise BackendError(f"the admission script failed on {self.redis_url}: {msg}") from exc
+        raise BackendError(f"pool {self.pool!r} has no policy and publishing one failed")
+
+    def _local_defer_ok(self, cls: str, vram: int, device: str | None, snap: Snapshot) -> bool:
+        """The fast path may answer DEFER itself: nothing fits locally and the
+        waiter entry in Redis is fresh enough that priority still sees it."""
+        last = self._recent_defer.get((cls, vram, device or ""))
+        if last is None or time.monotonic() - last > self.effective_policy.pool.waiter_ttl_s / 3:
+            return False
+        devices = [d for d in snap.devices if device is None or d.uuid == device]
+        margin = self.effective_policy.pool.safety_margin
+        return not _speedups.precheck_fits([d.free for d in devices], vram, margin)
+
+    def _jitter(self, seconds: float) -> float:
+        cap = self.effective_policy.pool.retry_max_s
+        return min(cap, seconds * random.uniform(0.5, 1.5))
+
+    def _backend_down(self, cls: str, vram: int, snap: Snapshot, exc: BackendError) -> Decision:
+        try:
+            cp = self.effective_policy.class_policy(cls)
+        except UsageError:
+            raise exc from None
+        log.warning("backend_unavailable", cls=cls, error=str(exc), mode=cp.on_backend_error)
+        if cp.on_backend_error == "open":
+            with self._lock:
+                running = self._local_open.get(cls, 0)
+                if cp.max_concurrent is None or running < cp.max_concurrent:
+                    fits = [d for d in snap.devices if d.free >= vram]
+                    best = max(fits, key=lambda d: d.free, default=None)
+                    if best is not None or not snap.devices:
+                        self._local_open[cls] = running + 1
+                        return Decision(
+                            Outcome.ADMIT,
+                            Reason.BACKEND_OPEN,
+                            device=best.index if best else None,
+                            device_uuid=best.uuid if best else None,
+                            detail="Redis unreachable; admitted within this process's caps",
+                            cls=cls,
+                            vram=vram,
+                        )
+        return Decision(
+            Outcome.DEFER,
+            Reason.BACKEND_UNAVAILABLE,
+            retry_after=self._jitter(1.0),
+            detail=str(exc),
+            cls=cls,
+            vram=vram,
+        )
+
+    def _local_done(self, cls: str) -> None:
+        with self._lock:
+            self._local_open[cls] = max(0, self._local_open.get(cls, 0) - 1)
+
+    # -- leases -----------------------------------------------------------------
+
+    def _hold(self, lease: Lease) -> None:
+        self._leases.add(lease)
+        with self._lock:
+            if self._heartbeat is None:
+                self._heartbeat = Heartbeat(self)
+                self._heartbeat.start()
+
+    def _release_lease(self, lease: Lease, outcome: str, refund: bool = False) -> bool:
+        self._leases.discard(lease)
+        if os.getpid() != self._pid:
+            return False  # the parent's lease; the parent releases it
+        try:
+            done = self._call(
+                self._scripts.release_lease,
+                keys=[self._keys.state, self._keys.exp, self._keys.buckets],
+                args=[self._keys.prefix, self._now_arg(), lease.device_uuid, lease.id, outcome, "1" if refund else "0"],
+            )
+        except BackendError as exc:
+            log.warning("lease_release_failed", lease_id=lease.id, error=str(exc), note="it expires within one TTL")
+            return False
+        return bool(done)
+
+    def leases_held(self) -> list[Lease]:
+        """The leases this gate holds now."""
+        return self._leases.live()
+
+    def _beat(self) -> None:
+        """One heartbeat: release dropped leases, renew the rest."""
+        for dev_uuid, lease_id in self._leases.take_dropped():
+            self._call(
+                self._scripts.release_lease,
+                keys=[self._keys.state, self._keys.exp, self._keys.buckets],
+                args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, "dropped", "0"],
+            )
+        leases = [lease for lease in self._leases.live() if not lease.max_duration_reached]
+        if not leases:
+            return
+        args: list[Any] = [self._keys.prefix, self._now_arg(), len(leases)]
+        reports = []
+        now = time.monotonic()
+        for lease in leases:
+            report = lease._take_report()
+            reports.append(report)
+            if report is None:
+                args += [lease.device_uuid, lease.id, -1, 0]
+            else:
+                args += [lease.device_uuid, lease.id, report[0], int((now - report[1]) * 1000)]
+        try:
+            reply = self._call(
+                self._scripts.renew_leases, keys=[self._keys.state, self._keys.exp, self._keys.waiters], args=args
+            )
+        except BackendError:
+            for lease, report in zip(leases, reports, strict=True):
+                if report is not None:  # send it again next time
+                    with lease._lock:
+                        lease._actual = lease._actual or report
+            raise
+        for i, lease in enumerate(leases):
+            status, expires = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
+            if status == 1:
+                lease.expires_ms = expires
+            elif status == 2:
+                lease.expires_ms = expires
+                lease._mark_max_duration()
+            elif not lease.released:
+                self.stats["leases_lost"] += 1
+                self._leases.discard(lease)
+                lease._mark_lost("expired")
+
+    def beat_now(self) -> None:
+        """Renew every held lease now, in this thread (tests, shutdown paths)."""
+        self._check_usable()
+        self._beat()
+
+    # -- overrides --------------------------------------------------------------
+
+    def pause(self, cls: str, *, duration: float | str | None = None, reason: str = "", who: str | None = None) -> dict[str, Any]:
+        """Pause ``cls``: its requests DEFER (reason ``paused``) until resumed or ``duration`` passes."""
+        return self._override("pause", cls, 0, duration, reason, who)
+
+    def resume(self, cls: str, *, who: str | None = None) -> dict[str, Any]:
+        """Lift a pause of ``cls``."""
+        return self._override("resume", cls, 0, None, "", who)
+
+    def cap(self, cls: str, n: int, *, duration: float | str | None = None, reason: str = "", who: str | None = None) -> dict[str, Any]:
+        """Lower ``cls``'s pool-wide cap to ``n`` (never raises it) until ``duration`` passes."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError("a cap is a whole number >= 0", key="n", value=n)
+        return self._override("cap", cls, n, duration, reason, who)
+
+    def uncap(self, cls: str, *, who: str | None = None) -> dict[str, Any]:
+        """Remove a runtime cap of ``cls``."""
+        return self._override("uncap", cls, 0, None, "", who)
+
+    def drain(self, cls: str | None = None, *, duration: float | str | None = None, reason: str = "", who: str | None = None) -> dict[str, Any]:
+        """Pause ``cls``, or with no class every class but the highest."""
+        if cls is not None:
+            return self.pause(cls, duration=duration, reason=reason or "drain", who=who)
+        policy = self.effective_policy
+        result: dict[str, Any] = {}
+        for name in policy.classes:
+            if name != policy.highest_class:
+                result = self.pause(name, duration=duration, reason=reason or "drain", who=who)
+        return result
+
+    def overrides(self) -> dict[str, Any]:
+        """The pool's overrides as stored (expired entries may still show until the next change)."""
+        raw = self._call(self._client.hget, self._keys.state, "ovr")
+        return json.loads(raw) if raw else {"pause": {}, "cap": {}}
+
+    def _override(self, kind: str, cls: str, n: int, duration: float | str | None, reason: str, who: str | None) -> dict[str, Any]:
+        for_ms = 0 if duration is None else int(parse_duration(duration, key="duration") * 1000)
+        who = who or f"{os.environ.get('USER', 'unknown')}@{self.owner.split(':')[0]}"
+        try:
+            raw = self._call(
+                self._scripts.set_override,
+                keys=[self._keys.state],
+                args=[self._keys.prefix, self._now_arg(), kind, cls, n, for_ms, who, reason],
+            )
+        except redis.ResponseError as exc:
+            if "unknown_class" in str(exc):
+                raise UsageError(
+                    f"class {cls!r} is not in pool {self.pool!r}'s policy; known: {', '.join(self.effective_policy.classes)}"
+                ) from None
+            raise BackendError(str(exc)) from exc
+        log.info("override_set", kind=kind, cls=cls, n=n, duration_s=for_ms / 1000, who=who, reason=reason)
+        return json.loads(raw)  # type: ignore[no-any-return]
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _now_arg(self) -> int:
+        return self._clock_ms() if self._clock_ms is not None else 0
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _REDIS_DOWN as exc:
+            raise BackendError(f"Redis at {self.redis_url} is unreachable: {exc}") from exc
+
+    def _wake_listener(self) -> WakeListener:
+        with self._lock:
+            if self._wake is None:
+                self._wake = WakeListener(self._client, self._keys.wake)
+        self._wake.ensure_started()
+        return self._wake
+
+    def _forget_waiter(self, waiter: str) -> None:
+        try:
+            self._call(self._client.hdel, self._keys.waiters, waiter)
+        except BackendError:
+            pass  # it expires by itself within the waiter TTL
+
+    def _check_usable(self) -> None:
+        if os.getpid() != self._pid:
+            raise UsageError("this Gate was made in a parent process; make a new Gate in the child after fork")
+        if self._closed:
+            raise UsageError("this Gate is closed")
+
+    def close(self) -> None:
+        """Release every lease this gate holds and stop its threads."""
+        if self._closed or os.getpid() != self._pid:
+            return
+        self._closed = True
+        for lease in self._leases.live():
+            lease.released = True
+            self._release_lease(lease, "dropped")
+        for dev_uuid, lease_id in self._leases.take_dropped():
+            try:
+                self._call(
+                    self._scripts.release_lease,
+                    keys=[self._keys.state, self._keys.exp, self._keys.buckets],
+                    args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, "dropped", "0"],
+                )
+            except BackendError:
+                pass
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        if self._wake is not None:
+            self._wake.stop()
+        self._client.close()
+
+    def __enter__(self) -> Gate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Gate pool={self.pool!r} redis={self.redis_url} leases={len(self._leases)}>"
+
+
+class _AsyncAdmission:
+    """What :meth:`Gate.admit_async` returns: awaitable and an async context manager."""
+
+    def __init__(self, gate: Gate, cls: str, vram: int | str, timeout: float | str | None, device: str | None, tenant: str | None) -> None:
+        self._args = (cls, vram, timeout, device, tenant)
+        self._gate = gate
+        self._ticket: Ticket | None = None
+
+    def __await__(self) -> Generator[Any, None, Ticket]:
+        return self._gate._admit_async(*self._args).__await__()
+
+    async def __aenter__(self) -> Ticket:
+        self._ticket = await self._gate._admit_async(*self._args)
+        return self._ticket
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._ticket is not None:
+            await self._ticket.__aexit__(*exc)
+
+
+def _close_all_at_exit() -> None:
+    for gate in list(_live_gates):
+        try:
+            gate.close()
+        except Exception:  # exiting anyway; the leases expire within one TTL
+            pass
+
+
+atexit.register(_close_all_at_exit)
+
+

@@ -1,0 +1,194 @@
+"""Leases: what an admitted job holds until it releases or its holder dies."""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from .._exceptions import UsageError
+from .._units import parse_size
+
+if TYPE_CHECKING:
+    from ._gate import Gate
+
+log = structlog.get_logger(__name__)
+
+LeaseCallback = Callable[["Lease"], None]
+
+
+class Lease:
+    """A slot on one device, held while the gate's heartbeat renews it.
+
+    The lease id is a fencing token: once the lease is gone (released,
+    expired, reaped) renewing it never brings it back. ``lost`` turns true
+    when the heartbeat finds it gone while still held; ``max_duration_reached``
+    when its class's max duration stopped its renewal (it then ends within one
+    TTL). Callbacks given as ``on_lost`` / ``on_max_duration`` run on the
+    heartbeat thread and must not block.
+
+    Dropping the last reference to an unreleased lease releases it (outcome
+    ``dropped``).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_actual",
+        "_gate",
+        "_lock",
+        "_on_lost",
+        "_on_max",
+        "cls",
+        "device",
+        "device_uuid",
+        "expires_ms",
+        "id",
+        "lost",
+        "lost_reason",
+        "max_duration_reached",
+        "released",
+        "vram",
+    )
+
+    def __init__(
+        self,
+        gate: Gate,
+        *,
+        id: str,
+        cls: str,
+        vram: int,
+        device: int | None,
+        device_uuid: str,
+        expires_ms: int,
+    ) -> None:
+        self._gate = gate
+        self.id = id
+        self.cls = cls
+        self.vram = vram
+        self.device = device
+        self.device_uuid = device_uuid
+        self.expires_ms = expires_ms
+        self.released = False
+        self.lost = False
+        self.lost_reason: str | None = None
+        self.max_duration_reached = False
+        self._lock = threading.Lock()
+        self._actual: tuple[int, float] | None = None
+        self._on_lost: list[LeaseCallback] = []
+        self._on_max: list[LeaseCallback] = []
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "lost" if self.lost else "held"
+        return f"<Lease {self.id} {self.cls} on {self.device_uuid} {state}>"
+
+    def on_lost(self, callback: LeaseCallback) -> None:
+        """Call ``callback(lease)`` if the lease is found gone while held."""
+        self._on_lost.append(callback)
+
+    def on_max_duration(self, callback: LeaseCallback) -> None:
+        """Call ``callback(lease)`` when the class's max duration stops renewal."""
+        self._on_max.append(callback)
+
+    def report_vram(self, actual: int | str) -> None:
+        """Report the VRAM the job really holds now (bytes or "4GiB").
+
+        Sent with the next heartbeat. The gate then counts
+        ``max(estimate, actual)`` for this lease.
+        """
+        b = parse_size(actual, key="actual")
+        with self._lock:
+            self._actual = (b, time.monotonic())
+
+    def _take_report(self) -> tuple[int, float] | None:
+        with self._lock:
+            report, self._actual = self._actual, None
+        return report
+
+    def release(self, outcome: str = "ok") -> bool:
+        """Give the slot back; ``outcome`` is "ok", "error" or "oom".
+
+        Returns True if the lease was still live in Redis. Idempotent.
+        """
+        if self.released:
+            return False
+        self.released = True
+        return self._gate._release_lease(self, outcome)
+
+    def _mark_lost(self, reason: str) -> None:
+        if self.lost or self.released:
+            return
+        self.lost = True
+        self.lost_reason = reason
+        log.warning("lease_lost", lease_id=self.id, cls=self.cls, device=self.device_uuid, reason=reason)
+        for cb in self._on_lost:
+            _run_callback(cb, self)
+
+    def _mark_max_duration(self) -> None:
+        if self.max_duration_reached:
+            return
+        self.max_duration_reached = True
+        log.warning("lease_max_duration_reached", lease_id=self.id, cls=self.cls, device=self.device_uuid)
+        for cb in self._on_max:
+            _run_callback(cb, self)
+
+
+def _run_callback(cb: LeaseCallback, lease: Lease) -> None:
+    try:
+        cb(lease)
+    except Exception:  # a user callback must not kill the heartbeat
+        log.exception("lease_callback_failed", lease_id=lease.id)
+
+
+class LeaseRegistry:
+    """The leases one gate holds, by weak reference.
+
+    A lease dropped without release is queued and released by the heartbeat
+    (never from inside garbage collection).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], weakref.ReferenceType[Lease]] = {}
+        self._dropped: list[tuple[str, str]] = []
+
+    def add(self, lease: Lease) -> None:
+        """Hold ``lease`` until it is released or dropped."""
+        key = (lease.device_uuid, lease.id)
+
+        def dropped(_: object, key: tuple[str, str] = key) -> None:
+            with self._lock:
+                if self._held.pop(key, None) is not None:
+                    self._dropped.append(key)
+
+        with self._lock:
+            self._held[key] = weakref.ref(lease, dropped)
+
+    def discard(self, lease: Lease) -> None:
+        """Stop renewing ``lease``."""
+        with self._lock:
+            self._held.pop((lease.device_uuid, lease.id), None)
+
+    def live(self) -> list[Lease]:
+        """The leases still held and worth renewing."""
+        with self._lock:
+            refs = list(self._held.values())
+        out = []
+        for ref in refs:
+            lease = ref()
+            if lease is not None and not lease.released:
+                out.append(lease)
+        return out
+
+    def take_dropped(self) -> list[tuple[str, str]]:
+        """(device uuid, lease id) of leases dropped since the last call."""
+        with self._lock:
+            dropped, self._dropped = self._dropped, []
+        return dropped
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)

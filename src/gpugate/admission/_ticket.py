@@ -1,0 +1,107 @@
+"""Tickets: an admission held for the length of a ``with`` block."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+
+from .._units import parse_size
+from ._decision import Decision
+from ._lease import Lease
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """True for a CUDA out-of-memory error (PyTorch, JAX, CuPy, or by message)."""
+    name = type(exc).__name__
+    if name in ("OutOfMemoryError", "CUDAOutOfMemoryError"):
+        return True
+    text = str(exc)
+    return "CUDA out of memory" in text or "CUDA_ERROR_OUT_OF_MEMORY" in text or "RESOURCE_EXHAUSTED" in text
+
+
+class Ticket:
+    """An admitted job: where to run it, and its lease until release.
+
+    Use as a context manager; leaving the block releases the lease with
+    outcome ``ok``, ``error`` (an exception escaped) or ``oom`` (a CUDA
+    out-of-memory error escaped). Without a GPU (``cpu`` admission) there is
+    no lease and :attr:`env` hides every GPU.
+    """
+
+    __slots__ = ("_on_release", "decision", "lease", "outcome")
+
+    def __init__(self, decision: Decision, on_release: Callable[[], None] | None = None) -> None:
+        self.decision = decision
+        self.lease: Lease | None = decision.lease
+        self.outcome: str | None = None
+        self._on_release = on_release
+
+    def __repr__(self) -> str:
+        return f"<Ticket {self.decision.cls} device={self.device_uuid} lease={self.lease}>"
+
+    @property
+    def device(self) -> int | None:
+        """Host-local index of the device to use (``None`` on CPU)."""
+        return self.decision.device
+
+    @property
+    def device_uuid(self) -> str | None:
+        """The device's id (``None`` on CPU)."""
+        return self.decision.device_uuid
+
+    @property
+    def env(self) -> dict[str, str]:
+        """``CUDA_VISIBLE_DEVICES`` for the job's process."""
+        return self.decision.env
+
+    @property
+    def lost(self) -> bool:
+        """True once the heartbeat found the lease gone while it was held."""
+        return self.lease is not None and self.lease.lost
+
+    @property
+    def max_duration_reached(self) -> bool:
+        """True once the class's max duration stopped the lease's renewal."""
+        return self.lease is not None and self.lease.max_duration_reached
+
+    def report_vram(self, actual: int | str) -> None:
+        """Report the VRAM the job really holds (sent with the next heartbeat)."""
+        if self.lease is not None:
+            self.lease.report_vram(parse_size(actual, key="actual"))
+
+    def release(self, outcome: str = "ok") -> None:
+        """Give the slot back (idempotent)."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        if self.lease is not None:
+            self.lease.release(outcome)
+        if self._on_release is not None:
+            self._on_release()
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.release("ok")
+        else:
+            self.release("oom" if is_cuda_oom(exc) else "error")
+
+    async def __aenter__(self) -> Ticket:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.__exit__, exc_type, exc, tb)

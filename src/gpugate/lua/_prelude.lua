@@ -1,0 +1,70 @@
+-- _prelude.lua: record formats and helpers shared by every gpugate script.
+-- The loader prepends this file to each script, so scripts call these locals
+-- by name.
+--
+-- Records are space-separated fields (parsing them costs a fraction of JSON):
+--   lease   "e a at r c s m o t"   estimate, actual (bytes), actual measured
+--           (ms), released (ms, 0 while live), class, start (ms), max
+--           deadline (ms, 0 = none), owner, tenant ("-" = none)
+--   waiter  "p s v w x d c r"      priority, since (ms), vram, what it waits
+--           for ("vram" | "slot" | "-"), expiry (ms), device ("-" = none),
+--           class, reason
+--   sample  "total used taken_ms"
+--   class   "prio cap dev_cap rate_per_ms burst reserve_above max_ms
+--            max_contended_ms no_gpu"          (-1 = none)
+--   pool    "margin ttl_ms placement max_age_ms waiter_ttl_ms aging_per_ms
+--            retry_max_ms max_per_device"      (-1 = none)
+--
+-- script_now(clock_ms, last) -> ms: max(TIME or clock_ms when > 0, last).
+-- parse_lease(raw) -> table; format_lease(rec) -> string.
+-- end_lease(prefix, state_key, uuid, id, rec, now, counter): make a live
+--   lease a ghost released at `now` (its memory keeps counting until a later
+--   sample), drop its counts, count `counter`, wake waiters.
+-- reap_expired(prefix, state_key, exp_key, now): end up to 64 expired leases.
+
+local function script_now(clock_ms, last)
+  local now = clock_ms
+  if now <= 0 then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  if now < last then return last end
+  return now
+end
+
+local function parse_lease(raw)
+  local e, a, at, r, c, s, m, o, t = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) (%S+) (%d+) (%d+) (%S+) (.*)$')
+  return {e = tonumber(e), a = tonumber(a), at = tonumber(at), r = tonumber(r), c = c,
+          s = tonumber(s), m = tonumber(m), o = o, t = t}
+end
+
+local function format_lease(rec)
+  return string.format('%d %d %d %d %s %d %d %s %s', rec.e, rec.a, rec.at, rec.r, rec.c, rec.s, rec.m, rec.o, rec.t)
+end
+
+local function end_lease(prefix, state_key, uuid, id, rec, now, counter)
+  rec.r = now
+  redis.call('HSET', prefix .. 'dev:' .. uuid, id, format_lease(rec))
+  redis.call('HINCRBY', state_key, 'n:' .. rec.c, -1)
+  redis.call('HINCRBY', state_key, 'd:' .. rec.c .. ':' .. uuid, -1)
+  redis.call('HINCRBY', state_key, 'd::' .. uuid, -1)
+  redis.call('HINCRBY', state_key, counter, 1)
+  redis.call('PUBLISH', prefix .. 'wake', uuid)
+end
+
+local function reap_expired(prefix, state_key, exp_key, now)
+  local expired = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'LIMIT', 0, 64)
+  for i = 1, #expired do
+    local member = expired[i]
+    local tab = string.find(member, '\t', 1, true)
+    local uuid = string.sub(member, 1, tab - 1)
+    local id = string.sub(member, tab + 1)
+    local raw = redis.call('HGET', prefix .. 'dev:' .. uuid, id)
+    if raw then
+      local rec = parse_lease(raw)
+      if rec.r == 0 then end_lease(prefix, state_key, uuid, id, rec, now, 'expired:' .. rec.c) end
+    end
+    redis.call('ZREM', exp_key, member)
+  end
+  return #expired
+end

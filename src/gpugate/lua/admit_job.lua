@@ -1,0 +1,281 @@
+-- admit_job.lua: decide admit / defer / reject for one request, atomically.
+--
+-- KEYS = [state, exp, waiters, samples, buckets]
+-- ARGV = [prefix, clock_ms, class, vram, waiter_id, owner, device, tenant,
+--         n_samples, (uuid, total, used, age_ms) * n_samples]
+-- -> {outcome, reason, retry_ms, device_uuid, lease_id, expires_ms, detail}
+--    outcome "admit" | "defer" | "reject". Error replies: "nopolicy" (the
+--    pool has no policy yet), "unknown_class <name>".
+--
+-- Key schema (P = ARGV[1] = "gpugate:{<pool>}:"; record formats in the
+-- prelude):
+--   P state      hash  clock (last script time, ms), pool, classes,
+--                      c:<class> (class record), pause:<class> ("until_ms"),
+--                      cap:<class> ("n until_ms"; until 0 = no expiry),
+--                      n:<class> (live leases), d:<class>:<uuid> and
+--                      d::<uuid> (live leases per device), seq (lease ids)
+--   P exp        zset  "<uuid>\t<id>" -> expiry ms, live leases only
+--   P waiters    hash  waiter id -> waiter record
+--   P samples    hash  uuid -> sample record (the freshest one seen)
+--   P buckets    hash  class -> "tokens updated_ms"
+--   P dev:<uuid> hash  lease id -> lease record (live leases and ghosts)
+--
+-- Order: reap expired leases; pause; GPU presence; never fits (REJECT);
+-- class cap; per-device caps; higher-priority waiters; VRAM and placement;
+-- token bucket; lease. Every DEFER refreshes the request's waiter entry.
+
+local state_key = KEYS[1]
+local exp_key = KEYS[2]
+local waiters_key = KEYS[3]
+local samples_key = KEYS[4]
+local buckets_key = KEYS[5]
+
+local prefix = ARGV[1]
+local clock_ms = tonumber(ARGV[2])
+local cls = ARGV[3]
+local vram = tonumber(ARGV[4])
+local waiter_id = ARGV[5]
+local owner = ARGV[6]
+local want_device = ARGV[7]
+local tenant = ARGV[8]
+local n_samples = tonumber(ARGV[9])
+
+local st = redis.call('HMGET', state_key, 'clock', 'pool', 'c:' .. cls, 'pause:' .. cls, 'cap:' .. cls, 'n:' .. cls, 'seq')
+local now = script_now(clock_ms, tonumber(st[1]) or 0)
+if not st[2] then return redis.error_reply('nopolicy') end
+if not st[3] then return redis.error_reply('unknown_class ' .. cls) end
+
+local margin, ttl, placement, max_age, waiter_ttl, aging, retry_max, shared_cap =
+  string.match(st[2], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+margin, ttl, max_age, waiter_ttl = tonumber(margin), tonumber(ttl), tonumber(max_age), tonumber(waiter_ttl)
+aging, retry_max, shared_cap = tonumber(aging), tonumber(retry_max), tonumber(shared_cap)
+local my_prio, cap, dev_cap, rate, burst, reserve_above, max_ms, _, no_gpu =
+  string.match(st[3], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+my_prio, cap, dev_cap, rate = tonumber(my_prio), tonumber(cap), tonumber(dev_cap), tonumber(rate)
+burst, reserve_above, max_ms = tonumber(burst), tonumber(reserve_above), tonumber(max_ms)
+
+-- A DEFER or REJECT writes no state but its waiter, so only scripts that
+-- change leases, buckets or overrides record the clock.
+if reap_expired(prefix, state_key, exp_key, now) > 0 then
+  redis.call('HSET', state_key, 'clock', now)
+  st[6] = redis.call('HGET', state_key, 'n:' .. cls)
+end
+
+-- An estimated retry: a third of a lease TTL, capped (the client adds jitter).
+local estimate = math.min(retry_max, math.max(100, math.floor(ttl / 3)))
+
+-- This request's waiter entry: read once, refreshed by every DEFER.
+local since = nil
+local function my_since()
+  if since == nil then
+    since = now
+    local raw = redis.call('HGET', waiters_key, waiter_id)
+    if raw then since = tonumber(string.match(raw, '^%S+ (%S+)')) end
+  end
+  return since
+end
+
+local function defer(reason, retry, device, wants, detail)
+  local rec = string.format('%d %d %d %s %d %s %s %s', my_prio, my_since(), vram, wants,
+                            now + waiter_ttl, device ~= '' and device or '-', cls, reason)
+  redis.call('HSET', waiters_key, waiter_id, rec)
+  return {'defer', reason, retry, device, '', 0, detail}
+end
+
+-- Overrides: a pause (drain pauses several classes) and a runtime cap.
+if st[4] then
+  local until_ms = tonumber(st[4])
+  if until_ms == 0 or until_ms > now then
+    local retry = retry_max
+    if until_ms > 0 then retry = until_ms - now end
+    return defer('paused', retry, '', '-', 'class paused')
+  end
+end
+if st[5] then
+  local n, until_ms = string.match(st[5], '^(%S+) (%S+)$')
+  n, until_ms = tonumber(n), tonumber(until_ms)
+  if (until_ms == 0 or until_ms > now) and (cap < 0 or n < cap) then cap = n end
+end
+
+-- Candidate devices: the caller's, each with the freshest sample known.
+local cand = {}
+local fresher = {}
+local stored = {}
+if n_samples > 0 then
+  local uuids = {}
+  for i = 0, n_samples - 1 do uuids[i + 1] = ARGV[10 + 4 * i] end
+  stored = redis.call('HMGET', samples_key, unpack(uuids))
+end
+for i = 0, n_samples - 1 do
+  local base = 10 + 4 * i
+  local uuid = ARGV[base]
+  if want_device == '' or want_device == uuid then
+    local total = tonumber(ARGV[base + 1])
+    local used = tonumber(ARGV[base + 2])
+    local ts = now - tonumber(ARGV[base + 3])
+    local s = stored[i + 1]
+    local s_ts = -1
+    if s then
+      local s_total, s_used
+      s_total, s_used, s_ts = string.match(s, '^(%d+) (%d+) (%d+)')
+      s_ts = tonumber(s_ts)
+      if s_ts >= ts then total, used, ts = tonumber(s_total), tonumber(s_used), s_ts end
+    end
+    -- Keep the stored sample fresh for other hosts and status, writing at
+    -- most every 100 ms per device: this decision uses its own sample anyway.
+    if ts >= s_ts + 100 then
+      fresher[#fresher + 1] = uuid
+      fresher[#fresher + 1] = total .. ' ' .. used .. ' ' .. ts
+    end
+    if now - ts <= max_age then
+      cand[#cand + 1] = {uuid = uuid, total = total, used = used, ts = ts}
+    end
+  end
+end
+if #fresher > 0 then redis.call('HSET', samples_key, unpack(fresher)) end
+
+-- GPU presence.
+if #cand == 0 then
+  if n_samples > 0 and want_device == '' then
+    return defer('stale_sample', estimate, '', '-', 'no fresh sample of any device')
+  end
+  if no_gpu == 'cpu' then
+    redis.call('HDEL', waiters_key, waiter_id)
+    return {'admit', 'cpu', 0, '', '', 0, 'no GPU visible: run on the CPU'}
+  elseif no_gpu == 'reject' then
+    return {'reject', 'no_gpu', 0, '', '', 0, 'no GPU visible'}
+  end
+  return defer('no_gpu', retry_max, '', '-', 'no GPU visible')
+end
+
+-- Never fits: judged against capacity, never against current use.
+local fits_ever = false
+for _, d in ipairs(cand) do
+  if d.total - margin - reserve_above >= vram then fits_ever = true end
+end
+if not fits_ever then
+  return {'reject', 'too_large', 0, '', '', 0, 'larger than any device can hold for this class'}
+end
+
+-- Class cap across the pool (configured, lowered by a runtime override).
+if cap >= 0 and (tonumber(st[6]) or 0) >= cap then
+  return defer('cap', estimate, '', '-', 'class at its cap of ' .. cap)
+end
+
+-- Per-device caps: this class's, and the slots shared by all classes.
+local fields = {}
+for i, d in ipairs(cand) do
+  fields[2 * i - 1] = 'd:' .. cls .. ':' .. d.uuid
+  fields[2 * i] = 'd::' .. d.uuid
+end
+local counts = redis.call('HMGET', state_key, unpack(fields))
+local slotted = {}
+local slot_blocked = nil
+for i, d in ipairs(cand) do
+  d.n_cls = tonumber(counts[2 * i - 1]) or 0
+  d.n_all = tonumber(counts[2 * i]) or 0
+  if dev_cap < 0 or d.n_cls < dev_cap then
+    if shared_cap < 0 or d.n_all < shared_cap then
+      slotted[#slotted + 1] = d
+    elseif not slot_blocked then
+      slot_blocked = d.uuid
+    end
+  end
+end
+if #slotted == 0 then
+  if slot_blocked then
+    return defer('cap', estimate, slot_blocked, 'slot', 'every device at its job limit')
+  end
+  return defer('cap', estimate, '', '-', 'class at its per-device cap')
+end
+
+-- Devices that a live waiter of higher effective priority waits for. Waiting
+-- ages priority, so batch is not starved forever.
+local blocked = {}
+local waiting = false
+local waiters = redis.call('HGETALL', waiters_key)
+for i = 1, #waiters, 2 do
+  local id = waiters[i]
+  local p, s, _, w, x, d = string.match(waiters[i + 1], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)')
+  if id == waiter_id then
+    since = tonumber(s)
+    waiting = true
+  elseif tonumber(x) <= now then
+    redis.call('HDEL', waiters_key, id)
+  elseif w ~= '-' and d ~= '-' then
+    blocked[d] = {tonumber(p), tonumber(s)}
+  end
+end
+local my_eff = my_prio + aging * (now - my_since())
+for d, ps in pairs(blocked) do
+  if ps[1] + aging * (now - ps[2]) <= my_eff then blocked[d] = nil end
+end
+
+-- VRAM per device: reserved = sum max(est, actual) over leases and ghosts;
+-- unmanaged = used - sum of actuals measured no later than the sample.
+local best, best_avail, closest, closest_avail = nil, nil, nil, nil
+local held_back = false
+for _, d in ipairs(slotted) do
+  local dkey = prefix .. 'dev:' .. d.uuid
+  local leases = redis.call('HGETALL', dkey)
+  local reserved, measured = 0, 0
+  for j = 1, #leases, 2 do
+    local e, a, at, r = string.match(leases[j + 1], '^(%d+) (%d+) (%d+) (%d+)')
+    e, a, at, r = tonumber(e), tonumber(a), tonumber(at), tonumber(r)
+    if r > 0 and r < d.ts then
+      redis.call('HDEL', dkey, leases[j])
+    else
+      if a > e then reserved = reserved + a else reserved = reserved + e end
+      if a > 0 and at <= d.ts then measured = measured + a end
+    end
+  end
+  local unmanaged = d.used - measured
+  if unmanaged < 0 then unmanaged = 0 end
+  local avail = d.total - unmanaged - reserved - margin - reserve_above
+  if avail >= vram then
+    if blocked[d.uuid] then
+      held_back = true
+    elseif best == nil
+        or (placement == 'spread' and avail > best_avail)
+        or (placement ~= 'spread' and avail < best_avail) then
+      best, best_avail = d, avail
+    end
+  end
+  if closest == nil or avail > closest_avail then closest, closest_avail = d, avail end
+end
+if best == nil then
+  if held_back then
+    return defer('priority', estimate, closest.uuid, 'vram', 'a higher-priority request waits for this memory')
+  end
+  return defer('vram', estimate, closest.uuid, 'vram',
+               'needs ' .. vram .. ' bytes, at most ' .. closest_avail .. ' available')
+end
+
+-- Token bucket, last: tokens are taken only when everything else passes.
+if rate > 0 then
+  local tokens, updated = burst, now
+  local b = redis.call('HGET', buckets_key, cls)
+  if b then
+    local bt, bu = string.match(b, '^(%S+) (%S+)$')
+    tokens, updated = tonumber(bt), tonumber(bu)
+    if now > updated then tokens = math.min(burst, tokens + (now - updated) * rate) end
+  end
+  if tokens < 1 then
+    return defer('rate', math.ceil((1 - tokens) / rate), best.uuid, '-', 'token bucket empty')
+  end
+  redis.call('HSET', buckets_key, cls, string.format('%.17g %d', tokens - 1, now))
+end
+
+-- The lease; its id is a fencing token. The counters were read above in
+-- this same script, so they are written back whole, with the clock.
+local id = tostring((tonumber(st[7]) or 0) + 1)
+local deadline = 0
+if max_ms >= 0 then deadline = now + max_ms end
+local rec = {e = vram, a = 0, at = 0, r = 0, c = cls, s = now, m = deadline, o = owner,
+             t = tenant ~= '' and tenant or '-'}
+redis.call('HSET', prefix .. 'dev:' .. best.uuid, id, format_lease(rec))
+redis.call('ZADD', exp_key, now + ttl, best.uuid .. '\t' .. id)
+redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st[6]) or 0) + 1,
+           'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1)
+if waiting then redis.call('HDEL', waiters_key, waiter_id) end
+return {'admit', 'ok', 0, best.uuid, id, now + ttl, ''}

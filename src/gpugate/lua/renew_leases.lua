@@ -1,0 +1,89 @@
+-- renew_leases.lua: extend the leases one process holds, in one call.
+--
+-- KEYS = [state, exp, waiters]
+-- ARGV = [prefix, clock_ms, n, (uuid, id, actual, actual_age_ms) * n]
+--   actual < 0 leaves the reported actual VRAM as it was.
+-- -> {now, (status, expires_ms) * n}; status 1 renewed; 0 gone (expired,
+--    reaped or released: never recreated, the id is a fencing token); 2 past
+--    its class's max duration (not renewed: it ends at expires_ms).
+--
+-- Key schema and record formats: see admit_job.lua and the prelude. The max
+-- duration is the class's max_ms, or max_contended_ms while a live waiter
+-- wants memory on the lease's device; whatever memory the holder keeps after
+-- its lease ends counts as unmanaged through the samples.
+
+local state_key = KEYS[1]
+local exp_key = KEYS[2]
+local waiters_key = KEYS[3]
+
+local prefix = ARGV[1]
+local clock_ms = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+
+local st = redis.call('HMGET', state_key, 'clock', 'pool')
+local last = tonumber(st[1]) or 0
+local now = script_now(clock_ms, last)
+if now > last then redis.call('HSET', state_key, 'clock', now) end
+if not st[2] then return redis.error_reply('nopolicy') end
+local ttl = tonumber(string.match(st[2], '^%S+ (%S+)'))
+reap_expired(prefix, state_key, exp_key, now)
+
+local contended = nil
+local function device_contended(uuid)
+  if contended == nil then
+    contended = {}
+    local waiters = redis.call('HGETALL', waiters_key)
+    for i = 2, #waiters, 2 do
+      local w, x, d = string.match(waiters[i], '^%S+ %S+ %S+ (%S+) (%S+) (%S+)')
+      if w == 'vram' and tonumber(x) > now then contended[d] = true end
+    end
+  end
+  return contended[uuid]
+end
+
+local contended_ms = {}
+local function class_contended_ms(cls)
+  if contended_ms[cls] == nil then
+    local raw = redis.call('HGET', state_key, 'c:' .. cls)
+    contended_ms[cls] = raw and tonumber(string.match(raw, '^%S+ %S+ %S+ %S+ %S+ %S+ %S+ (%S+)')) or -1
+  end
+  return contended_ms[cls]
+end
+
+local out = {now}
+for i = 0, n - 1 do
+  local base = 4 + 4 * i
+  local uuid, id = ARGV[base], ARGV[base + 1]
+  local actual = tonumber(ARGV[base + 2])
+  local dkey = prefix .. 'dev:' .. uuid
+  local member = uuid .. '\t' .. id
+  local expires = tonumber(redis.call('ZSCORE', exp_key, member))
+  local raw = expires and expires > now and redis.call('HGET', dkey, id)
+  local status = 0
+  if raw then
+    local rec = parse_lease(raw)
+    if actual >= 0 then
+      rec.a = actual
+      rec.at = now - tonumber(ARGV[base + 3])
+      redis.call('HSET', dkey, id, format_lease(rec))
+    end
+    local deadline = rec.m
+    local short = class_contended_ms(rec.c)
+    if short >= 0 and device_contended(uuid) and (deadline == 0 or rec.s + short < deadline) then
+      deadline = rec.s + short
+    end
+    if deadline > 0 and now >= deadline then
+      status = 2
+    else
+      status = 1
+      expires = now + ttl
+      if deadline > 0 and expires > deadline + ttl then expires = deadline + ttl end
+      redis.call('ZADD', exp_key, 'XX', expires, member)
+    end
+  else
+    expires = 0
+  end
+  out[#out + 1] = status
+  out[#out + 1] = expires
+end
+return out

@@ -1,0 +1,123 @@
+"""Scriptable simulated GPUs, for the simulator, the demo and tests.
+
+A simulated device has a stable id ``SIM-<name>-<index>``: two processes that
+build ``SimulatedSampler`` with the same ``name`` describe the same devices,
+so they share one ledger in Redis, as containers sharing a real card would.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+from .._exceptions import ConfigError
+from .._units import parse_size
+from ._sample import DeviceSample, Snapshot, hostname
+
+
+class SimulatedSampler:
+    """GPUs whose total and used memory a program sets.
+
+    ``totals`` gives one size per device (``"80GiB"`` or bytes). Usage starts
+    at 0 and changes with :meth:`set_used`, :meth:`allocate`/:meth:`free`, or a
+    timeline given to :meth:`script` (offsets in seconds from the call).
+    Thread-safe.
+    """
+
+    backend = "simulated"
+
+    def __init__(self, totals: Sequence[str | int], *, name: str = "sim") -> None:
+        if not totals:
+            raise ConfigError("a SimulatedSampler needs at least one device", key="totals", value=totals)
+        self._lock = threading.Lock()
+        self._name = name
+        self._totals = [parse_size(t, key=f"totals[{i}]") for i, t in enumerate(totals)]
+        self._used = [0] * len(self._totals)
+        self._lost: set[int] = set()
+        self._timeline: list[tuple[float, int, int]] = []
+        self._host = hostname()
+
+    @property
+    def uuids(self) -> list[str]:
+        """The device ids, by index."""
+        return [self.uuid(i) for i in range(len(self._totals))]
+
+    def uuid(self, index: int) -> str:
+        """The stable id of device ``index``."""
+        return f"SIM-{self._name}-{index}"
+
+    def _check(self, index: int) -> None:
+        if not 0 <= index < len(self._totals):
+            raise ConfigError(
+                f"no simulated device {index}; there are {len(self._totals)}", key="index", value=index
+            )
+
+    def set_used(self, index: int, used: str | int) -> None:
+        """Set device ``index``'s used memory (as NVML would report it)."""
+        self._check(index)
+        b = parse_size(used, key="used")
+        with self._lock:
+            self._used[index] = min(b, self._totals[index])
+
+    def set_total(self, index: int, total: str | int) -> None:
+        """Change device ``index``'s total memory (e.g. a MIG reconfiguration)."""
+        self._check(index)
+        with self._lock:
+            self._totals[index] = parse_size(total, key="total")
+
+    def allocate(self, index: int, size: str | int) -> None:
+        """Add ``size`` bytes to device ``index``'s use, as a job allocating would."""
+        self._check(index)
+        b = parse_size(size, key="size")
+        with self._lock:
+            self._used[index] = min(self._totals[index], self._used[index] + b)
+
+    def free(self, index: int, size: str | int) -> None:
+        """Take ``size`` bytes off device ``index``'s use."""
+        self._check(index)
+        b = parse_size(size, key="size")
+        with self._lock:
+            self._used[index] = max(0, self._used[index] - b)
+
+    def lose(self, index: int) -> None:
+        """Make device ``index`` vanish from samples, as a lost GPU does."""
+        self._check(index)
+        with self._lock:
+            self._lost.add(index)
+
+    def restore(self, index: int) -> None:
+        """Bring back a device taken away by :meth:`lose`."""
+        with self._lock:
+            self._lost.discard(index)
+
+    def script(self, events: Iterable[tuple[float, int, str | int]]) -> None:
+        """Schedule ``(offset_s, index, used)`` changes, applied as time passes."""
+        start = time.monotonic()
+        with self._lock:
+            for offset, index, used in events:
+                self._check(index)
+                item = (start + float(offset), index, parse_size(used, key="used"))
+                bisect.insort(self._timeline, item)
+
+    def sample(self) -> Snapshot:
+        """The devices as they are now."""
+        now = time.monotonic()
+        with self._lock:
+            while self._timeline and self._timeline[0][0] <= now:
+                _, index, used = self._timeline.pop(0)
+                self._used[index] = min(used, self._totals[index])
+            devices = tuple(
+                DeviceSample(
+                    uuid=self.uuid(i),
+                    index=i,
+                    total=total,
+                    used=self._used[i],
+                    name="Simulated GPU",
+                    utilization=None,
+                )
+                for i, total in enumerate(self._totals)
+                if i not in self._lost
+            )
+        return Snapshot(devices=devices, taken_mono=now, host=self._host, backend=self.backend)

@@ -1,0 +1,61 @@
+"""Every Redis key name of a pool, in one place.
+
+All keys of a pool share the hash tag ``{<pool>}`` so that every script touches
+one Redis Cluster slot. The Lua scripts receive the prefix and build the
+per-device lease keys from it with the same layout as :meth:`PoolKeys.device`.
+
+Key schema (``P`` = ``gpugate:{<pool>}:``):
+
+==================  =======  ==================================================
+key                 type     meaning
+==================  =======  ==================================================
+``P state``         hash     policy (JSON) and its version, overrides (JSON),
+                             counters (``n:<class>``, ``d:<class>:<uuid>``,
+                             ``d::<uuid>``), lease sequence ``seq``, script
+                             clock ``clock``, outcome and decision counters
+``P exp``           zset     live leases ``<uuid>\\t<id>`` scored by expiry (ms)
+``P waiters``       hash     waiter id -> JSON (class, priority, since, vram,
+                             device, what it waits for, expiry)
+``P samples``       hash     device uuid -> ``total used taken_ms host`` (the
+                             freshest sample any host sent)
+``P buckets``       hash     class -> ``tokens updated_ms`` (token buckets)
+``P dev:<uuid>``    hash     lease id -> JSON lease record on that device
+``P workers``       hash     owner id -> JSON (host, pid, last heartbeat)
+``P wake``          channel  published on release, expiry and override change
+==================  =======  ==================================================
+"""
+
+from __future__ import annotations
+
+import re
+
+from .._exceptions import ConfigError
+
+_POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+class PoolKeys:
+    """The key names of one pool."""
+
+    __slots__ = ("buckets", "exp", "pool", "prefix", "samples", "state", "waiters", "wake", "workers")
+
+    def __init__(self, pool: str) -> None:
+        if not isinstance(pool, str) or not _POOL_NAME.match(pool):
+            raise ConfigError(
+                f"{pool!r} is not a pool name; use 1-64 letters, digits, '_', '.', ':' or '-'",
+                key="pool",
+                value=pool,
+            )
+        self.pool = pool
+        self.prefix = f"gpugate:{{{pool}}}:"
+        self.state = self.prefix + "state"
+        self.exp = self.prefix + "exp"
+        self.waiters = self.prefix + "waiters"
+        self.samples = self.prefix + "samples"
+        self.buckets = self.prefix + "buckets"
+        self.workers = self.prefix + "workers"
+        self.wake = self.prefix + "wake"
+
+    def device(self, uuid: str) -> str:
+        """The hash holding the leases on device ``uuid``."""
+        return f"{self.prefix}dev:{uuid}"

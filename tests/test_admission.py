@@ -1,0 +1,562 @@
+"""The admission decision, end to end against a real Redis (6.2 and 7.x)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from gpugate import (
+    AdmissionRejected,
+    AdmissionTimeout,
+    Gate,
+    NoGpuSampler,
+    Outcome,
+    Policy,
+    SimulatedSampler,
+    UsageError,
+)
+from gpugate.state._keys import PoolKeys
+from gpugate.state._server import RedisProcess
+
+GiB = 1 << 30
+
+
+class FakeClock:
+    """An injectable script clock (ms): tests move time instead of sleeping."""
+
+    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
+        self.ms = start_ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
+
+
+@pytest.fixture(params=["7", "6.2"], ids=["redis7", "redis62"])
+def server(request: pytest.FixtureRequest) -> RedisProcess:
+    """Each test here runs on the newest Redis found and on Redis 6.2."""
+    name = "redis_server" if request.param == "7" else "redis_server_62"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+def policy(pool: dict[str, Any] | None = None, **classes: dict[str, Any]) -> Policy:
+    return Policy.from_dict(
+        {
+            "pool": {"lease_ttl": "30s", "safety_margin": 0, **(pool or {})},
+            "classes": classes
+            or {"interactive": {"priority": 100}, "batch": {"priority": 10}},
+        }
+    )
+
+
+@pytest.fixture
+def make_gate(server: RedisProcess, pool_name: str) -> Iterator[Callable[..., Gate]]:
+    """Build gates on one pool; all closed after the test."""
+    gates: list[Gate] = []
+
+    def make(pol: Policy | None = None, sampler: Any = None, **kw: Any) -> Gate:
+        g = Gate(
+            server.url,
+            pool=kw.pop("pool", pool_name),
+            policy=pol,
+            sampler=sampler if sampler is not None else SimulatedSampler(["80GiB", "80GiB"]),
+            **kw,
+        )
+        gates.append(g)
+        return g
+
+    yield make
+    for g in gates:
+        g.close()
+
+
+def state(server: RedisProcess, pool: str) -> dict[str, str]:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        return client.hgetall(PoolKeys(pool).state)
+    finally:
+        client.close()
+
+
+class TestPlacement:
+    """Requests go where they fit, by best fit or spread."""
+
+    def test_admits_with_a_device_an_env_and_a_lease(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy())
+        d = gate.try_admit("batch", vram="30GiB")
+        assert d.outcome is Outcome.ADMIT
+        assert d.reason == "ok"
+        assert d.retry_after == 0
+        assert d.device in (0, 1)
+        assert d.env == {"CUDA_VISIBLE_DEVICES": d.device_uuid}
+        assert d.lease is not None and d.lease.id
+        assert d.lease.release() is True
+        assert d.lease.release() is False
+
+    def test_best_fit_packs_the_fullest_device_that_fits(self, make_gate: Callable[..., Gate]) -> None:
+        sampler = SimulatedSampler(["80GiB", "80GiB"])
+        sampler.set_used(0, "10GiB")
+        gate = make_gate(policy({"placement": "best-fit"}), sampler)
+        assert gate.try_admit("batch", vram="30GiB").device == 0
+
+    def test_spread_picks_the_emptiest_device(self, make_gate: Callable[..., Gate]) -> None:
+        sampler = SimulatedSampler(["80GiB", "80GiB"])
+        sampler.set_used(0, "10GiB")
+        gate = make_gate(policy({"placement": "spread"}), sampler)
+        assert gate.try_admit("batch", vram="30GiB").device == 1
+
+    def test_a_request_larger_than_any_device_is_rejected_not_deferred(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy())
+        d = gate.try_admit("batch", vram="81GiB")
+        assert (d.outcome, d.reason) == (Outcome.REJECT, "too_large")
+
+    def test_never_fits_is_judged_on_capacity_not_current_use(self, make_gate: Callable[..., Gate]) -> None:
+        sampler = SimulatedSampler(["80GiB"])
+        sampler.set_used(0, "70GiB")  # a notebook holds memory: wait, don't fail
+        gate = make_gate(policy(), sampler)
+        d = gate.try_admit("batch", vram="20GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "vram")
+        assert d.retry_after > 0
+
+    def test_reserves_of_higher_classes_are_kept_free_for_them(self, make_gate: Callable[..., Gate]) -> None:
+        pol = policy(interactive={"priority": 100, "reserve": "20GiB"}, batch={"priority": 10})
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]))
+        assert gate.try_admit("batch", vram="61GiB").reason == "too_large"
+        assert gate.try_admit("batch", vram="60GiB").outcome is Outcome.ADMIT
+        assert gate.try_admit("batch", vram="1GiB").reason == "vram"
+        assert gate.try_admit("interactive", vram="20GiB").outcome is Outcome.ADMIT
+
+    def test_unknown_class_is_a_usage_error_naming_the_known_ones(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy())
+        with pytest.raises(UsageError, match="interactive"):
+            gate.try_admit("nope", vram=1)
+
+    def test_insisting_on_a_device_places_there_or_defers(self, make_gate: Callable[..., Gate]) -> None:
+        sampler = SimulatedSampler(["80GiB", "80GiB"])
+        gate = make_gate(policy(), sampler)
+        uuid1 = sampler.uuid(1)
+        d = gate.try_admit("batch", vram="50GiB", device=uuid1)
+        assert d.device_uuid == uuid1
+        assert gate.try_admit("batch", vram="50GiB", device=uuid1).reason == "vram"
+
+
+class TestVramLedger:
+    """reserved = sum max(est, actual); unmanaged = used - sum actual; both count."""
+
+    def test_a_job_admitted_a_moment_ago_counts_before_nvml_sees_it(self, make_gate: Callable[..., Gate]) -> None:
+        gates = [make_gate(policy(), SimulatedSampler(["80GiB"])) for _ in range(5)]
+        results = [g.try_admit("batch", vram="20GiB") for g in gates]
+        assert [r.outcome for r in results].count(Outcome.ADMIT) == 4
+        assert results[-1].reason == "vram"
+
+    def test_unmanaged_memory_makes_jobs_wait(self, make_gate: Callable[..., Gate]) -> None:
+        sampler = SimulatedSampler(["80GiB"])
+        gate = make_gate(policy(), sampler)
+        sampler.set_used(0, "50GiB")
+        assert gate.try_admit("batch", vram="31GiB").reason == "vram"
+        assert gate.try_admit("batch", vram="30GiB").outcome is Outcome.ADMIT
+
+    def test_a_reported_actual_above_the_estimate_counts(self, make_gate: Callable[..., Gate]) -> None:
+        sampler = SimulatedSampler(["80GiB"])
+        gate = make_gate(policy(), sampler)
+        d = gate.try_admit("batch", vram="10GiB")
+        assert d.lease is not None
+        d.lease.report_vram("60GiB")
+        gate.beat_now()
+        sampler.set_used(0, "60GiB")  # the sample sees the job's 60 GiB
+        # 60 reserved by the lease, 0 unmanaged: 20 left.
+        assert gate.try_admit("batch", vram="21GiB").reason == "vram"
+        assert gate.try_admit("batch", vram="20GiB").outcome is Outcome.ADMIT
+
+    def test_an_actual_is_subtracted_from_used_only_if_measured_before_the_sample(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        clock = FakeClock()
+        sampler = SimulatedSampler(["80GiB"])
+        gate = make_gate(policy(), sampler, _clock_ms=clock)
+        d = gate.try_admit("batch", vram="10GiB")
+        assert d.lease is not None
+        sampler.set_used(0, "30GiB")  # 20 GiB of a notebook + the job's 10
+        clock.advance(1)
+        d.lease.report_vram("10GiB")
+        gate.beat_now()
+        clock.advance(1)
+        # A sample from before the report keeps the job's 10 GiB in "unmanaged"
+        # as well as in "reserved" (errs safe): 80 - 30 - 10 = 40 left.
+        older = make_gate(policy(), _FrozenSampler(sampler, age_s=1.5), _clock_ms=clock)
+        assert older.try_admit("batch", vram="41GiB").reason == "vram"
+        # A sample after the report: 80 - (30 - 10) - 10 = 50 left.
+        assert gate.try_admit("batch", vram="41GiB").outcome is Outcome.ADMIT
+
+    def test_released_memory_counts_until_a_later_sample(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        sampler = SimulatedSampler(["80GiB"])
+        gate = make_gate(policy(), sampler, _clock_ms=clock)
+        d = gate.try_admit("batch", vram="70GiB")
+        assert d.lease is not None
+        clock.advance(1)
+        d.lease.release()
+        clock.advance(1)
+        # This sample predates the release: the process may still hold the
+        # memory though the sample cannot show it, so it still counts.
+        before = make_gate(policy(), _FrozenSampler(sampler, age_s=1.5), _clock_ms=clock)
+        assert before.try_admit("batch", vram="20GiB").reason == "vram"
+        # A sample taken after the release shows the device as it is.
+        assert gate.try_admit("batch", vram="20GiB").outcome is Outcome.ADMIT
+
+
+class _FrozenSampler:
+    """A sampler that replays one snapshot, reporting it as ``age_s`` old."""
+
+    backend = "frozen"
+
+    def __init__(self, inner: SimulatedSampler, age_s: float) -> None:
+        self.age_s = age_s
+        self.snap = inner.sample()
+
+    def sample(self) -> Any:
+        from dataclasses import replace
+
+        return replace(self.snap, taken_mono=time.monotonic() - self.age_s)
+
+
+class TestCaps:
+    """Class caps (pool and device), shared device slots, and runtime caps."""
+
+    def test_class_cap_defers_with_reason_cap(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 2}))
+        held = [gate.try_admit("batch", vram="1GiB") for _ in range(2)]
+        assert all(d.outcome is Outcome.ADMIT for d in held)
+        d = gate.try_admit("batch", vram="1GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "cap")
+        held[0].lease.release()  # type: ignore[union-attr]
+        assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+
+    def test_per_device_cap_spreads_a_class(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy(batch={"priority": 10, "max_per_device": 1}))
+        a, b = gate.try_admit("batch", vram="1GiB"), gate.try_admit("batch", vram="1GiB")
+        assert {a.device, b.device} == {0, 1}
+        assert gate.try_admit("batch", vram="1GiB").reason == "cap"
+
+    def test_shared_slots_limit_all_classes_on_a_device(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(
+            policy({"max_per_device": 1}, interactive={"priority": 100}, batch={"priority": 10}),
+            SimulatedSampler(["80GiB"]),
+        )
+        assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+        assert gate.try_admit("interactive", vram="1GiB").reason == "cap"
+
+    def test_a_runtime_cap_only_lowers_and_reverts_by_itself(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 3}), _clock_ms=clock)
+        gate.cap("batch", 10, duration="10m", reason="ignored: above the policy's 3")
+        held = [gate.try_admit("batch", vram="1GiB") for _ in range(4)]
+        assert [d.outcome for d in held].count(Outcome.ADMIT) == 3
+        for d in held:
+            if d.lease:
+                d.lease.release()
+        gate.cap("batch", 1, duration="30m", reason="incident 42")
+        ovr = gate.overrides()["cap"]["batch"]
+        assert (ovr["n"], ovr["why"]) == (1, "incident 42")
+        first = gate.try_admit("batch", vram="1GiB")
+        assert first.outcome is Outcome.ADMIT
+        assert gate.try_admit("batch", vram="1GiB").reason == "cap"
+        clock.advance(30 * 60 + 1)
+        assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+
+
+class TestOverrides:
+    """Pause, resume and drain, each with an expiry."""
+
+    def test_a_pause_defers_with_its_exact_remaining_time(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy(), _clock_ms=clock)
+        gate.pause("batch", duration="10m", reason="incident")
+        clock.advance(60)
+        d = gate.try_admit("batch", vram="1GiB")
+        assert (d.outcome, d.reason, d.retry_after) == (Outcome.DEFER, "paused", 540.0)
+        assert gate.try_admit("interactive", vram="1GiB").outcome is Outcome.ADMIT
+        clock.advance(540)
+        assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+
+    def test_resume_lifts_a_pause(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy())
+        gate.pause("batch")
+        assert gate.try_admit("batch", vram=1).reason == "paused"
+        gate.resume("batch")
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+
+    def test_drain_pauses_everything_but_the_highest_class(self, make_gate: Callable[..., Gate]) -> None:
+        pol = policy(interactive={"priority": 100}, notebook={"priority": 50}, batch={"priority": 10})
+        gate = make_gate(pol)
+        gate.drain(duration="5m")
+        assert gate.try_admit("batch", vram=1).reason == "paused"
+        assert gate.try_admit("notebook", vram=1).reason == "paused"
+        assert gate.try_admit("interactive", vram=1).outcome is Outcome.ADMIT
+
+    def test_overriding_an_unknown_class_is_a_usage_error(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy())
+        with pytest.raises(UsageError):
+            gate.pause("nope")
+
+
+class TestPriority:
+    """Higher-priority waiters hold lower classes back; own caps hold back nobody."""
+
+    def test_an_interactive_waiter_makes_batch_defer(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        sampler = SimulatedSampler(["80GiB"])
+        gate = make_gate(policy(), sampler, _clock_ms=clock)
+        big = gate.try_admit("batch", vram="60GiB")
+        assert big.outcome is Outcome.ADMIT
+        assert gate.try_admit("interactive", vram="30GiB").reason == "vram"  # now waiting
+        d = gate.try_admit("batch", vram="10GiB")  # would fit, but takes the waiter's memory
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+        big.lease.release()  # type: ignore[union-attr]
+        clock.advance(0.1)  # the next sample is taken after the release
+        assert gate.try_admit("interactive", vram="30GiB").outcome is Outcome.ADMIT
+        assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
+
+    def test_a_waiter_held_back_by_its_own_cap_holds_back_nobody(self, make_gate: Callable[..., Gate]) -> None:
+        pol = policy(interactive={"priority": 100, "max_concurrent": 1}, batch={"priority": 10})
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]))
+        assert gate.try_admit("interactive", vram="1GiB").outcome is Outcome.ADMIT
+        assert gate.try_admit("interactive", vram="1GiB").reason == "cap"
+        assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
+
+    def test_a_dead_waiter_stops_counting_after_the_waiter_ttl(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy({"waiter_ttl": "5s"}), SimulatedSampler(["80GiB"]), _clock_ms=clock)
+        assert gate.try_admit("batch", vram="60GiB").outcome is Outcome.ADMIT
+        assert gate.try_admit("interactive", vram="30GiB").reason == "vram"
+        assert gate.try_admit("batch", vram="10GiB").reason == "priority"
+        clock.advance(5.001)
+        assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
+
+    def test_waiting_ages_a_request_past_higher_classes(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        pol = policy({"priority_aging": "1/s", "waiter_ttl": "1h"})
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]), _clock_ms=clock)
+        assert gate.try_admit("interactive", vram="70GiB").outcome is Outcome.ADMIT
+        assert gate.try_admit("batch", vram="20GiB").reason == "vram"  # batch starts waiting
+        clock.advance(200)  # batch: 10 + 200 > 100 + (0 waited) for a new interactive
+        assert gate.try_admit("batch", vram="20GiB").reason == "vram"
+        d = gate.try_admit("interactive", vram="5GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+
+
+class TestTokenBucket:
+    """Rate + burst, tokens taken only when everything else passes."""
+
+    def test_burst_then_exact_retry_after_from_the_deficit(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy(batch={"priority": 10, "rate": "2/s", "burst": 3}), _clock_ms=clock)
+        outcomes = [gate.try_admit("batch", vram=1).outcome for _ in range(3)]
+        assert outcomes == [Outcome.ADMIT] * 3
+        d = gate.try_admit("batch", vram=1)
+        assert (d.reason, d.retry_after) == ("rate", 0.5)
+        clock.advance(0.5)
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+
+    def test_a_deferral_for_another_reason_takes_no_token(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy(batch={"priority": 10, "rate": "1/h", "burst": 1}), _clock_ms=clock)
+        assert gate.try_admit("batch", vram="81GiB").reason == "too_large"
+        gate.pause("batch")
+        assert gate.try_admit("batch", vram=1).reason == "paused"
+        gate.resume("batch")
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        assert gate.try_admit("batch", vram=1).reason == "rate"
+
+
+class TestLeases:
+    """Heartbeats renew; expiry frees; ids are fencing tokens; max duration stops renewal."""
+
+    def test_an_expired_lease_frees_its_slot_and_is_never_renewed_again(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}), _clock_ms=clock)
+        d = gate.try_admit("batch", vram=1)
+        lost: list[str] = []
+        d.lease.on_lost(lambda lease: lost.append(lease.id))  # type: ignore[union-attr]
+        assert gate.try_admit("batch", vram=1).reason == "cap"
+        clock.advance(5.001)
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        gate.beat_now()
+        assert d.lease.lost and lost == [d.lease.id]  # type: ignore[union-attr]
+
+    def test_renewal_keeps_a_lease_alive_past_its_ttl(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}), _clock_ms=clock)
+        d = gate.try_admit("batch", vram=1)
+        for _ in range(5):
+            clock.advance(3)
+            gate.beat_now()
+        assert not d.lease.lost  # type: ignore[union-attr]
+        assert gate.try_admit("batch", vram=1).reason == "cap"
+
+    def test_the_clock_stepping_back_never_revives_a_lease(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}), _clock_ms=clock)
+        d = gate.try_admit("batch", vram=1)
+        clock.advance(6)
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        clock.advance(-6)  # a worker clock (or TIME) stepping back
+        gate.beat_now()
+        assert d.lease.lost  # type: ignore[union-attr]
+
+    def test_max_duration_stops_renewal_and_tells_the_holder(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        pol = policy({"lease_ttl": "5s"}, notebook={"priority": 50, "max_duration": "10s", "max_concurrent": 1})
+        gate = make_gate(pol, _clock_ms=clock)
+        d = gate.try_admit("notebook", vram=1)
+        told: list[bool] = []
+        d.lease.on_max_duration(lambda lease: told.append(True))  # type: ignore[union-attr]
+        for _ in range(3):
+            clock.advance(3)
+            gate.beat_now()
+        assert not d.lease.max_duration_reached  # type: ignore[union-attr]
+        clock.advance(1.5)
+        gate.beat_now()
+        assert d.lease.max_duration_reached and told == [True]  # type: ignore[union-attr]
+        clock.advance(5.001)
+        assert gate.try_admit("notebook", vram=1).outcome is Outcome.ADMIT
+
+    def test_a_shorter_bound_applies_under_contention(self, make_gate: Callable[..., Gate]) -> None:
+        clock = FakeClock()
+        pol = policy(
+            {"lease_ttl": "5s", "waiter_ttl": "1h"},
+            interactive={"priority": 100},
+            notebook={"priority": 50, "max_duration": "8h", "max_duration_contended": "10s"},
+        )
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]), _clock_ms=clock)
+        nb = gate.try_admit("notebook", vram="70GiB")
+        clock.advance(3)
+        gate.beat_now()
+        assert not nb.lease.max_duration_reached  # type: ignore[union-attr]
+        assert gate.try_admit("interactive", vram="30GiB").reason == "vram"
+        clock.advance(4)
+        gate.beat_now()
+        assert not nb.lease.max_duration_reached  # type: ignore[union-attr]
+        clock.advance(4)  # 11 s held, 10 s allowed while someone waits
+        gate.beat_now()
+        assert nb.lease.max_duration_reached  # type: ignore[union-attr]
+        assert not nb.lease.lost  # type: ignore[union-attr]
+
+    def test_a_dropped_lease_object_releases_its_slot(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
+        gate.try_admit("batch", vram=1)  # the decision and its lease are dropped at once
+        gc.collect()
+        gate.beat_now()
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+
+    def test_a_gate_refuses_to_work_in_a_forked_child(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy())
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                gate.try_admit("batch", vram=1)
+                os.write(w, b"worked")
+            except UsageError:
+                os.write(w, b"refused")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(r, 16) == b"refused"
+
+
+class TestNoGpu:
+    """A class's no-GPU behaviour: defer, reject or run on the CPU."""
+
+    @pytest.mark.parametrize(
+        ("mode", "outcome", "reason"),
+        [("defer", Outcome.DEFER, "no_gpu"), ("reject", Outcome.REJECT, "no_gpu"), ("cpu", Outcome.ADMIT, "cpu")],
+    )
+    def test_behaviour_without_gpus(self, make_gate: Callable[..., Gate], mode: str, outcome: Outcome, reason: str) -> None:
+        gate = make_gate(policy(batch={"priority": 10, "no_gpu": mode}), NoGpuSampler())
+        d = gate.try_admit("batch", vram="1GiB")
+        assert (d.outcome, d.reason) == (outcome, reason)
+        if outcome is Outcome.ADMIT:
+            assert d.device is None and d.lease is None
+            assert d.env == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+class TestBlockingAdmit:
+    """admit() waits as a waiter, woken by releases; it times out clearly."""
+
+    def test_a_release_wakes_a_blocked_waiter(self, make_gate: Callable[..., Gate]) -> None:
+        # Timers are far away (TTL 60 s, waiter TTL 60 s): only the wake-up can be this quick.
+        pol = policy({"lease_ttl": "60s", "waiter_ttl": "60s", "retry_max": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        gate = make_gate(pol)
+        first = gate.admit("batch", vram="1GiB", timeout=5)
+        got: list[float] = []
+
+        def waiter() -> None:
+            with make_gate(pol).admit("batch", vram="1GiB", timeout=30):
+                got.append(time.monotonic())
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.3)
+        released_at = time.monotonic()
+        first.release()
+        t.join(30)
+        assert got and got[0] - released_at < 10  # the timer alone would need >= 10 s
+
+    def test_timeout_raises_with_the_last_reason(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy(), SimulatedSampler(["80GiB"]))
+        hold = gate.admit("batch", vram="80GiB", timeout=1)
+        with pytest.raises(AdmissionTimeout) as info:
+            gate.admit("batch", vram="1GiB", timeout=0.3)
+        assert info.value.decision is not None and info.value.decision.reason == "vram"
+        hold.release()
+
+    def test_rejection_raises_at_once(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy())
+        with pytest.raises(AdmissionRejected, match="too_large"):
+            gate.admit("batch", vram="100GiB", timeout=30)
+
+    def test_a_cuda_oom_escaping_the_block_is_recorded_as_oom(self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str) -> None:
+        class OutOfMemoryError(RuntimeError):
+            pass
+
+        gate = make_gate(policy())
+        with pytest.raises(OutOfMemoryError), gate.admit("batch", vram="1GiB", timeout=5) as ticket:
+            assert ticket.device is not None
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        with pytest.raises(ValueError), gate.admit("batch", vram="1GiB", timeout=5):
+            raise ValueError("bug")
+        with gate.admit("batch", vram="1GiB", timeout=5):
+            pass
+        counters = state(server, pool_name)
+        assert counters["out:batch:oom"] == "1"
+        assert counters["out:batch:error"] == "1"
+        assert counters["out:batch:ok"] == "1"
+
+    def test_admit_async_waits_without_a_thread_and_releases_on_exit(self, make_gate: Callable[..., Gate]) -> None:
+        pol = policy(batch={"priority": 10, "max_concurrent": 1})
+        gate = make_gate(pol)
+
+        async def main() -> list[str]:
+            order: list[str] = []
+
+            async def job(name: str) -> None:
+                async with gate.admit_async("batch", vram="1GiB", timeout=20) as ticket:
+                    assert ticket.lease is not None
+                    order.append(name)
+                    await asyncio.sleep(0.05)
+
+            await asyncio.gather(job("a"), job("b"), job("c"))
+            return order
+
+        assert sorted(asyncio.run(main())) == ["a", "b", "c"]
