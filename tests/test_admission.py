@@ -53,8 +53,7 @@ def policy(pool: dict[str, Any] | None = None, **classes: dict[str, Any]) -> Pol
     return Policy.from_dict(
         {
             "pool": {"lease_ttl": "30s", "safety_margin": 0, **(pool or {})},
-            "classes": classes
-            or {"interactive": {"priority": 100}, "batch": {"priority": 10}},
+            "classes": classes or {"interactive": {"priority": 100}, "batch": {"priority": 10}},
         }
     )
 
@@ -103,7 +102,9 @@ class TestPlacement:
         assert d.lease.release() is True
         assert d.lease.release() is False
 
-    def test_best_fit_packs_the_fullest_device_that_fits(self, make_gate: Callable[..., Gate]) -> None:
+    def test_best_fit_packs_the_fullest_device_that_fits(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         sampler = SimulatedSampler(["80GiB", "80GiB"])
         sampler.set_used(0, "10GiB")
         gate = make_gate(policy({"placement": "best-fit"}), sampler)
@@ -115,12 +116,16 @@ class TestPlacement:
         gate = make_gate(policy({"placement": "spread"}), sampler)
         assert gate.try_admit("batch", vram="30GiB").device == 1
 
-    def test_a_request_larger_than_any_device_is_rejected_not_deferred(self, make_gate: Callable[..., Gate]) -> None:
+    def test_a_request_larger_than_any_device_is_rejected_not_deferred(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         gate = make_gate(policy())
         d = gate.try_admit("batch", vram="81GiB")
         assert (d.outcome, d.reason) == (Outcome.REJECT, "too_large")
 
-    def test_never_fits_is_judged_on_capacity_not_current_use(self, make_gate: Callable[..., Gate]) -> None:
+    def test_never_fits_is_judged_on_capacity_not_current_use(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         sampler = SimulatedSampler(["80GiB"])
         sampler.set_used(0, "70GiB")  # a notebook holds memory: wait, don't fail
         gate = make_gate(policy(), sampler)
@@ -128,7 +133,9 @@ class TestPlacement:
         assert (d.outcome, d.reason) == (Outcome.DEFER, "vram")
         assert d.retry_after > 0
 
-    def test_reserves_of_higher_classes_are_kept_free_for_them(self, make_gate: Callable[..., Gate]) -> None:
+    def test_reserves_of_higher_classes_are_kept_free_for_them(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         pol = policy(interactive={"priority": 100, "reserve": "20GiB"}, batch={"priority": 10})
         gate = make_gate(pol, SimulatedSampler(["80GiB"]))
         assert gate.try_admit("batch", vram="61GiB").reason == "too_large"
@@ -136,12 +143,16 @@ class TestPlacement:
         assert gate.try_admit("batch", vram="1GiB").reason == "vram"
         assert gate.try_admit("interactive", vram="20GiB").outcome is Outcome.ADMIT
 
-    def test_unknown_class_is_a_usage_error_naming_the_known_ones(self, make_gate: Callable[..., Gate]) -> None:
+    def test_unknown_class_is_a_usage_error_naming_the_known_ones(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         gate = make_gate(policy())
         with pytest.raises(UsageError, match="interactive"):
             gate.try_admit("nope", vram=1)
 
-    def test_insisting_on_a_device_places_there_or_defers(self, make_gate: Callable[..., Gate]) -> None:
+    def test_insisting_on_a_device_places_there_or_defers(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         sampler = SimulatedSampler(["80GiB", "80GiB"])
         gate = make_gate(policy(), sampler)
         uuid1 = sampler.uuid(1)
@@ -153,7 +164,9 @@ class TestPlacement:
 class TestVramLedger:
     """reserved = sum max(est, actual); unmanaged = used - sum actual; both count."""
 
-    def test_a_job_admitted_a_moment_ago_counts_before_nvml_sees_it(self, make_gate: Callable[..., Gate]) -> None:
+    def test_a_job_admitted_a_moment_ago_counts_before_nvml_sees_it(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         gates = [make_gate(policy(), SimulatedSampler(["80GiB"])) for _ in range(5)]
         results = [g.try_admit("batch", vram="20GiB") for g in gates]
         assert [r.outcome for r in results].count(Outcome.ADMIT) == 4
@@ -166,7 +179,9 @@ class TestVramLedger:
         assert gate.try_admit("batch", vram="31GiB").reason == "vram"
         assert gate.try_admit("batch", vram="30GiB").outcome is Outcome.ADMIT
 
-    def test_a_reported_actual_above_the_estimate_counts(self, make_gate: Callable[..., Gate]) -> None:
+    def test_a_reported_actual_above_the_estimate_counts(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         sampler = SimulatedSampler(["80GiB"])
         gate = make_gate(policy(), sampler)
         d = gate.try_admit("batch", vram="10GiB")
@@ -198,7 +213,9 @@ class TestVramLedger:
         # A sample after the report: 80 - (30 - 10) - 10 = 50 left.
         assert gate.try_admit("batch", vram="41GiB").outcome is Outcome.ADMIT
 
-    def test_released_memory_counts_until_a_later_sample(self, make_gate: Callable[..., Gate]) -> None:
+    def test_released_memory_counts_until_a_later_sample(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
         sampler = SimulatedSampler(["80GiB"])
         gate = make_gate(policy(), sampler, _clock_ms=clock)
@@ -248,7 +265,9 @@ class TestCaps:
         assert {a.device, b.device} == {0, 1}
         assert gate.try_admit("batch", vram="1GiB").reason == "cap"
 
-    def test_shared_slots_limit_all_classes_on_a_device(self, make_gate: Callable[..., Gate]) -> None:
+    def test_shared_slots_limit_all_classes_on_a_device(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         gate = make_gate(
             policy({"max_per_device": 1}, interactive={"priority": 100}, batch={"priority": 10}),
             SimulatedSampler(["80GiB"]),
@@ -256,7 +275,9 @@ class TestCaps:
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
         assert gate.try_admit("interactive", vram="1GiB").reason == "cap"
 
-    def test_a_runtime_cap_only_lowers_and_reverts_by_itself(self, make_gate: Callable[..., Gate]) -> None:
+    def test_a_runtime_cap_only_lowers_and_reverts_by_itself(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
         gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 3}), _clock_ms=clock)
         gate.cap("batch", 10, duration="10m", reason="ignored: above the policy's 3")
@@ -278,7 +299,9 @@ class TestCaps:
 class TestOverrides:
     """Pause, resume and drain, each with an expiry."""
 
-    def test_a_pause_defers_with_its_exact_remaining_time(self, make_gate: Callable[..., Gate]) -> None:
+    def test_a_pause_defers_with_its_exact_remaining_time(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
         gate = make_gate(policy(), _clock_ms=clock)
         gate.pause("batch", duration="10m", reason="incident")
@@ -296,15 +319,21 @@ class TestOverrides:
         gate.resume("batch")
         assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
 
-    def test_drain_pauses_everything_but_the_highest_class(self, make_gate: Callable[..., Gate]) -> None:
-        pol = policy(interactive={"priority": 100}, notebook={"priority": 50}, batch={"priority": 10})
+    def test_drain_pauses_everything_but_the_highest_class(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        pol = policy(
+            interactive={"priority": 100}, notebook={"priority": 50}, batch={"priority": 10}
+        )
         gate = make_gate(pol)
         gate.drain(duration="5m")
         assert gate.try_admit("batch", vram=1).reason == "paused"
         assert gate.try_admit("notebook", vram=1).reason == "paused"
         assert gate.try_admit("interactive", vram=1).outcome is Outcome.ADMIT
 
-    def test_overriding_an_unknown_class_is_a_usage_error(self, make_gate: Callable[..., Gate]) -> None:
+    def test_overriding_an_unknown_class_is_a_usage_error(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         gate = make_gate(policy())
         with pytest.raises(UsageError):
             gate.pause("nope")
@@ -327,14 +356,18 @@ class TestPriority:
         assert gate.try_admit("interactive", vram="30GiB").outcome is Outcome.ADMIT
         assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
 
-    def test_a_waiter_held_back_by_its_own_cap_holds_back_nobody(self, make_gate: Callable[..., Gate]) -> None:
+    def test_a_waiter_held_back_by_its_own_cap_holds_back_nobody(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         pol = policy(interactive={"priority": 100, "max_concurrent": 1}, batch={"priority": 10})
         gate = make_gate(pol, SimulatedSampler(["80GiB"]))
         assert gate.try_admit("interactive", vram="1GiB").outcome is Outcome.ADMIT
         assert gate.try_admit("interactive", vram="1GiB").reason == "cap"
         assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
 
-    def test_a_dead_waiter_stops_counting_after_the_waiter_ttl(self, make_gate: Callable[..., Gate]) -> None:
+    def test_a_dead_waiter_stops_counting_after_the_waiter_ttl(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
         gate = make_gate(policy({"waiter_ttl": "5s"}), SimulatedSampler(["80GiB"]), _clock_ms=clock)
         assert gate.try_admit("batch", vram="60GiB").outcome is Outcome.ADMIT
@@ -343,7 +376,9 @@ class TestPriority:
         clock.advance(5.001)
         assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
 
-    def test_waiting_ages_a_request_past_higher_classes(self, make_gate: Callable[..., Gate]) -> None:
+    def test_waiting_ages_a_request_past_higher_classes(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
         pol = policy({"priority_aging": "1/s", "waiter_ttl": "1h"})
         gate = make_gate(pol, SimulatedSampler(["80GiB"]), _clock_ms=clock)
@@ -358,7 +393,9 @@ class TestPriority:
 class TestTokenBucket:
     """Rate + burst, tokens taken only when everything else passes."""
 
-    def test_burst_then_exact_retry_after_from_the_deficit(self, make_gate: Callable[..., Gate]) -> None:
+    def test_burst_then_exact_retry_after_from_the_deficit(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
         gate = make_gate(policy(batch={"priority": 10, "rate": "2/s", "burst": 3}), _clock_ms=clock)
         outcomes = [gate.try_admit("batch", vram=1).outcome for _ in range(3)]
@@ -368,7 +405,9 @@ class TestTokenBucket:
         clock.advance(0.5)
         assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
 
-    def test_a_deferral_for_another_reason_takes_no_token(self, make_gate: Callable[..., Gate]) -> None:
+    def test_a_deferral_for_another_reason_takes_no_token(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
         gate = make_gate(policy(batch={"priority": 10, "rate": "1/h", "burst": 1}), _clock_ms=clock)
         assert gate.try_admit("batch", vram="81GiB").reason == "too_large"
@@ -382,9 +421,14 @@ class TestTokenBucket:
 class TestLeases:
     """Heartbeats renew; expiry frees; ids are fencing tokens; max duration stops renewal."""
 
-    def test_an_expired_lease_frees_its_slot_and_is_never_renewed_again(self, make_gate: Callable[..., Gate]) -> None:
+    def test_an_expired_lease_frees_its_slot_and_is_never_renewed_again(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
-        gate = make_gate(policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}), _clock_ms=clock)
+        gate = make_gate(
+            policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}),
+            _clock_ms=clock,
+        )
         d = gate.try_admit("batch", vram=1)
         lost: list[str] = []
         d.lease.on_lost(lambda lease: lost.append(lease.id))  # type: ignore[union-attr]
@@ -396,7 +440,10 @@ class TestLeases:
 
     def test_renewal_keeps_a_lease_alive_past_its_ttl(self, make_gate: Callable[..., Gate]) -> None:
         clock = FakeClock()
-        gate = make_gate(policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}), _clock_ms=clock)
+        gate = make_gate(
+            policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}),
+            _clock_ms=clock,
+        )
         d = gate.try_admit("batch", vram=1)
         for _ in range(5):
             clock.advance(3)
@@ -404,9 +451,14 @@ class TestLeases:
         assert not d.lease.lost  # type: ignore[union-attr]
         assert gate.try_admit("batch", vram=1).reason == "cap"
 
-    def test_the_clock_stepping_back_never_revives_a_lease(self, make_gate: Callable[..., Gate]) -> None:
+    def test_the_clock_stepping_back_never_revives_a_lease(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
-        gate = make_gate(policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}), _clock_ms=clock)
+        gate = make_gate(
+            policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}),
+            _clock_ms=clock,
+        )
         d = gate.try_admit("batch", vram=1)
         clock.advance(6)
         assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
@@ -414,9 +466,14 @@ class TestLeases:
         gate.beat_now()
         assert d.lease.lost  # type: ignore[union-attr]
 
-    def test_max_duration_stops_renewal_and_tells_the_holder(self, make_gate: Callable[..., Gate]) -> None:
+    def test_max_duration_stops_renewal_and_tells_the_holder(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         clock = FakeClock()
-        pol = policy({"lease_ttl": "5s"}, notebook={"priority": 50, "max_duration": "10s", "max_concurrent": 1})
+        pol = policy(
+            {"lease_ttl": "5s"},
+            notebook={"priority": 50, "max_duration": "10s", "max_concurrent": 1},
+        )
         gate = make_gate(pol, _clock_ms=clock)
         d = gate.try_admit("notebook", vram=1)
         told: list[bool] = []
@@ -480,9 +537,15 @@ class TestNoGpu:
 
     @pytest.mark.parametrize(
         ("mode", "outcome", "reason"),
-        [("defer", Outcome.DEFER, "no_gpu"), ("reject", Outcome.REJECT, "no_gpu"), ("cpu", Outcome.ADMIT, "cpu")],
+        [
+            ("defer", Outcome.DEFER, "no_gpu"),
+            ("reject", Outcome.REJECT, "no_gpu"),
+            ("cpu", Outcome.ADMIT, "cpu"),
+        ],
     )
-    def test_behaviour_without_gpus(self, make_gate: Callable[..., Gate], mode: str, outcome: Outcome, reason: str) -> None:
+    def test_behaviour_without_gpus(
+        self, make_gate: Callable[..., Gate], mode: str, outcome: Outcome, reason: str
+    ) -> None:
         gate = make_gate(policy(batch={"priority": 10, "no_gpu": mode}), NoGpuSampler())
         d = gate.try_admit("batch", vram="1GiB")
         assert (d.outcome, d.reason) == (outcome, reason)
@@ -496,7 +559,10 @@ class TestBlockingAdmit:
 
     def test_a_release_wakes_a_blocked_waiter(self, make_gate: Callable[..., Gate]) -> None:
         # Timers are far away (TTL 60 s, waiter TTL 60 s): only the wake-up can be this quick.
-        pol = policy({"lease_ttl": "60s", "waiter_ttl": "60s", "retry_max": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        pol = policy(
+            {"lease_ttl": "60s", "waiter_ttl": "60s", "retry_max": "60s"},
+            batch={"priority": 10, "max_concurrent": 1},
+        )
         gate = make_gate(pol)
         first = gate.admit("batch", vram="1GiB", timeout=5)
         got: list[float] = []
@@ -526,7 +592,9 @@ class TestBlockingAdmit:
         with pytest.raises(AdmissionRejected, match="too_large"):
             gate.admit("batch", vram="100GiB", timeout=30)
 
-    def test_a_cuda_oom_escaping_the_block_is_recorded_as_oom(self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str) -> None:
+    def test_a_cuda_oom_escaping_the_block_is_recorded_as_oom(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
         class OutOfMemoryError(RuntimeError):
             pass
 
@@ -543,7 +611,9 @@ class TestBlockingAdmit:
         assert counters["out:batch:error"] == "1"
         assert counters["out:batch:ok"] == "1"
 
-    def test_admit_async_waits_without_a_thread_and_releases_on_exit(self, make_gate: Callable[..., Gate]) -> None:
+    def test_admit_async_waits_without_a_thread_and_releases_on_exit(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
         pol = policy(batch={"priority": 10, "max_concurrent": 1})
         gate = make_gate(pol)
 

@@ -109,7 +109,11 @@ class Gate:
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
         _live_gates.add(self)
         if self.embedded:
-            log.info("embedded_redis", url=self.redis_url, note="single host only: set GPUGATE_REDIS_URL to share a pool between hosts")
+            log.info(
+                "embedded_redis",
+                url=self.redis_url,
+                note="single host only: set GPUGATE_REDIS_URL to share a pool between hosts",
+            )
         try:
             self.sync_policy()
         except BackendError as exc:
@@ -140,7 +144,9 @@ class Gate:
                 self._adopt(_b2s(current))
                 return self.pool_policy_version or ""
         published, version = self._call(
-            self._scripts.publish_policy, keys=[self._keys.state], args=publish_args(mine, force=force)
+            self._scripts.publish_policy,
+            keys=[self._keys.state],
+            args=publish_args(mine, force=force),
         )
         version = _b2s(version)
         if published:
@@ -149,7 +155,9 @@ class Gate:
         else:
             doc = self._call(self._client.hget, self._keys.state, "pdoc")
             self._adopt(_b2s(doc) if doc is not None else None, version)
-        self.policy_mismatch = self.policy is not None and self.pool_policy_version != self.policy.version
+        self.policy_mismatch = (
+            self.policy is not None and self.pool_policy_version != self.policy.version
+        )
         if self.policy_mismatch:
             log.warning(
                 "policy_mismatch",
@@ -166,7 +174,9 @@ class Gate:
                 self.pool_policy = Policy.from_dict(json.loads(doc), source=f"pool {self.pool}")
             except (ConfigError, ValueError) as exc:
                 log.warning("pool_policy_unreadable", error=str(exc))
-        self.pool_policy_version = version or (self.pool_policy.version if self.pool_policy else None)
+        self.pool_policy_version = version or (
+            self.pool_policy.version if self.pool_policy else None
+        )
 
     # -- decisions --------------------------------------------------------------
 
@@ -209,7 +219,9 @@ class Gate:
         both carry the last decision.
         """
         vram_b = parse_size(vram, key="vram")
-        deadline = None if timeout is None else time.monotonic() + parse_duration(timeout, key="timeout")
+        deadline = (
+            None if timeout is None else time.monotonic() + parse_duration(timeout, key="timeout")
+        )
         waiter = f"{self.owner}|{_uuid.uuid4().hex}"
         wake = self._wake_listener()
         while True:
@@ -218,12 +230,15 @@ class Gate:
             if d.outcome is Outcome.ADMIT:
                 return self._ticket(d)
             if d.outcome is Outcome.REJECT:
-                raise AdmissionRejected(f"{cls} request for {vram_b} bytes rejected: {d.reason} ({d.detail})", d)
+                raise AdmissionRejected(
+                    f"{cls} request for {vram_b} bytes rejected: {d.reason} ({d.detail})", d
+                )
             pause = self._wait_time(d, deadline, cls, vram_b)
             if pause is None:
                 self._forget_waiter(waiter)
                 raise AdmissionTimeout(
-                    f"{cls} request for {vram_b} bytes not admitted within {timeout}s; last reason: {d.reason}", d
+                    f"{cls} request for {vram_b} bytes not admitted within {timeout}s; last reason: {d.reason}",
+                    d,
                 )
             wake.wait(generation, pause)
 
@@ -244,10 +259,17 @@ class Gate:
         return _AsyncAdmission(self, cls, vram, timeout, device, tenant)
 
     async def _admit_async(
-        self, cls: str, vram: int | str, timeout: float | str | None, device: str | None, tenant: str | None
+        self,
+        cls: str,
+        vram: int | str,
+        timeout: float | str | None,
+        device: str | None,
+        tenant: str | None,
     ) -> Ticket:
         vram_b = parse_size(vram, key="vram")
-        deadline = None if timeout is None else time.monotonic() + parse_duration(timeout, key="timeout")
+        deadline = (
+            None if timeout is None else time.monotonic() + parse_duration(timeout, key="timeout")
+        )
         waiter = f"{self.owner}|{_uuid.uuid4().hex}"
         wake = self._wake_listener()
         while True:
@@ -256,12 +278,15 @@ class Gate:
             if d.outcome is Outcome.ADMIT:
                 return self._ticket(d)
             if d.outcome is Outcome.REJECT:
-                raise AdmissionRejected(f"{cls} request for {vram_b} bytes rejected: {d.reason} ({d.detail})", d)
+                raise AdmissionRejected(
+                    f"{cls} request for {vram_b} bytes rejected: {d.reason} ({d.detail})", d
+                )
             pause = self._wait_time(d, deadline, cls, vram_b)
             if pause is None:
                 await asyncio.to_thread(self._forget_waiter, waiter)
                 raise AdmissionTimeout(
-                    f"{cls} request for {vram_b} bytes not admitted within {timeout}s; last reason: {d.reason}", d
+                    f"{cls} request for {vram_b} bytes not admitted within {timeout}s; last reason: {d.reason}",
+                    d,
                 )
             await wake.wait_async(generation, pause)
 
@@ -316,10 +341,19 @@ class Gate:
             tenant or "",
             len(devices),
             *_speedups.pack_samples(
-                [d.uuid for d in devices], [d.total for d in devices], [d.used for d in devices], [age_ms] * len(devices)
+                [d.uuid for d in devices],
+                [d.total for d in devices],
+                [d.used for d in devices],
+                [age_ms] * len(devices),
             ),
         ]
-        keys = [self._keys.state, self._keys.exp, self._keys.waiters, self._keys.samples, self._keys.buckets]
+        keys = [
+            self._keys.state,
+            self._keys.exp,
+            self._keys.waiters,
+            self._keys.samples,
+            self._keys.buckets,
+        ]
         try:
             reply = self._run_admit(keys, args)
         except BackendError as exc:
@@ -377,7 +411,9 @@ class Gate:
                     raise UsageError(
                         f"class {args[2]!r} is not in pool {self.pool!r}'s policy; known classes: {', '.join(known)}"
                     ) from None
-                raise BackendError(f"the admission script failed on {self.redis_url}: {msg}") from exc
+                raise BackendError(
+                    f"the admission script failed on {self.redis_url}: {msg}"
+                ) from exc
         raise BackendError(f"pool {self.pool!r} has no policy and publishing one failed")
 
     def _local_defer_ok(self, cls: str, vram: int, device: str | None, snap: Snapshot) -> bool:
@@ -447,10 +483,22 @@ class Gate:
             done = self._call(
                 self._scripts.release_lease,
                 keys=[self._keys.state, self._keys.exp, self._keys.buckets],
-                args=[self._keys.prefix, self._now_arg(), lease.device_uuid, lease.id, outcome, "1" if refund else "0"],
+                args=[
+                    self._keys.prefix,
+                    self._now_arg(),
+                    lease.device_uuid,
+                    lease.id,
+                    outcome,
+                    "1" if refund else "0",
+                ],
             )
         except BackendError as exc:
-            log.warning("lease_release_failed", lease_id=lease.id, error=str(exc), note="it expires within one TTL")
+            log.warning(
+                "lease_release_failed",
+                lease_id=lease.id,
+                error=str(exc),
+                note="it expires within one TTL",
+            )
             return False
         return bool(done)
 
@@ -481,7 +529,9 @@ class Gate:
                 args += [lease.device_uuid, lease.id, report[0], int((now - report[1]) * 1000)]
         try:
             reply = self._call(
-                self._scripts.renew_leases, keys=[self._keys.state, self._keys.exp, self._keys.waiters], args=args
+                self._scripts.renew_leases,
+                keys=[self._keys.state, self._keys.exp, self._keys.waiters],
+                args=args,
             )
         except BackendError:
             for lease, report in zip(leases, reports, strict=True):
@@ -508,7 +558,14 @@ class Gate:
 
     # -- overrides --------------------------------------------------------------
 
-    def pause(self, cls: str, *, duration: float | str | None = None, reason: str = "", who: str | None = None) -> dict[str, Any]:
+    def pause(
+        self,
+        cls: str,
+        *,
+        duration: float | str | None = None,
+        reason: str = "",
+        who: str | None = None,
+    ) -> dict[str, Any]:
         """Pause ``cls``: its requests DEFER (reason ``paused``) until resumed or ``duration`` passes."""
         return self._override("pause", cls, 0, duration, reason, who)
 
@@ -516,7 +573,15 @@ class Gate:
         """Lift a pause of ``cls``."""
         return self._override("resume", cls, 0, None, "", who)
 
-    def cap(self, cls: str, n: int, *, duration: float | str | None = None, reason: str = "", who: str | None = None) -> dict[str, Any]:
+    def cap(
+        self,
+        cls: str,
+        n: int,
+        *,
+        duration: float | str | None = None,
+        reason: str = "",
+        who: str | None = None,
+    ) -> dict[str, Any]:
         """Lower ``cls``'s pool-wide cap to ``n`` (never raises it) until ``duration`` passes."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError("a cap is a whole number >= 0", key="n", value=n)
@@ -526,7 +591,14 @@ class Gate:
         """Remove a runtime cap of ``cls``."""
         return self._override("uncap", cls, 0, None, "", who)
 
-    def drain(self, cls: str | None = None, *, duration: float | str | None = None, reason: str = "", who: str | None = None) -> dict[str, Any]:
+    def drain(
+        self,
+        cls: str | None = None,
+        *,
+        duration: float | str | None = None,
+        reason: str = "",
+        who: str | None = None,
+    ) -> dict[str, Any]:
         """Pause ``cls``, or with no class every class but the highest."""
         if cls is not None:
             return self.pause(cls, duration=duration, reason=reason or "drain", who=who)
@@ -542,7 +614,15 @@ class Gate:
         raw = self._call(self._client.hget, self._keys.state, "ovr")
         return json.loads(raw) if raw else {"pause": {}, "cap": {}}
 
-    def _override(self, kind: str, cls: str, n: int, duration: float | str | None, reason: str, who: str | None) -> dict[str, Any]:
+    def _override(
+        self,
+        kind: str,
+        cls: str,
+        n: int,
+        duration: float | str | None,
+        reason: str,
+        who: str | None,
+    ) -> dict[str, Any]:
         for_ms = 0 if duration is None else int(parse_duration(duration, key="duration") * 1000)
         who = who or f"{os.environ.get('USER', 'unknown')}@{self.owner.split(':')[0]}"
         try:
@@ -557,7 +637,15 @@ class Gate:
                     f"class {cls!r} is not in pool {self.pool!r}'s policy; known: {', '.join(self.effective_policy.classes)}"
                 ) from None
             raise BackendError(str(exc)) from exc
-        log.info("override_set", kind=kind, cls=cls, n=n, duration_s=for_ms / 1000, who=who, reason=reason)
+        log.info(
+            "override_set",
+            kind=kind,
+            cls=cls,
+            n=n,
+            duration_s=for_ms / 1000,
+            who=who,
+            reason=reason,
+        )
         return json.loads(raw)  # type: ignore[no-any-return]
 
     # -- plumbing ---------------------------------------------------------------
@@ -586,7 +674,9 @@ class Gate:
 
     def _check_usable(self) -> None:
         if os.getpid() != self._pid:
-            raise UsageError("this Gate was made in a parent process; make a new Gate in the child after fork")
+            raise UsageError(
+                "this Gate was made in a parent process; make a new Gate in the child after fork"
+            )
         if self._closed:
             raise UsageError("this Gate is closed")
 
@@ -626,7 +716,15 @@ class Gate:
 class _AsyncAdmission:
     """What :meth:`Gate.admit_async` returns: awaitable and an async context manager."""
 
-    def __init__(self, gate: Gate, cls: str, vram: int | str, timeout: float | str | None, device: str | None, tenant: str | None) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        cls: str,
+        vram: int | str,
+        timeout: float | str | None,
+        device: str | None,
+        tenant: str | None,
+    ) -> None:
         self._args = (cls, vram, timeout, device, tenant)
         self._gate = gate
         self._ticket: Ticket | None = None
@@ -652,5 +750,3 @@ def _close_all_at_exit() -> None:
 
 
 atexit.register(_close_all_at_exit)
-
-

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from .._exceptions import UsageError
 from .._units import parse_size
 
 if TYPE_CHECKING:
@@ -123,7 +122,9 @@ class Lease:
             return
         self.lost = True
         self.lost_reason = reason
-        log.warning("lease_lost", lease_id=self.id, cls=self.cls, device=self.device_uuid, reason=reason)
+        log.warning(
+            "lease_lost", lease_id=self.id, cls=self.cls, device=self.device_uuid, reason=reason
+        )
         for cb in self._on_lost:
             _run_callback(cb, self)
 
@@ -131,7 +132,9 @@ class Lease:
         if self.max_duration_reached:
             return
         self.max_duration_reached = True
-        log.warning("lease_max_duration_reached", lease_id=self.id, cls=self.cls, device=self.device_uuid)
+        log.warning(
+            "lease_max_duration_reached", lease_id=self.id, cls=self.cls, device=self.device_uuid
+        )
         for cb in self._on_max:
             _run_callback(cb, self)
 

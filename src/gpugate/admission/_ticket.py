@@ -16,7 +16,11 @@ def is_cuda_oom(exc: BaseException) -> bool:
     if name in ("OutOfMemoryError", "CUDAOutOfMemoryError"):
         return True
     text = str(exc)
-    return "CUDA out of memory" in text or "CUDA_ERROR_OUT_OF_MEMORY" in text or "RESOURCE_EXHAUSTED" in text
+    return (
+        "CUDA out of memory" in text
+        or "CUDA_ERROR_OUT_OF_MEMORY" in text
+        or "RESOURCE_EXHAUSTED" in text
+    )
 
 
 class Ticket:

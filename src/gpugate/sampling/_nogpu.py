@@ -17,4 +17,6 @@ class NoGpuSampler:
 
     def sample(self) -> Snapshot:
         """An empty snapshot."""
-        return Snapshot(devices=(), taken_mono=time.monotonic(), host=self._host, backend=self.backend)
+        return Snapshot(
+            devices=(), taken_mono=time.monotonic(), host=self._host, backend=self.backend
+        )

@@ -30,7 +30,9 @@ class SimulatedSampler:
 
     def __init__(self, totals: Sequence[str | int], *, name: str = "sim") -> None:
         if not totals:
-            raise ConfigError("a SimulatedSampler needs at least one device", key="totals", value=totals)
+            raise ConfigError(
+                "a SimulatedSampler needs at least one device", key="totals", value=totals
+            )
         self._lock = threading.Lock()
         self._name = name
         self._totals = [parse_size(t, key=f"totals[{i}]") for i, t in enumerate(totals)]
@@ -51,7 +53,9 @@ class SimulatedSampler:
     def _check(self, index: int) -> None:
         if not 0 <= index < len(self._totals):
             raise ConfigError(
-                f"no simulated device {index}; there are {len(self._totals)}", key="index", value=index
+                f"no simulated device {index}; there are {len(self._totals)}",
+                key="index",
+                value=index,
             )
 
     def set_used(self, index: int, used: str | int) -> None:

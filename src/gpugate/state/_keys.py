@@ -37,7 +37,17 @@ _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 class PoolKeys:
     """The key names of one pool."""
 
-    __slots__ = ("buckets", "exp", "pool", "prefix", "samples", "state", "waiters", "wake", "workers")
+    __slots__ = (
+        "buckets",
+        "exp",
+        "pool",
+        "prefix",
+        "samples",
+        "state",
+        "waiters",
+        "wake",
+        "workers",
+    )
 
     def __init__(self, pool: str) -> None:
         if not isinstance(pool, str) or not _POOL_NAME.match(pool):

