@@ -31,7 +31,6 @@ class Reason:
     PRIORITY = "priority"
     VRAM = "vram"
     RATE = "rate"
-    LOCAL_PRECHECK = "vram_local"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BACKEND_OPEN = "backend_open"
 
@@ -45,7 +44,11 @@ class Decision:
     the host-local index of the device to use and ``device_uuid`` its id;
     both are ``None`` without a device (a ``cpu`` admission, any DEFER).
     ``lease`` is the lease held after an ADMIT on a GPU, else ``None``.
-    ``detail`` is a human sentence about the reason.
+    ``detail`` is a human sentence about the reason. ``available`` is the
+    VRAM (bytes) free for this request on the chosen device, or on the one
+    closest to fitting when it deferred for memory; ``None`` when the decision
+    stopped before memory was looked at (and for the local pre-check).
+    ``local`` is True when the local pre-check answered without Redis.
     """
 
     outcome: Outcome
@@ -57,6 +60,8 @@ class Decision:
     detail: str = ""
     cls: str = ""
     vram: int = 0
+    available: int | None = None
+    local: bool = False
 
     @property
     def admitted(self) -> bool:

@@ -48,7 +48,7 @@ log = structlog.get_logger(__name__)
 
 # Reasons whose retry_after is an estimate: they get jitter so that waiters
 # polling the same pool do not come back in lockstep.
-_ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample", Reason.LOCAL_PRECHECK})
+_ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample"})
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -322,11 +322,12 @@ class Gate:
             self.stats["local_defers"] += 1
             return Decision(
                 Outcome.DEFER,
-                Reason.LOCAL_PRECHECK,
-                retry_after=self._jitter(1.0),
-                detail="the local sample shows no device with room",
+                Reason.VRAM,
+                retry_after=self._jitter(self._estimate_s()),
+                detail="local pre-check: no device of this host has room",
                 cls=cls,
                 vram=vram,
+                local=True,
             )
         devices = snap.devices
         age_ms = int(snap.age_s() * 1000)
@@ -358,7 +359,7 @@ class Gate:
             reply = self._run_admit(keys, args)
         except BackendError as exc:
             return self._backend_down(cls, vram, snap, exc)
-        outcome, reason, retry_ms, dev_uuid, lease_id, expires_ms, detail = reply
+        outcome, reason, retry_ms, dev_uuid, lease_id, expires_ms, detail, available = reply
         d_uuid = _b2s(dev_uuid) or None
         reason = _b2s(reason)
         out = Outcome(_b2s(outcome))
@@ -393,6 +394,7 @@ class Gate:
             detail=_b2s(detail),
             cls=cls,
             vram=vram,
+            available=None if int(available) == -1 else int(available),
         )
         return decision
 
@@ -426,6 +428,11 @@ class Gate:
         margin = self.effective_policy.pool.safety_margin
         return not _speedups.precheck_fits([d.free for d in devices], vram, margin)
 
+    def _estimate_s(self) -> float:
+        """The scripts' estimated retry: a third of a lease TTL, capped."""
+        pool = self.effective_policy.pool
+        return min(pool.retry_max_s, max(0.1, pool.lease_ttl_s / 3))
+
     def _jitter(self, seconds: float) -> float:
         cap = self.effective_policy.pool.retry_max_s
         return min(cap, seconds * random.uniform(0.5, 1.5))
@@ -456,7 +463,7 @@ class Gate:
         return Decision(
             Outcome.DEFER,
             Reason.BACKEND_UNAVAILABLE,
-            retry_after=self._jitter(1.0),
+            retry_after=self._jitter(min(1.0, self._estimate_s())),
             detail=str(exc),
             cls=cls,
             vram=vram,

@@ -3,7 +3,9 @@
 -- KEYS = [state, exp, waiters, samples, buckets]
 -- ARGV = [prefix, clock_ms, class, vram, waiter_id, owner, device, tenant,
 --         n_samples, (uuid, total, used, age_ms) * n_samples]
--- -> {outcome, reason, retry_ms, device_uuid, lease_id, expires_ms, detail}
+-- -> {outcome, reason, retry_ms, device_uuid, lease_id, expires_ms, detail,
+--     available}: available is the bytes free for this request on its best
+--     device (the chosen one, or the closest to fitting), -1 when not reached
 --    outcome "admit" | "defer" | "reject". Error replies: "nopolicy" (the
 --    pool has no policy yet), "unknown_class <name>".
 --
@@ -79,7 +81,7 @@ local function defer(reason, retry, device, wants, detail)
   local rec = string.format('%d %d %d %s %d %s %s %s', my_prio, my_since(), vram, wants,
                             now + waiter_ttl, device ~= '' and device or '-', cls, reason)
   redis.call('HSET', waiters_key, waiter_id, rec)
-  return {'defer', reason, retry, device, '', 0, detail}
+  return {'defer', reason, retry, device, '', 0, detail, -1}
 end
 
 -- Overrides: a pause (drain pauses several classes) and a runtime cap.
@@ -141,9 +143,9 @@ if #cand == 0 then
   end
   if no_gpu == 'cpu' then
     redis.call('HDEL', waiters_key, waiter_id)
-    return {'admit', 'cpu', 0, '', '', 0, 'no GPU visible: run on the CPU'}
+    return {'admit', 'cpu', 0, '', '', 0, 'no GPU visible: run on the CPU', -1}
   elseif no_gpu == 'reject' then
-    return {'reject', 'no_gpu', 0, '', '', 0, 'no GPU visible'}
+    return {'reject', 'no_gpu', 0, '', '', 0, 'no GPU visible', -1}
   end
   return defer('no_gpu', retry_max, '', '-', 'no GPU visible')
 end
@@ -154,7 +156,7 @@ for _, d in ipairs(cand) do
   if d.total - margin - reserve_above >= vram then fits_ever = true end
 end
 if not fits_ever then
-  return {'reject', 'too_large', 0, '', '', 0, 'larger than any device can hold for this class'}
+  return {'reject', 'too_large', 0, '', '', 0, 'larger than any device can hold for this class', -1}
 end
 
 -- Class cap across the pool (configured, lowered by a runtime override).
@@ -245,10 +247,13 @@ for _, d in ipairs(slotted) do
 end
 if best == nil then
   if held_back then
-    return defer('priority', estimate, closest.uuid, 'vram', 'a higher-priority request waits for this memory')
+    local r = defer('priority', estimate, closest.uuid, 'vram', 'a higher-priority request waits for this memory')
+    r[8] = closest_avail
+    return r
   end
-  return defer('vram', estimate, closest.uuid, 'vram',
-               'needs ' .. vram .. ' bytes, at most ' .. closest_avail .. ' available')
+  local r = defer('vram', estimate, closest.uuid, 'vram', 'not enough free memory on any device')
+  r[8] = closest_avail
+  return r
 end
 
 -- Token bucket, last: tokens are taken only when everything else passes.
@@ -261,7 +266,9 @@ if rate > 0 then
     if now > updated then tokens = math.min(burst, tokens + (now - updated) * rate) end
   end
   if tokens < 1 then
-    return defer('rate', math.ceil((1 - tokens) / rate), best.uuid, '-', 'token bucket empty')
+    local r = defer('rate', math.ceil((1 - tokens) / rate), best.uuid, '-', 'token bucket empty')
+    r[8] = best_avail
+    return r
   end
   redis.call('HSET', buckets_key, cls, string.format('%.17g %d', tokens - 1, now))
 end
@@ -278,4 +285,4 @@ redis.call('ZADD', exp_key, now + ttl, best.uuid .. '\t' .. id)
 redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st[6]) or 0) + 1,
            'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1)
 if waiting then redis.call('HDEL', waiters_key, waiter_id) end
-return {'admit', 'ok', 0, best.uuid, id, now + ttl, ''}
+return {'admit', 'ok', 0, best.uuid, id, now + ttl, '', best_avail}

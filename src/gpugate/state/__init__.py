@@ -1,0 +1,1 @@
+"""The pool's state in Redis: key names, scripts, connections, servers."""
