@@ -115,7 +115,13 @@ class Gate:
                 note="single host only: set GPUGATE_REDIS_URL to share a pool between hosts",
             )
         try:
-            self.sync_policy()
+            # With a policy of its own the gate publishes it to an empty pool;
+            # without one it only reads the pool's (the first decision on an
+            # empty pool publishes the default).
+            if policy is not None:
+                self.sync_policy()
+            else:
+                self.read_pool_policy()
         except BackendError as exc:
             log.warning("policy_sync_deferred", error=str(exc))
 
@@ -167,6 +173,14 @@ class Gate:
                 fix="the pool's policy is enforced; run `gpugate policy apply FILE` to change it",
             )
         return self.pool_policy_version or ""
+
+    def read_pool_policy(self) -> Policy | None:
+        """The policy stored in the pool (``None`` if it has none); publishes nothing."""
+        doc = self._call(self._client.hget, self._keys.state, "pdoc")
+        if doc is None:
+            return None
+        self._adopt(_b2s(doc))
+        return self.pool_policy
 
     def _adopt(self, doc: str | None, version: str | None = None) -> None:
         if doc is not None:

@@ -21,7 +21,8 @@ from .._units import parse_duration
 
 def _configure_logging(verbose: bool) -> None:
     """The library never configures structlog; the command does."""
-    level = logging.DEBUG if verbose else logging.WARNING
+    # Errors reach the user as one line from main(); log events only with -v.
+    level = logging.DEBUG if verbose else logging.ERROR
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
         processors=[
@@ -97,7 +98,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"pool {gate.pool}: policy {version} applied from {args.file}")
             return 0
         with Gate(args.redis_url, pool=args.pool) as gate:
-            print(json.dumps({"pool": gate.pool, "version": gate.pool_policy_version,
-                              "policy": gate.effective_policy.to_dict()}, indent=2))
+            stored = gate.read_pool_policy()
+            if stored is None:
+                print(f"pool {gate.pool} has no policy yet: `gpugate policy apply FILE` sets one")
+                return 1
+            print(json.dumps({"pool": gate.pool, "version": stored.version, "policy": stored.to_dict()}, indent=2))
         return 0
     raise AssertionError(args.command)

@@ -675,7 +675,8 @@ reserve = "0B"
 # max_duration_contended = "15m"
 
 # Stop placing this class on a GPU once this fraction of its memory (0 to 1)
-# is held by allocators but not in use.
+# is held by allocators but not in use. Accepted and stored, but not enforced
+# yet: fragmentation is measured from the NVML sampler release on.
 # max_fragmentation = 0.3
 
 # With no GPU visible: "defer" until one is, "reject", or "cpu" (admit to run
