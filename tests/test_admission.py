@@ -630,3 +630,36 @@ class TestBlockingAdmit:
             return order
 
         assert sorted(asyncio.run(main())) == ["a", "b", "c"]
+
+
+class TestMetrics:
+    """A gate counts its decisions, lost leases and job outcomes."""
+
+    def test_decisions_lost_leases_and_outcomes_are_counted(self, make_gate: Callable[..., Gate]) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from gpugate.metrics import Metrics
+
+        registry = CollectorRegistry()
+        clock = FakeClock()
+        gate = make_gate(
+            policy({"lease_ttl": "5s"}, batch={"priority": 10, "max_concurrent": 1}),
+            metrics=Metrics(registry),
+            _clock_ms=clock,
+        )
+        d = gate.try_admit("batch", vram=1)
+        gate.try_admit("batch", vram=1)
+        clock.advance(6)
+        gate.beat_now()
+        assert d.lease is not None and d.lease.lost
+        with gate.admit("batch", vram=1, timeout=5):
+            pass
+
+        def value(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, labels)
+
+        assert value("gpugate_decisions_total", **{"class": "batch", "outcome": "admit", "reason": "ok"}) == 2
+        assert value("gpugate_decisions_total", **{"class": "batch", "outcome": "defer", "reason": "cap"}) == 1
+        assert value("gpugate_leases_lost_total", **{"class": "batch"}) == 1
+        assert value("gpugate_job_outcomes_total", **{"class": "batch", "outcome": "ok"}) == 1
+        assert value("gpugate_decision_duration_seconds_count", **{"class": "batch"}) == 3

@@ -31,7 +31,9 @@ from .._exceptions import (
     ConfigError,
     UsageError,
 )
+from .._logging import Throttle
 from .._units import parse_duration, parse_size
+from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import NoGpuSampler, Sampler, Snapshot
 from ..state._connect import connect, mask_url, resolve_redis_url
@@ -70,6 +72,8 @@ class Gate:
     one enforced (a differing one is logged and shown in ``policy_mismatch``).
     ``sampler``: what the GPUs look like (default: no GPU until the NVML
     sampler is configured). ``socket_timeout_s`` bounds every Redis call.
+    ``metrics``: the Prometheus instruments to update (default: those on
+    prometheus_client's default registry).
 
     A gate belongs to the process that made it; a forked child must make its
     own (using a parent's gate there raises :class:`UsageError`).
@@ -83,6 +87,7 @@ class Gate:
         policy: Policy | None = None,
         sampler: Sampler | None = None,
         socket_timeout_s: float = 2.0,
+        metrics: Metrics | None = None,
         _clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.pool = pool or os.environ.get("GPUGATE_POOL") or "default"
@@ -97,6 +102,7 @@ class Gate:
         self.policy_mismatch = False
         self.sampler: Sampler = sampler if sampler is not None else NoGpuSampler()
         self._clock_ms = _clock_ms
+        self.metrics = metrics if metrics is not None else default_metrics()
         self._pid = os.getpid()
         self.owner = f"{self.sampler.sample().host or 'host'}:{self._pid}:{_uuid.uuid4().hex[:8]}"
         self._leases = LeaseRegistry()
@@ -105,6 +111,7 @@ class Gate:
         self._lock = threading.Lock()
         self._recent_defer: dict[tuple[str, int, str], float] = {}
         self._local_open: dict[str, int] = {}
+        self._log_throttle = Throttle(10.0)
         self._closed = False
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
         _live_gates.add(self)
@@ -329,6 +336,34 @@ class Gate:
         tenant: str | None,
         precheck: bool,
     ) -> Decision:
+        started = time.perf_counter()
+        d = self._decide_once(cls, vram, waiter, device, tenant, precheck)
+        m = self.metrics
+        m.decision_seconds.labels(cls).observe(time.perf_counter() - started)
+        m.decisions.labels(cls, d.outcome.value, d.reason).inc()
+        if d.outcome is not Outcome.ADMIT or d.reason != Reason.OK:
+            dropped = self._log_throttle.allow((cls, d.outcome, d.reason))
+            if dropped is not None:
+                log.info(
+                    "admission_" + d.outcome.value,
+                    cls=cls,
+                    reason=d.reason,
+                    vram_bytes=vram,
+                    retry_after_s=round(d.retry_after, 3),
+                    detail=d.detail,
+                    similar_events_suppressed=dropped,
+                )
+        return d
+
+    def _decide_once(
+        self,
+        cls: str,
+        vram: int,
+        waiter: str,
+        device: str | None,
+        tenant: str | None,
+        precheck: bool,
+    ) -> Decision:
         self._check_usable()
         snap = self.sampler.sample()
         self.stats["decisions"] += 1
@@ -498,6 +533,7 @@ class Gate:
 
     def _release_lease(self, lease: Lease, outcome: str, refund: bool = False) -> bool:
         self._leases.discard(lease)
+        self.metrics.job_outcomes.labels(lease.cls, outcome).inc()
         if os.getpid() != self._pid:
             return False  # the parent's lease; the parent releases it
         try:
@@ -566,9 +602,12 @@ class Gate:
                 lease.expires_ms = expires
             elif status == 2:
                 lease.expires_ms = expires
+                if not lease.max_duration_reached:
+                    self.metrics.leases_max_duration.labels(lease.cls).inc()
                 lease._mark_max_duration()
             elif not lease.released:
                 self.stats["leases_lost"] += 1
+                self.metrics.leases_lost.labels(lease.cls).inc()
                 self._leases.discard(lease)
                 lease._mark_lost("expired")
 
