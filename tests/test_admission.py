@@ -663,3 +663,27 @@ class TestMetrics:
         assert value("gpugate_leases_lost_total", **{"class": "batch"}) == 1
         assert value("gpugate_job_outcomes_total", **{"class": "batch", "outcome": "ok"}) == 1
         assert value("gpugate_decision_duration_seconds_count", **{"class": "batch"}) == 3
+
+
+class TestWaiterOrder:
+    """The highest waiter on a device decides, whatever order Redis lists them in."""
+
+    def test_a_lower_waiter_on_the_same_device_does_not_hide_a_higher_one(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        pol = policy(
+            {"waiter_ttl": "1h"},
+            interactive={"priority": 100},
+            notebook={"priority": 50},
+            batch={"priority": 10},
+        )
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]))
+        assert gate.try_admit("batch", vram="60GiB").outcome is Outcome.ADMIT
+        # Many low waiters and one high waiter on the only device, in any order.
+        for i in range(20):
+            assert gate.try_admit("batch", vram=f"{30 + i}GiB").reason == "vram"
+        assert gate.try_admit("interactive", vram="30GiB").reason == "vram"
+        for i in range(20):
+            assert gate.try_admit("batch", vram=f"{50 + i}GiB").reason == "vram"
+        # A notebook outranks every batch waiter but not the interactive one.
+        assert gate.try_admit("notebook", vram="10GiB").reason == "priority"

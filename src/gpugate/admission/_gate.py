@@ -112,6 +112,7 @@ class Gate:
         self._recent_defer: dict[tuple[str, int, str], float] = {}
         self._local_open: dict[str, int] = {}
         self._log_throttle = Throttle(10.0)
+        self._metric_children: dict[tuple[str, Outcome, str], tuple[Any, Any]] = {}
         self._closed = False
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
         _live_gates.add(self)
@@ -338,9 +339,16 @@ class Gate:
     ) -> Decision:
         started = time.perf_counter()
         d = self._decide_once(cls, vram, waiter, device, tenant, precheck)
-        m = self.metrics
-        m.decision_seconds.labels(cls).observe(time.perf_counter() - started)
-        m.decisions.labels(cls, d.outcome.value, d.reason).inc()
+        elapsed = time.perf_counter() - started
+        # labels() costs microseconds; the bound children are cached per key.
+        key = (cls, d.outcome, d.reason)
+        children = self._metric_children.get(key)
+        if children is None:
+            m = self.metrics
+            children = (m.decision_seconds.labels(cls), m.decisions.labels(cls, d.outcome.value, d.reason))
+            self._metric_children[key] = children
+        children[0].observe(elapsed)
+        children[1].inc()
         if d.outcome is not Outcome.ADMIT or d.reason != Reason.OK:
             dropped = self._log_throttle.allow((cls, d.outcome, d.reason))
             if dropped is not None:

@@ -28,7 +28,9 @@ def _configure_logging(verbose: bool) -> None:
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
-            structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer(),
+            structlog.dev.ConsoleRenderer()
+            if sys.stderr.isatty()
+            else structlog.processors.JSONRenderer(),
         ],
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
@@ -49,8 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="workers of two classes compete for two simulated GPUs")
-    demo.add_argument("--seconds", type=parse_duration, default=10.0, help="how long to run (default 10s)")
-    demo.add_argument("--workers", type=int, default=6, help="worker threads, half of each class (default 6)")
+    demo.add_argument(
+        "--seconds", type=parse_duration, default=10.0, help="how long to run (default 10s)"
+    )
+    demo.add_argument(
+        "--workers", type=int, default=6, help="worker threads, half of each class (default 6)"
+    )
     demo.add_argument("--seed", type=int, default=7, help="random seed of the workload")
 
     policy = sub.add_parser("policy", help="show or apply the pool's policy")
@@ -80,7 +86,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from ..sim import run_demo
 
-        report = run_demo(redis_url=args.redis_url, seconds=args.seconds, workers=args.workers, seed=args.seed)
+        report = run_demo(
+            redis_url=args.redis_url, seconds=args.seconds, workers=args.workers, seed=args.seed
+        )
         return 1 if report.ooms else 0
     if args.command == "policy":
         from ..policy import Policy
@@ -102,6 +110,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             if stored is None:
                 print(f"pool {gate.pool} has no policy yet: `gpugate policy apply FILE` sets one")
                 return 1
-            print(json.dumps({"pool": gate.pool, "version": stored.version, "policy": stored.to_dict()}, indent=2))
+            print(
+                json.dumps(
+                    {"pool": gate.pool, "version": stored.version, "policy": stored.to_dict()},
+                    indent=2,
+                )
+            )
         return 0
     raise AssertionError(args.command)

@@ -205,12 +205,13 @@ for i = 1, #waiters, 2 do
   elseif tonumber(x) <= now then
     redis.call('HDEL', waiters_key, id)
   elseif w ~= '-' and d ~= '-' then
-    blocked[d] = {tonumber(p), tonumber(s)}
+    local eff = tonumber(p) + aging * (now - tonumber(s))
+    if blocked[d] == nil or eff > blocked[d] then blocked[d] = eff end
   end
 end
 local my_eff = my_prio + aging * (now - my_since())
-for d, ps in pairs(blocked) do
-  if ps[1] + aging * (now - ps[2]) <= my_eff then blocked[d] = nil end
+for d, eff in pairs(blocked) do
+  if eff <= my_eff then blocked[d] = nil end
 end
 
 -- VRAM per device: reserved = sum max(est, actual) over leases and ghosts;

@@ -31,7 +31,12 @@ from ..state._keys import PoolKeys
 GiB = 1 << 30
 
 DEMO_POLICY = {
-    "pool": {"lease_ttl": "5s", "safety_margin": "1GiB", "placement": "best-fit", "waiter_ttl": "3s"},
+    "pool": {
+        "lease_ttl": "5s",
+        "safety_margin": "1GiB",
+        "placement": "best-fit",
+        "waiter_ttl": "3s",
+    },
     "classes": {
         "interactive": {"priority": 100, "max_concurrent": 4, "reserve": "4GiB"},
         "batch": {"priority": 10, "max_concurrent": 3, "rate": "4/s", "burst": 2},
@@ -58,7 +63,9 @@ class DemoReport:
 
 
 class _Demo:
-    def __init__(self, url: str | None, seconds: float, workers: int, echo: Callable[[str], None], seed: int) -> None:
+    def __init__(
+        self, url: str | None, seconds: float, workers: int, echo: Callable[[str], None], seed: int
+    ) -> None:
         self.url = url
         self.seconds = seconds
         self.workers = workers
@@ -92,9 +99,16 @@ class _Demo:
                     if d.outcome is Outcome.ADMIT:
                         break
                     if d.reason != last_reason:
-                        room = "" if d.available is None else f", {format_size(max(0, d.available))} free"
-                        self.log(name, f"{d.outcome.value.upper():<6} {format_size(vram):>6}  {d.reason:<9}"
-                                       f" retry in {d.retry_after:.2f}s  ({d.detail}{room})")
+                        room = (
+                            ""
+                            if d.available is None
+                            else f", {format_size(max(0, d.available))} free"
+                        )
+                        self.log(
+                            name,
+                            f"{d.outcome.value.upper():<6} {format_size(vram):>6}  {d.reason:<9}"
+                            f" retry in {d.retry_after:.2f}s  ({d.detail}{room})",
+                        )
                         last_reason = d.reason
                     if d.outcome is Outcome.REJECT:
                         break
@@ -106,7 +120,9 @@ class _Demo:
                 waited = time.monotonic() - asked
                 with self.lock:
                     self.report.waited_s.setdefault(cls, []).append(waited)
-                self.log(name, f"ADMIT  {format_size(vram):>6}  on GPU {d.device} after {waited:.2f}s")
+                self.log(
+                    name, f"ADMIT  {format_size(vram):>6}  on GPU {d.device} after {waited:.2f}s"
+                )
                 self.run_job(d.lease, d.device or 0, vram, rng.uniform(lo, hi))
                 with self.lock:
                     self.report.jobs_done[cls] += 1
@@ -141,11 +157,17 @@ class _Demo:
         control = Gate(self.url, pool=self.pool, policy=self.policy, sampler=self.sampler)
         where = "embedded Redis (this host only)" if control.embedded else control.redis_url
         self.echo(f"gpugate demo: pool {self.pool} on {where}; two simulated 24 GiB GPUs")
-        self.echo("policy: interactive priority 100, cap 4, 4 GiB reserved; batch priority 10, cap 3, 4/s burst 2")
+        self.echo(
+            "policy: interactive priority 100, cap 4, 4 GiB reserved; batch priority 10, cap 3, 4/s burst 2"
+        )
         self.echo("")
         classes = ["interactive", "batch"]
         threads = [
-            threading.Thread(target=self.worker, args=(f"{classes[i % 2]}-{i // 2 + 1}", classes[i % 2]), daemon=True)
+            threading.Thread(
+                target=self.worker,
+                args=(f"{classes[i % 2]}-{i // 2 + 1}", classes[i % 2]),
+                daemon=True,
+            )
             for i in range(self.workers)
         ]
         threads.append(threading.Thread(target=self.operator, args=(control,), daemon=True))
@@ -185,11 +207,20 @@ def run_demo(
         waits = sorted(report.waited_s.get(cls, [0.0]))
         p50 = waits[len(waits) // 2]
         p95 = waits[min(len(waits) - 1, int(len(waits) * 0.95))]
-        echo(f"  {cls:<12} jobs done {report.jobs_done[cls]:>3}   wait p50 {p50:5.2f}s  p95 {p95:5.2f}s")
-        reasons = Counter({r: n for (c, o, r), n in report.decisions.items() if c == cls and o != "admit"})
+        echo(
+            f"  {cls:<12} jobs done {report.jobs_done[cls]:>3}   wait p50 {p50:5.2f}s  p95 {p95:5.2f}s"
+        )
+        reasons = Counter(
+            {r: n for (c, o, r), n in report.decisions.items() if c == cls and o != "admit"}
+        )
         if reasons:
-            echo("               not admitted: " + ", ".join(f"{r} x{n}" for r, n in reasons.most_common()))
+            echo(
+                "               not admitted: "
+                + ", ".join(f"{r} x{n}" for r, n in reasons.most_common())
+            )
     for dev_uuid, total in report.totals.items():
-        echo(f"  {dev_uuid:<22} peak {format_size(report.peak_used.get(dev_uuid, 0)):>8} of {format_size(total)}")
+        echo(
+            f"  {dev_uuid:<22} peak {format_size(report.peak_used.get(dev_uuid, 0)):>8} of {format_size(total)}"
+        )
     echo(f"  OOMs: {report.ooms} (a job started where its memory did not fit)")
     return report
