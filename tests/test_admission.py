@@ -687,3 +687,34 @@ class TestWaiterOrder:
             assert gate.try_admit("batch", vram=f"{50 + i}GiB").reason == "vram"
         # A notebook outranks every batch waiter but not the interactive one.
         assert gate.try_admit("notebook", vram="10GiB").reason == "priority"
+
+
+class TestRedisUnreachable:
+    """With Redis gone, "closed" classes defer and "open" ones admit within local caps."""
+
+    def test_closed_defers_and_open_admits_up_to_its_cap(self, pool_name: str) -> None:
+        pol = policy(
+            interactive={"priority": 100, "on_backend_error": "open", "max_concurrent": 2},
+            batch={"priority": 10},
+        )
+        server = RedisProcess().start()
+        gate = Gate(server.url, pool=pool_name, policy=pol, sampler=SimulatedSampler(["80GiB"]), socket_timeout_s=0.5)
+        try:
+            assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+            server.stop()
+            d = gate.try_admit("batch", vram=1)
+            assert (d.outcome, d.reason) == (Outcome.DEFER, "backend_unavailable")
+            assert d.retry_after > 0
+            first = gate.admit("interactive", vram="1GiB", timeout=5)
+            second = gate.try_admit("interactive", vram="1GiB")
+            assert (first.decision.reason, second.reason) == ("backend_open", "backend_open")
+            assert gate.try_admit("interactive", vram="1GiB").reason == "backend_unavailable"
+            first.release()
+            third = gate.try_admit("interactive", vram="1GiB")
+            assert third.reason == "backend_open" and third.lease is not None and third.lease.local
+            del second, third  # a dropped local lease frees its local slot too
+            gc.collect()
+            assert gate.try_admit("interactive", vram="1GiB").reason == "backend_open"
+        finally:
+            server.stop()
+            gate.close()

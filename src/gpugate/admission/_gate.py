@@ -111,6 +111,7 @@ class Gate:
         self._lock = threading.Lock()
         self._recent_defer: dict[tuple[str, int, str], float] = {}
         self._local_open: dict[str, int] = {}
+        self._local_seq = 0
         self._log_throttle = Throttle(10.0)
         self._metric_children: dict[tuple[str, Outcome, str], tuple[Any, Any]] = {}
         self._closed = False
@@ -324,8 +325,6 @@ class Gate:
         return max(pause, 0.001)
 
     def _ticket(self, d: Decision) -> Ticket:
-        if d.reason == Reason.BACKEND_OPEN:
-            return Ticket(d, on_release=lambda: self._local_done(d.cls))
         return Ticket(d)
 
     def _decide(
@@ -499,7 +498,15 @@ class Gate:
             cp = self.effective_policy.class_policy(cls)
         except UsageError:
             raise exc from None
-        log.warning("backend_unavailable", cls=cls, error=str(exc), mode=cp.on_backend_error)
+        dropped = self._log_throttle.allow(("backend_unavailable", cls))
+        if dropped is not None:
+            log.warning(
+                "backend_unavailable",
+                cls=cls,
+                error=str(exc),
+                mode=cp.on_backend_error,
+                similar_events_suppressed=dropped,
+            )
         if cp.on_backend_error == "open":
             with self._lock:
                 running = self._local_open.get(cls, 0)
@@ -508,11 +515,23 @@ class Gate:
                     best = max(fits, key=lambda d: d.free, default=None)
                     if best is not None or not snap.devices:
                         self._local_open[cls] = running + 1
+                        self._local_seq += 1
+                        lease = Lease(
+                            self,
+                            id=f"local-{self._local_seq}",
+                            cls=cls,
+                            vram=vram,
+                            device=best.index if best else None,
+                            device_uuid=best.uuid if best else "",
+                            expires_ms=0,
+                            local=True,
+                        )
                         return Decision(
                             Outcome.ADMIT,
                             Reason.BACKEND_OPEN,
                             device=best.index if best else None,
                             device_uuid=best.uuid if best else None,
+                            lease=lease,
                             detail="Redis unreachable; admitted within this process's caps",
                             cls=cls,
                             vram=vram,

@@ -6,7 +6,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -38,6 +38,7 @@ class Lease:
         "__weakref__",
         "_actual",
         "_gate",
+        "_local_done",
         "_lock",
         "_on_lost",
         "_on_max",
@@ -63,6 +64,7 @@ class Lease:
         device: int | None,
         device_uuid: str,
         expires_ms: int,
+        local: bool = False,
     ) -> None:
         self._gate = gate
         self.id = id
@@ -79,6 +81,16 @@ class Lease:
         self._actual: tuple[int, float] | None = None
         self._on_lost: list[LeaseCallback] = []
         self._on_max: list[LeaseCallback] = []
+        # A local lease (Redis unreachable, on_backend_error "open") holds a
+        # slot of this process's own cap; releasing or dropping it frees that.
+        self._local_done: Any = (
+            weakref.finalize(self, gate._local_done, cls) if local else None
+        )
+
+    @property
+    def local(self) -> bool:
+        """True for an admission made by this process alone while Redis was unreachable."""
+        return self._local_done is not None
 
     def __repr__(self) -> str:
         state = "released" if self.released else "lost" if self.lost else "held"
@@ -115,6 +127,9 @@ class Lease:
         if self.released:
             return False
         self.released = True
+        if self._local_done is not None:
+            self._local_done()
+            return True
         return self._gate._release_lease(self, outcome)
 
     def _mark_lost(self, reason: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import TracebackType
 
 from .._units import parse_size
@@ -32,13 +31,12 @@ class Ticket:
     no lease and :attr:`env` hides every GPU.
     """
 
-    __slots__ = ("_on_release", "decision", "lease", "outcome")
+    __slots__ = ("decision", "lease", "outcome")
 
-    def __init__(self, decision: Decision, on_release: Callable[[], None] | None = None) -> None:
+    def __init__(self, decision: Decision) -> None:
         self.decision = decision
         self.lease: Lease | None = decision.lease
         self.outcome: str | None = None
-        self._on_release = on_release
 
     def __repr__(self) -> str:
         return f"<Ticket {self.decision.cls} device={self.device_uuid} lease={self.lease}>"
@@ -80,8 +78,6 @@ class Ticket:
         self.outcome = outcome
         if self.lease is not None:
             self.lease.release(outcome)
-        if self._on_release is not None:
-            self._on_release()
 
     def __enter__(self) -> Ticket:
         return self

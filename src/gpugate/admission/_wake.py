@@ -20,7 +20,7 @@ log = structlog.get_logger(__name__)
 class WakeListener:
     """Turns messages on the pool's wake channel into wake-ups."""
 
-    def __init__(self, client: redis.Redis, channel: str) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster, channel: str) -> None:
         self._client = client
         self._channel = channel
         self._cond = threading.Condition()

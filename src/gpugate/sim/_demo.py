@@ -183,7 +183,7 @@ class _Demo:
     def _cleanup(self, control: Gate) -> None:
         control.close()
         url, _ = resolve_redis_url(self.url)
-        client: redis.Redis = connect(url)
+        client = connect(url)
         keys = list(client.scan_iter(match=PoolKeys(self.pool).prefix + "*", count=500))
         if keys:
             client.delete(*keys)

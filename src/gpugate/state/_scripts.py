@@ -36,6 +36,6 @@ class Scripts:
     renew_leases: Script
     set_override: Script
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
         for name in SCRIPT_NAMES:
             setattr(self, name, client.register_script(script_source(name)))
