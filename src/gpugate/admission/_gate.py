@@ -32,7 +32,7 @@ from .._exceptions import (
     UsageError,
 )
 from .._logging import Throttle
-from .._units import parse_duration, parse_size
+from .._units import format_size, parse_duration, parse_size
 from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import NoGpuSampler, Sampler, Snapshot
@@ -241,28 +241,18 @@ class Gate:
         :class:`AdmissionRejected` when the request can never be admitted;
         both carry the last decision.
         """
-        vram_b = parse_size(vram, key="vram")
-        deadline = (
-            None if timeout is None else time.monotonic() + parse_duration(timeout, key="timeout")
-        )
-        waiter = f"{self.owner}|{_uuid.uuid4().hex}"
+        request = _Request(self, cls, vram, timeout)
         wake = self._wake_listener()
         while True:
             generation = wake.generation
-            d = self._decide(cls, vram_b, waiter, device, tenant, precheck=False)
+            d = self._decide(cls, request.vram, request.waiter, device, tenant, precheck=False)
             if d.outcome is Outcome.ADMIT:
-                return self._ticket(d)
-            if d.outcome is Outcome.REJECT:
-                raise AdmissionRejected(
-                    f"{cls} request for {vram_b} bytes rejected: {d.reason} ({d.detail})", d
-                )
-            pause = self._wait_time(d, deadline, cls, vram_b)
-            if pause is None:
-                self._forget_waiter(waiter)
-                raise AdmissionTimeout(
-                    f"{cls} request for {vram_b} bytes not admitted within {timeout}s; last reason: {d.reason}",
-                    d,
-                )
+                return Ticket(d)
+            try:
+                pause = request.pause_after(d)
+            except AdmissionTimeout:
+                self._forget_waiter(request.waiter)
+                raise
             wake.wait(generation, pause)
 
     def admit_async(
@@ -289,43 +279,21 @@ class Gate:
         device: str | None,
         tenant: str | None,
     ) -> Ticket:
-        vram_b = parse_size(vram, key="vram")
-        deadline = (
-            None if timeout is None else time.monotonic() + parse_duration(timeout, key="timeout")
-        )
-        waiter = f"{self.owner}|{_uuid.uuid4().hex}"
+        request = _Request(self, cls, vram, timeout)
         wake = self._wake_listener()
         while True:
             generation = wake.generation
-            d = await asyncio.to_thread(self._decide, cls, vram_b, waiter, device, tenant, False)
+            d = await asyncio.to_thread(
+                self._decide, cls, request.vram, request.waiter, device, tenant, False
+            )
             if d.outcome is Outcome.ADMIT:
-                return self._ticket(d)
-            if d.outcome is Outcome.REJECT:
-                raise AdmissionRejected(
-                    f"{cls} request for {vram_b} bytes rejected: {d.reason} ({d.detail})", d
-                )
-            pause = self._wait_time(d, deadline, cls, vram_b)
-            if pause is None:
-                await asyncio.to_thread(self._forget_waiter, waiter)
-                raise AdmissionTimeout(
-                    f"{cls} request for {vram_b} bytes not admitted within {timeout}s; last reason: {d.reason}",
-                    d,
-                )
+                return Ticket(d)
+            try:
+                pause = request.pause_after(d)
+            except AdmissionTimeout:
+                await asyncio.to_thread(self._forget_waiter, request.waiter)
+                raise
             await wake.wait_async(generation, pause)
-
-    def _wait_time(self, d: Decision, deadline: float | None, cls: str, vram: int) -> float | None:
-        """How long a blocked waiter sleeps before trying again; None when out of time."""
-        # Come back before the waiter entry expires so the request keeps counting.
-        pause = min(d.retry_after, self.effective_policy.pool.waiter_ttl_s / 2)
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            pause = min(pause, left)
-        return max(pause, 0.001)
-
-    def _ticket(self, d: Decision) -> Ticket:
-        return Ticket(d)
 
     def _decide(
         self,
@@ -798,6 +766,36 @@ class Gate:
 
     def __repr__(self) -> str:
         return f"<Gate pool={self.pool!r} redis={self.redis_url} leases={len(self._leases)}>"
+
+
+class _Request:
+    """One blocking admission: its waiter id, its deadline, and how long to sleep."""
+
+    __slots__ = ("cls", "deadline", "gate", "timeout", "vram", "waiter")
+
+    def __init__(self, gate: Gate, cls: str, vram: int | str, timeout: float | str | None) -> None:
+        self.gate = gate
+        self.cls = cls
+        self.vram = parse_size(vram, key="vram")
+        self.timeout = None if timeout is None else parse_duration(timeout, key="timeout")
+        self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        self.waiter = f"{gate.owner}|{_uuid.uuid4().hex}"
+
+    def pause_after(self, d: Decision) -> float:
+        """Seconds to wait after a DEFER; raises when rejected or out of time."""
+        what = f"{self.cls} request for {format_size(self.vram)}"
+        if d.outcome is Outcome.REJECT:
+            raise AdmissionRejected(f"{what} rejected: {d.reason} ({d.detail})", d)
+        # Come back before the waiter entry lapses, so the request keeps counting.
+        pause = min(d.retry_after, self.gate.effective_policy.pool.waiter_ttl_s / 2)
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise AdmissionTimeout(
+                    f"{what} not admitted within {self.timeout:g}s; last reason: {d.reason}", d
+                )
+            pause = min(pause, left)
+        return max(pause, 0.001)
 
 
 class _AsyncAdmission:
