@@ -32,6 +32,10 @@ class TestDemo:
         assert "ADMIT" in out and "DEFER" in out
         assert "PAUSE  batch" in out and "paused" in out
         assert "OOMs: 0" in out
+        # The embedded Redis stays up for the host's other processes until stopped.
+        assert gpugate("embedded", "status").returncode == 0
+        assert gpugate("embedded", "stop").stdout.strip() == "stopped"
+        assert gpugate("embedded", "status").returncode == 1
 
     def test_demo_report_counts_every_class(self, redis_url: str) -> None:
         lines: list[str] = []

@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=7, help="random seed of the workload")
 
+    embedded = sub.add_parser("embedded", help="the embedded Redis of this host (single host only)")
+    esub = embedded.add_subparsers(dest="action", required=True, metavar="ACTION")
+    esub.add_parser("status", help="say whether it runs and where")
+    esub.add_parser("stop", help="stop it (every lease and waiter it holds is lost)")
+
     policy = sub.add_parser("policy", help="show or apply the pool's policy")
     psub = policy.add_subparsers(dest="action", required=True, metavar="ACTION")
     psub.add_parser("show", help="print the pool's policy as JSON")
@@ -90,6 +95,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             redis_url=args.redis_url, seconds=args.seconds, workers=args.workers, seed=args.seed
         )
         return 1 if report.ooms else 0
+    if args.command == "embedded":
+        from ..state._embedded import embedded_dir, stop_embedded
+        from ..state._server import ping
+
+        sock = embedded_dir() / "redis.sock"
+        if args.action == "stop":
+            print("stopped" if stop_embedded() else f"not running ({sock})")
+            return 0
+        running = ping(str(sock))
+        print(f"{'running' if running else 'not running'}: unix://{sock}")
+        return 0 if running else 1
     if args.command == "policy":
         from ..policy import Policy
 
