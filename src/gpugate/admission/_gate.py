@@ -52,7 +52,15 @@ log = structlog.get_logger(__name__)
 # polling the same pool do not come back in lockstep.
 _ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample"})
 
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+# What "Redis is unreachable" looks like, on a single server and on a cluster
+# (CLUSTERDOWN, no node reachable, a slot not covered).
+_REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
+)
 
 _live_gates: weakref.WeakSet[Gate] = weakref.WeakSet()
 

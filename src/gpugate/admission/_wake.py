@@ -94,7 +94,7 @@ class WakeListener:
                 while not self._stop.is_set():
                     if pubsub.get_message(timeout=0.5) is not None:
                         self._bump()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, OSError, redis.RedisClusterException) as exc:
                 failures += 1
                 log.debug("wake_listener_reconnecting", error=str(exc), failures=failures)
                 # Waiters fall back to their timers meanwhile; wake them so they retry now.

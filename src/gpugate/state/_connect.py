@@ -5,23 +5,46 @@ The URL comes from, in order: the caller, ``$GPUGATE_REDIS_URL``,
 (:func:`gpugate.state._embedded.embedded_url`). Any URL redis-py accepts
 works: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS)
 and ``unix:///path/to/socket[?db=N]``.
+
+Redis Cluster: give the URL of any one node; :func:`connect` asks that node
+``INFO cluster`` once and, if it says ``cluster_enabled:1``, returns a
+:class:`redis.cluster.RedisCluster` that discovers the other nodes. Every
+script touches one slot (all keys of a pool share the hash tag ``{<pool>}``,
+see :mod:`gpugate.state._keys`), so nothing else changes. The query parameter
+``?cluster=1`` (or ``yes``/``true``) says the URL is a cluster and skips the
+probe; ``?cluster=0`` says it is not and skips it too. The probe exists so
+that the URL of a node just works; it costs one round trip on the connection
+the client then keeps using, and none for ``unix://`` (a cluster is reached
+over TCP only). When the node cannot be reached for the probe, the URL is
+taken for a plain Redis (as before, the client connects lazily and reports
+the outage on its first command): name a cluster with ``?cluster=1`` where
+the client may start before its cluster.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from typing import Any, TypeAlias
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
+import structlog
 from redis.backoff import EqualJitterBackoff
+from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .._exceptions import BackendError
 
-__all__ = ["connect", "mask_url", "resolve_redis_url"]
+__all__ = ["Client", "connect", "mask_url", "resolve_redis_url"]
+
+log = structlog.get_logger(__name__)
+
+Client: TypeAlias = "redis.Redis | RedisCluster"
+"""What :func:`connect` returns: a client of one Redis, or of a Redis Cluster."""
 
 REDIS_URL_ENVS = ("GPUGATE_REDIS_URL", "REDIS_URL")
 MAX_RETRIES = 3
@@ -29,9 +52,13 @@ MAX_RETRIES = 3
 RETRY_BASE_S = 0.05
 RETRY_CAP_S = 1.0
 HEALTH_CHECK_INTERVAL_S = 30
+CLUSTER_QUERY_KEY = "cluster"
 
 _MASK = "***"
 _SECRET_QUERY_KEYS = frozenset({"password", "pass", "auth"})
+_TRUE = frozenset({"1", "yes", "true", "on"})
+_FALSE = frozenset({"0", "no", "false", "off"})
+_URL_FORMS = "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket"
 
 
 def mask_url(url: str) -> str:
@@ -84,33 +111,125 @@ def resolve_redis_url(explicit: str | None) -> tuple[str, bool]:
     return embedded_url(), True
 
 
-def connect(url: str, *, socket_timeout_s: float = 2.0) -> redis.Redis:
+def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
     """A client for ``url`` that returns bytes and retries lost connections.
 
     Connection errors and timeouts are retried up to 3 times with exponential
     backoff and jitter; ``socket_timeout_s`` bounds both connecting and each
-    reply. The client connects lazily, on its first command. Raises
-    :class:`~gpugate.BackendError` (password masked) when the URL is unusable.
+    reply. A plain Redis client connects lazily, on its first command, except
+    that a ``redis://``/``rediss://`` URL without ``?cluster=`` is asked once
+    whether it is a cluster node; a :class:`~redis.cluster.RedisCluster` reads
+    the cluster's layout when made (see the module docstring). Raises
+    :class:`~gpugate.BackendError` (password masked) when the URL is unusable
+    or a cluster named by it cannot be reached.
     """
+    target, cluster = _cluster_hint(url)
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "retry": Retry(
+            EqualJitterBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S),
+            MAX_RETRIES,
+            supported_errors=(RedisConnectionError, RedisTimeoutError),
+        ),
+    }
     try:
-        return redis.Redis.from_url(
-            url,
-            decode_responses=False,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            health_check_interval=HEALTH_CHECK_INTERVAL_S,
-            retry=Retry(
-                EqualJitterBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S),
-                MAX_RETRIES,
-                supported_errors=(RedisConnectionError, RedisTimeoutError),
-            ),
-        )
+        if not cluster:
+            client = redis.Redis.from_url(target, **options)
+            if cluster is False or not _may_be_cluster(target) or not _is_cluster_node(client, url):
+                return client
+            client.close()
+        # redis-py's cluster client counts the retries itself (connections to
+        # the nodes get none) and ignores the options that do not apply to it.
+        return _RedisCluster.from_url(target, **options)
     except (ValueError, TypeError) as exc:
-        reason = _without_secrets(str(exc), url)
         raise BackendError(
-            f"cannot use Redis URL {mask_url(url)}: {reason}; expected "
-            "redis://[user:password@]host[:port][/db], rediss://... or unix:///path/to/socket"
+            f"cannot use Redis URL {mask_url(url)}: {_without_secrets(str(exc), url)}; "
+            f"expected {_URL_FORMS}"
         ) from None
+    except (RedisClusterException, RedisError) as exc:
+        raise BackendError(
+            f"cannot connect to the Redis Cluster at {mask_url(url)}: "
+            f"{_without_secrets(str(exc), url)}; check that a node of the cluster listens "
+            "there (or drop ?cluster=1 for a plain Redis)"
+        ) from None
+
+
+class _RedisCluster(RedisCluster):
+    """A :class:`~redis.cluster.RedisCluster` whose :meth:`close` closes its sockets.
+
+    ``RedisCluster.from_url`` hands each node a connection pool that the
+    node's client does not own, so ``RedisCluster.close()`` leaves those
+    connections open until garbage collection (a ``ResourceWarning``, and
+    sockets held by a closed gate). Closing the pools here fixes that.
+    """
+
+    def close(self) -> None:
+        """Close the client and every connection it holds to the nodes."""
+        nodes = self.get_nodes()  # type: ignore[no-untyped-call]
+        super().close()
+        for node in nodes:
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+
+
+def _cluster_hint(url: str) -> tuple[str, bool | None]:
+    """``url`` without its ``cluster`` query parameter, and that parameter (None if absent)."""
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return url, None  # redis-py rejects it, with a message worth showing
+    if not query:
+        return url, None
+    kept: list[str] = []
+    hint: bool | None = None
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if unquote(name) != CLUSTER_QUERY_KEY:
+            kept.append(part)
+            continue
+        word = unquote(value).strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise BackendError(
+                f"cannot use Redis URL {mask_url(url)}: cluster={unquote(value)!r} is not a "
+                "yes or no; write ?cluster=1 for a Redis Cluster, ?cluster=0 for a plain Redis"
+            )
+        hint = word in _TRUE
+    if hint is None:
+        return url, None
+    # Only the query changes: the rest of the text reaches redis-py as written.
+    rest = "&".join(kept)
+    return url.replace(f"?{query}", f"?{rest}" if rest else "", 1), hint
+
+
+def _may_be_cluster(url: str) -> bool:
+    # redis-py reaches a cluster over TCP only.
+    return url.startswith(("redis://", "rediss://"))
+
+
+def _is_cluster_node(client: redis.Redis, url: str) -> bool:
+    """Whether the server behind ``client`` runs in cluster mode: one ``INFO cluster``."""
+    try:
+        info = client.info("cluster")
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        log.warning(
+            "redis_cluster_probe_failed",
+            url=mask_url(url),
+            error=_without_secrets(str(exc), url),
+            assumed="plain Redis",
+            fix="add ?cluster=1 to the URL of a Redis Cluster",
+        )
+        return False
+    except redis.ResponseError as exc:
+        # INFO may be denied by an ACL or renamed; a cluster must then say so in its URL.
+        log.debug("redis_cluster_probe_refused", url=mask_url(url), error=str(exc))
+        return False
+    enabled = str(info.get("cluster_enabled", 0)) == "1"
+    if enabled:
+        log.debug("redis_cluster_detected", url=mask_url(url))
+    return enabled
 
 
 def _without_secrets(text: str, url: str) -> str:
