@@ -96,3 +96,75 @@ def policies(max_classes: int = 5) -> st.SearchStrategy[Policy]:
         class_policies(), min_size=1, max_size=max_classes, unique_by=lambda c: c.name
     ).map(lambda drawn: {c.name: c for c in drawn})
     return st.builds(Policy, pool_settings(), classes)
+
+
+# -- steps for the stateful admission tests (tests/test_stateful.py) ----------
+#
+# Their gates see two simulated 40 GiB devices and a policy with the classes
+# "interactive", "notebook" and "batch"; the sizes below straddle what each
+# class may ever hold there (38, 34 and 32 GiB: 40 less the margin and the
+# reserves of the classes above).
+
+ADMISSION_CLASSES = ("interactive", "notebook", "batch")
+
+
+def request_sizes() -> st.SearchStrategy[int]:
+    """VRAM requests in bytes: small, large, and too large for some classes."""
+    return st.sampled_from([1 * GiB, 5 * GiB, 10 * GiB, 20 * GiB, 33 * GiB, 36 * GiB, 45 * GiB])
+
+
+def device_usages() -> st.SearchStrategy[int]:
+    """Memory in use on a simulated 40 GiB device as its sampler reports it, in bytes."""
+    return st.sampled_from([0, 3 * GiB, 12 * GiB, 28 * GiB, 30 * GiB])
+
+
+def clock_steps_ms() -> st.SearchStrategy[int]:
+    """Forward steps of a fake script clock, in ms, around the edges of a
+    100 ms sample refresh, a 4 s waiter TTL and a 10 s lease TTL."""
+    return st.sampled_from(
+        [1, 50, 99, 100, 400, 1000, 2500, 3999, 4000, 4001, 9999, 10_000, 10_001, 30_000]
+    )
+
+
+def override_durations() -> st.SearchStrategy[str | None]:
+    """How long a runtime pause or cap lasts; ``None`` until cleared."""
+    return st.sampled_from([None, "500ms", "2s", "5s"])
+
+
+def admission_steps(
+    min_size: int = 0, max_size: int = 60
+) -> st.SearchStrategy[list[tuple[object, ...]]]:
+    """Sequences of operations on gates sharing one pool, as plain tuples.
+
+    ``("admit", gate, cls, vram, fresh)``, ``("release", pick, outcome)``,
+    ``("drop", pick)``, ``("report", pick, factor)``, ``("beat", gate)``,
+    ``("advance", ms)``, ``("edge", pick, delta_ms)`` (to a moment when
+    something expires, ± 1 ms), ``("back", ms)``, ``("used", device, bytes)``,
+    ``("cap", cls, n, duration)``, ``("uncap", cls)``, ``("pause", cls,
+    duration)``, ``("resume", cls)``. ``gate`` and ``pick`` are taken modulo
+    the number of gates and of lease objects held.
+    """
+    gates = st.integers(min_value=0, max_value=1)
+    picks = st.integers(min_value=0, max_value=15)
+    classes = st.sampled_from(ADMISSION_CLASSES)
+    admit = st.tuples(st.just("admit"), gates, classes, request_sizes(), st.booleans())
+    step = st.one_of(
+        admit,
+        admit,
+        admit,
+        st.tuples(st.just("release"), picks, st.sampled_from(["ok", "error", "oom"])),
+        st.tuples(st.just("drop"), picks),
+        st.tuples(st.just("report"), picks, st.sampled_from([0.5, 1.0, 2.0])),
+        st.tuples(st.just("beat"), gates),
+        st.tuples(st.just("advance"), clock_steps_ms()),
+        st.tuples(st.just("edge"), picks, st.sampled_from([-1, 0, 1])),
+        st.tuples(st.just("back"), st.sampled_from([1, 700, 3000])),
+        st.tuples(st.just("used"), st.integers(min_value=0, max_value=1), device_usages()),
+        st.tuples(
+            st.just("cap"), classes, st.integers(min_value=0, max_value=3), override_durations()
+        ),
+        st.tuples(st.just("uncap"), classes),
+        st.tuples(st.just("pause"), classes, override_durations()),
+        st.tuples(st.just("resume"), classes),
+    )
+    return st.lists(step, min_size=min_size, max_size=max_size)

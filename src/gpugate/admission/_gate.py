@@ -686,7 +686,7 @@ class Gate:
         reason: str,
         who: str | None,
     ) -> dict[str, Any]:
-        for_ms = 0 if duration is None else int(parse_duration(duration, key="duration") * 1000)
+        for_ms = 0 if duration is None else round(parse_duration(duration, key="duration") * 1000)
         who = who or f"{os.environ.get('USER', 'unknown')}@{self.owner.split(':')[0]}"
         try:
             raw = self._call(

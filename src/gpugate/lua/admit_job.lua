@@ -72,7 +72,11 @@ local function my_since()
   if since == nil then
     since = now
     local raw = redis.call('HGET', waiters_key, waiter_id)
-    if raw then since = tonumber(string.match(raw, '^%S+ (%S+)')) end
+    if raw then
+      -- An entry past its TTL is a request that went away: it starts afresh.
+      local s, x = string.match(raw, '^%S+ (%S+) %S+ %S+ (%S+)')
+      if tonumber(x) > now then since = tonumber(s) end
+    end
   end
   return since
 end
@@ -200,7 +204,7 @@ for i = 1, #waiters, 2 do
   local id = waiters[i]
   local p, s, _, w, x, d = string.match(waiters[i + 1], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)')
   if id == waiter_id then
-    since = tonumber(s)
+    if tonumber(x) > now then since = tonumber(s) else since = now end
     waiting = true
   elseif tonumber(x) <= now then
     redis.call('HDEL', waiters_key, id)
