@@ -718,3 +718,27 @@ class TestRedisUnreachable:
         finally:
             server.stop()
             gate.close()
+
+
+class TestScripts:
+    """Every script ships, compiles on the server, and is loaded again after a flush."""
+
+    def test_every_script_loads_with_the_sha_the_client_uses(self, server: RedisProcess) -> None:
+        from gpugate.state._scripts import SCRIPT_NAMES, Scripts
+
+        client = redis.Redis.from_url(server.url)
+        scripts = Scripts(client)
+        for name in SCRIPT_NAMES:
+            lua = getattr(scripts, name)
+            assert client.script_load(lua.source) == lua.sha
+        client.close()
+
+    def test_a_script_flush_costs_one_reload_not_an_error(
+        self, make_gate: Callable[..., Gate], server: RedisProcess
+    ) -> None:
+        gate = make_gate(policy())
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        client = redis.Redis.from_url(server.url)
+        client.script_flush()
+        client.close()
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid as _uuid
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import redis
@@ -69,6 +69,20 @@ def _b2s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+_OUTCOMES = {o.value.encode(): o for o in Outcome} | {o.value: o for o in Outcome}
+_WORDS: dict[bytes, str] = {}
+
+
+def _word(v: Any) -> str:
+    """Decode a reason or detail; the scripts use a small fixed set of them."""
+    word = _WORDS.get(v)
+    if word is None:
+        word = _b2s(v)
+        if len(_WORDS) < 256:
+            _WORDS[v] = word
+    return word
+
+
 class Gate:
     """Admission to the GPUs of one pool.
 
@@ -104,6 +118,8 @@ class Gate:
         self.redis_url = mask_url(url)
         self._client = connect(url, socket_timeout_s=socket_timeout_s)
         self._scripts = Scripts(self._client)
+        k = self._keys
+        self._admit_keys = (k.state, k.exp, k.waiters, k.samples, k.buckets)
         self.policy = policy
         self.pool_policy: Policy | None = None
         self.pool_policy_version: str | None = None
@@ -380,21 +396,14 @@ class Gate:
                 [age_ms] * len(devices),
             ),
         ]
-        keys = [
-            self._keys.state,
-            self._keys.exp,
-            self._keys.waiters,
-            self._keys.samples,
-            self._keys.buckets,
-        ]
         try:
-            reply = self._run_admit(keys, args)
+            reply = self._run_admit(self._admit_keys, args)
         except BackendError as exc:
             return self._backend_down(cls, vram, snap, exc)
-        outcome, reason, retry_ms, dev_uuid, lease_id, expires_ms, detail, available = reply
+        outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available = reply
         d_uuid = _b2s(dev_uuid) or None
-        reason = _b2s(reason)
-        out = Outcome(_b2s(outcome))
+        reason = _word(reason_b)
+        out = _OUTCOMES[outcome]
         retry = int(retry_ms) / 1000.0
         if reason in _ESTIMATED:
             retry = self._jitter(retry)
@@ -423,14 +432,14 @@ class Gate:
             device=index if out is Outcome.ADMIT else None,
             device_uuid=d_uuid if out is Outcome.ADMIT else None,
             lease=lease,
-            detail=_b2s(detail),
+            detail=_word(detail_b),
             cls=cls,
             vram=vram,
-            available=None if int(available) == -1 else int(available),
+            available=None if available == -1 else available,
         )
         return decision
 
-    def _run_admit(self, keys: list[str], args: list[Any]) -> list[Any]:
+    def _run_admit(self, keys: Sequence[str], args: list[Any]) -> list[Any]:
         for attempt in (0, 1):
             try:
                 self.stats["round_trips"] += 1

@@ -20,7 +20,12 @@
 -- end_lease(prefix, state_key, uuid, id, rec, now, counter): make a live
 --   lease a ghost released at `now` (its memory keeps counting until a later
 --   sample), drop its counts, count `counter`, wake waiters.
--- reap_expired(prefix, state_key, exp_key, now): end up to 64 expired leases.
+-- reap_expired(prefix, state_key, exp_key, now, next_exp): end up to 64
+--   expired leases, but only once `now` reaches next_exp, the state field
+--   "next_exp" holding a lower bound of the earliest expiry (admissions lower
+--   it; renewals only push expiries later and releases only remove them, so
+--   it stays a lower bound; with no lease it is NO_EXPIRY). Returns how many
+--   leases it ended and the bound after the call.
 
 local function script_now(clock_ms, last)
   local now = clock_ms
@@ -52,7 +57,10 @@ local function end_lease(prefix, state_key, uuid, id, rec, now, counter)
   redis.call('PUBLISH', prefix .. 'wake', uuid)
 end
 
-local function reap_expired(prefix, state_key, exp_key, now)
+local NO_EXPIRY = 99999999999999
+
+local function reap_expired(prefix, state_key, exp_key, now, next_exp)
+  if next_exp ~= nil and now < next_exp then return 0, next_exp end
   local expired = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'LIMIT', 0, 64)
   for i = 1, #expired do
     local member = expired[i]
@@ -66,5 +74,8 @@ local function reap_expired(prefix, state_key, exp_key, now)
     end
     redis.call('ZREM', exp_key, member)
   end
-  return #expired
+  local first = redis.call('ZRANGE', exp_key, 0, 0, 'WITHSCORES')
+  next_exp = tonumber(first[2]) or NO_EXPIRY
+  redis.call('HSET', state_key, 'next_exp', string.format('%d', next_exp))
+  return #expired, next_exp
 end

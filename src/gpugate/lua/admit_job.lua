@@ -15,7 +15,8 @@
 --                      c:<class> (class record), pause:<class> ("until_ms"),
 --                      cap:<class> ("n until_ms"; until 0 = no expiry),
 --                      n:<class> (live leases), d:<class>:<uuid> and
---                      d::<uuid> (live leases per device), seq (lease ids)
+--                      d::<uuid> (live leases per device), seq (lease ids),
+--                      next_exp (a lower bound of the earliest lease expiry)
 --   P exp        zset  "<uuid>\t<id>" -> expiry ms, live leases only
 --   P waiters    hash  waiter id -> waiter record
 --   P samples    hash  uuid -> sample record (the freshest one seen)
@@ -42,7 +43,8 @@ local want_device = ARGV[7]
 local tenant = ARGV[8]
 local n_samples = tonumber(ARGV[9])
 
-local st = redis.call('HMGET', state_key, 'clock', 'pool', 'c:' .. cls, 'pause:' .. cls, 'cap:' .. cls, 'n:' .. cls, 'seq')
+local st = redis.call('HMGET', state_key, 'clock', 'pool', 'c:' .. cls, 'pause:' .. cls, 'cap:' .. cls, 'n:' .. cls,
+                     'seq', 'next_exp')
 local now = script_now(clock_ms, tonumber(st[1]) or 0)
 if not st[2] then return redis.error_reply('nopolicy') end
 if not st[3] then return redis.error_reply('unknown_class ' .. cls) end
@@ -58,7 +60,8 @@ burst, reserve_above, max_ms = tonumber(burst), tonumber(reserve_above), tonumbe
 
 -- A DEFER or REJECT writes no state but its waiter, so only scripts that
 -- change leases, buckets or overrides record the clock.
-if reap_expired(prefix, state_key, exp_key, now) > 0 then
+local reaped, next_exp = reap_expired(prefix, state_key, exp_key, now, tonumber(st[8]))
+if reaped > 0 then
   redis.call('HSET', state_key, 'clock', now)
   st[6] = redis.call('HGET', state_key, 'n:' .. cls)
 end
@@ -289,5 +292,6 @@ redis.call('HSET', prefix .. 'dev:' .. best.uuid, id, format_lease(rec))
 redis.call('ZADD', exp_key, now + ttl, best.uuid .. '\t' .. id)
 redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st[6]) or 0) + 1,
            'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1)
+if now + ttl < next_exp then redis.call('HSET', state_key, 'next_exp', now + ttl) end
 if waiting then redis.call('HDEL', waiters_key, waiter_id) end
 return {'admit', 'ok', 0, best.uuid, id, now + ttl, '', best_avail}

@@ -20,13 +20,13 @@ local prefix = ARGV[1]
 local clock_ms = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 
-local st = redis.call('HMGET', state_key, 'clock', 'pool')
+local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp')
 local last = tonumber(st[1]) or 0
 local now = script_now(clock_ms, last)
 if now > last then redis.call('HSET', state_key, 'clock', now) end
 if not st[2] then return redis.error_reply('nopolicy') end
 local ttl = tonumber(string.match(st[2], '^%S+ (%S+)'))
-reap_expired(prefix, state_key, exp_key, now)
+reap_expired(prefix, state_key, exp_key, now, tonumber(st[3]))
 
 local contended = nil
 local function device_contended(uuid)
