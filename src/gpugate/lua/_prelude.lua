@@ -10,6 +10,10 @@
 --           for ("vram" | "slot" | "-"), expiry (ms), device ("-" = none),
 --           class, reason
 --   sample  "total used taken_ms"
+--   memory  "reserved actual latest_at"   per device, state field m:<uuid>:
+--           the sums over its leases and ghosts of max(estimate, actual) and
+--           of actual, and the latest time an actual was measured; a decision
+--           whose sample is newer than latest_at needs no lease loop
 --   class   "prio cap dev_cap rate_per_ms burst reserve_above max_ms
 --            max_contended_ms no_gpu"          (-1 = none)
 --   pool    "margin ttl_ms placement max_age_ms waiter_ttl_ms aging_per_ms
@@ -19,7 +23,9 @@
 -- parse_lease(raw) -> table; format_lease(rec) -> string.
 -- end_lease(prefix, state_key, uuid, id, rec, now, counter): make a live
 --   lease a ghost released at `now` (its memory keeps counting until a later
---   sample), drop its counts, count `counter`, wake waiters.
+--   sample; P ghosts lists ghosts by release time), drop its counts, count
+--   `counter`, wake waiters.
+-- parse_memory(raw) -> reserved, actual, latest_at (0s when absent).
 -- reap_expired(prefix, state_key, exp_key, now, next_exp): end up to 64
 --   expired leases, but only once `now` reaches next_exp, the state field
 --   "next_exp" holding a lower bound of the earliest expiry (admissions lower
@@ -43,6 +49,12 @@ local function parse_lease(raw)
           s = tonumber(s), m = tonumber(m), o = o, t = t}
 end
 
+local function parse_memory(raw)
+  if not raw then return 0, 0, 0 end
+  local r, a, t = string.match(raw, '^(%S+) (%S+) (%S+)$')
+  return tonumber(r), tonumber(a), tonumber(t)
+end
+
 local function format_lease(rec)
   return string.format('%d %d %d %d %s %d %d %s %s', rec.e, rec.a, rec.at, rec.r, rec.c, rec.s, rec.m, rec.o, rec.t)
 end
@@ -50,6 +62,8 @@ end
 local function end_lease(prefix, state_key, uuid, id, rec, now, counter)
   rec.r = now
   redis.call('HSET', prefix .. 'dev:' .. uuid, id, format_lease(rec))
+  -- A ghost keeps its memory counted until a sample taken after `now`.
+  redis.call('ZADD', prefix .. 'ghosts', now, uuid .. '\t' .. id)
   redis.call('HINCRBY', state_key, 'n:' .. rec.c, -1)
   redis.call('HINCRBY', state_key, 'd:' .. rec.c .. ':' .. uuid, -1)
   redis.call('HINCRBY', state_key, 'd::' .. uuid, -1)

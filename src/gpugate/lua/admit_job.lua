@@ -16,12 +16,14 @@
 --                      cap:<class> ("n until_ms"; until 0 = no expiry),
 --                      n:<class> (live leases), d:<class>:<uuid> and
 --                      d::<uuid> (live leases per device), seq (lease ids),
---                      next_exp (a lower bound of the earliest lease expiry)
+--                      next_exp (a lower bound of the earliest lease expiry),
+--                      m:<uuid> (memory sums of the device's leases)
 --   P exp        zset  "<uuid>\t<id>" -> expiry ms, live leases only
 --   P waiters    hash  waiter id -> waiter record
 --   P samples    hash  uuid -> sample record (the freshest one seen)
 --   P buckets    hash  class -> "tokens updated_ms"
 --   P dev:<uuid> hash  lease id -> lease record (live leases and ghosts)
+--   P ghosts     zset  "<uuid>\t<id>" -> release ms, ghosts not yet ended
 --
 -- Order: reap expired leases; pause; GPU presence; never fits (REJECT);
 -- class cap; per-device caps; higher-priority waiters; VRAM and placement;
@@ -174,15 +176,17 @@ end
 -- Per-device caps: this class's, and the slots shared by all classes.
 local fields = {}
 for i, d in ipairs(cand) do
-  fields[2 * i - 1] = 'd:' .. cls .. ':' .. d.uuid
-  fields[2 * i] = 'd::' .. d.uuid
+  fields[3 * i - 2] = 'd:' .. cls .. ':' .. d.uuid
+  fields[3 * i - 1] = 'd::' .. d.uuid
+  fields[3 * i] = 'm:' .. d.uuid
 end
 local counts = redis.call('HMGET', state_key, unpack(fields))
 local slotted = {}
 local slot_blocked = nil
 for i, d in ipairs(cand) do
-  d.n_cls = tonumber(counts[2 * i - 1]) or 0
-  d.n_all = tonumber(counts[2 * i]) or 0
+  d.n_cls = tonumber(counts[3 * i - 2]) or 0
+  d.n_all = tonumber(counts[3 * i - 1]) or 0
+  d.m_res, d.m_act, d.m_at = parse_memory(counts[3 * i])
   if dev_cap < 0 or d.n_cls < dev_cap then
     if shared_cap < 0 or d.n_all < shared_cap then
       slotted[#slotted + 1] = d
@@ -221,23 +225,57 @@ for d, eff in pairs(blocked) do
   if eff <= my_eff then blocked[d] = nil end
 end
 
+-- Ghosts end once a sample taken after their release is used: they leave
+-- the device's memory sums and their records go.
+local by_uuid = {}
+local newest_ts = 0
+for _, d in ipairs(slotted) do
+  by_uuid[d.uuid] = d
+  if d.ts > newest_ts then newest_ts = d.ts end
+end
+local ghosts_key = prefix .. 'ghosts'
+local gone = redis.call('ZRANGEBYSCORE', ghosts_key, '-inf', newest_ts - 1, 'WITHSCORES', 'LIMIT', 0, 256)
+for i = 1, #gone, 2 do
+  local member = gone[i]
+  local tab = string.find(member, '\t', 1, true)
+  local d = by_uuid[string.sub(member, 1, tab - 1)]
+  if d and tonumber(gone[i + 1]) < d.ts then
+    local dkey = prefix .. 'dev:' .. d.uuid
+    local id = string.sub(member, tab + 1)
+    local raw = redis.call('HGET', dkey, id)
+    if raw then
+      local e, a = string.match(raw, '^(%d+) (%d+)')
+      e, a = tonumber(e), tonumber(a)
+      d.m_res = d.m_res - math.max(e, a)
+      d.m_act = d.m_act - a
+      d.m_dirty = true
+      redis.call('HDEL', dkey, id)
+    end
+    redis.call('ZREM', ghosts_key, member)
+  end
+end
+
 -- VRAM per device: reserved = sum max(est, actual) over leases and ghosts;
--- unmanaged = used - sum of actuals measured no later than the sample.
+-- unmanaged = used - sum of actuals measured no later than the sample. Both
+-- sums are kept per device; only a sample older than the latest reported
+-- actual needs the leases one by one.
 local best, best_avail, closest, closest_avail = nil, nil, nil, nil
 local held_back = false
 for _, d in ipairs(slotted) do
-  local dkey = prefix .. 'dev:' .. d.uuid
-  local leases = redis.call('HGETALL', dkey)
-  local reserved, measured = 0, 0
-  for j = 1, #leases, 2 do
-    local e, a, at, r = string.match(leases[j + 1], '^(%d+) (%d+) (%d+) (%d+)')
-    e, a, at, r = tonumber(e), tonumber(a), tonumber(at), tonumber(r)
-    if r > 0 and r < d.ts then
-      redis.call('HDEL', dkey, leases[j])
-    else
-      if a > e then reserved = reserved + a else reserved = reserved + e end
-      if a > 0 and at <= d.ts then measured = measured + a end
+  local reserved, measured = d.m_res, d.m_act
+  if d.m_at > d.ts then
+    measured = 0
+    local latest = 0
+    local leases = redis.call('HGETALL', prefix .. 'dev:' .. d.uuid)
+    for j = 2, #leases, 2 do
+      local a, at = string.match(leases[j], '^%d+ (%d+) (%d+)')
+      a, at = tonumber(a), tonumber(at)
+      if a > 0 then
+        if at <= d.ts then measured = measured + a end
+        if at > latest then latest = at end
+      end
     end
+    if latest ~= d.m_at then d.m_at, d.m_dirty = latest, true end
   end
   local unmanaged = d.used - measured
   if unmanaged < 0 then unmanaged = 0 end
@@ -253,6 +291,15 @@ for _, d in ipairs(slotted) do
   end
   if closest == nil or avail > closest_avail then closest, closest_avail = d, avail end
 end
+local dirty = {}
+for _, d in ipairs(slotted) do
+  if d.m_dirty then
+    dirty[#dirty + 1] = 'm:' .. d.uuid
+    dirty[#dirty + 1] = string.format('%d %d %d', d.m_res, d.m_act, d.m_at)
+  end
+end
+if #dirty > 0 then redis.call('HSET', state_key, unpack(dirty)) end
+
 if best == nil then
   if held_back then
     local r = defer('priority', estimate, closest.uuid, 'vram', 'a higher-priority request waits for this memory')
@@ -291,7 +338,8 @@ local rec = {e = vram, a = 0, at = 0, r = 0, c = cls, s = now, m = deadline, o =
 redis.call('HSET', prefix .. 'dev:' .. best.uuid, id, format_lease(rec))
 redis.call('ZADD', exp_key, now + ttl, best.uuid .. '\t' .. id)
 redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st[6]) or 0) + 1,
-           'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1)
+           'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1,
+           'm:' .. best.uuid, string.format('%d %d %d', best.m_res + vram, best.m_act, best.m_at))
 if now + ttl < next_exp then redis.call('HSET', state_key, 'next_exp', now + ttl) end
 if waiting then redis.call('HDEL', waiters_key, waiter_id) end
 return {'admit', 'ok', 0, best.uuid, id, now + ttl, '', best_avail}

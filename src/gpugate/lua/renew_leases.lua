@@ -50,6 +50,8 @@ local function class_contended_ms(cls)
   return contended_ms[cls]
 end
 
+-- The devices' memory sums change with each reported actual; written once.
+local memory = {}
 local out = {now}
 for i = 0, n - 1 do
   local base = 4 + 4 * i
@@ -63,8 +65,18 @@ for i = 0, n - 1 do
   if raw then
     local rec = parse_lease(raw)
     if actual >= 0 then
+      local m = memory[uuid]
+      if m == nil then
+        local r0, a0, t0 = parse_memory(redis.call('HGET', state_key, 'm:' .. uuid))
+        m = {r0, a0, t0}
+        memory[uuid] = m
+      end
+      local at = now - tonumber(ARGV[base + 3])
+      m[1] = m[1] - math.max(rec.e, rec.a) + math.max(rec.e, actual)
+      m[2] = m[2] - rec.a + actual
+      if at > m[3] then m[3] = at end
       rec.a = actual
-      rec.at = now - tonumber(ARGV[base + 3])
+      rec.at = at
       redis.call('HSET', dkey, id, format_lease(rec))
     end
     local deadline = rec.m
@@ -86,4 +98,10 @@ for i = 0, n - 1 do
   out[#out + 1] = status
   out[#out + 1] = expires
 end
+local fields = {}
+for uuid, m in pairs(memory) do
+  fields[#fields + 1] = 'm:' .. uuid
+  fields[#fields + 1] = string.format('%d %d %d', m[1], m[2], m[3])
+end
+if #fields > 0 then redis.call('HSET', state_key, unpack(fields)) end
 return out
