@@ -1,7 +1,10 @@
 """Argument parsing and dispatch for ``gpugate``.
 
 Errors the user can fix (a bad Redis URL, an unknown class, a malformed
-duration) print one line and exit 2; nothing prints a traceback.
+duration, a bad argument) print one line and exit 2; nothing prints a
+traceback. The operator commands live in :mod:`._status` (status),
+:mod:`._ops` (pause, resume, cap, uncap, drain, leases) and :mod:`._serve`
+(metrics).
 """
 
 from __future__ import annotations
@@ -9,50 +12,122 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import structlog
 
 from .. import __version__
-from .._exceptions import GpugateError
+from .._exceptions import ConfigError, GpugateError
 from .._units import parse_duration
 
+LOG_FORMAT_ENV = "GPUGATE_LOG_FORMAT"
 
-def _configure_logging(verbose: bool) -> None:
-    """The library never configures structlog; the command does."""
-    # Errors reach the user as one line from main(); log events only with -v.
-    level = logging.DEBUG if verbose else logging.ERROR
+
+def _configure_logging(verbose: bool, *, level: int = logging.ERROR, fmt: str = "auto") -> None:
+    """The library never configures structlog; the command does.
+
+    JSON lines (UTC timestamps) unless stderr is a terminal, where events are
+    pretty-printed; ``fmt`` (``--log-format`` or ``$GPUGATE_LOG_FORMAT``)
+    forces ``json`` or ``console``.
+    """
+    # Errors reach the user as one line from main(); log events only with -v
+    # (or at the level a long-running command asks for).
+    if verbose:
+        level = logging.DEBUG
+    if fmt == "auto":
+        fmt = os.environ.get(LOG_FORMAT_ENV, "auto").strip().lower() or "auto"
+    console = sys.stderr.isatty() if fmt not in ("json", "console") else fmt == "console"
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.dev.ConsoleRenderer()
-            if sys.stderr.isatty()
-            else structlog.processors.JSONRenderer(),
+            structlog.processors.TimeStamper(fmt="iso", utc=not console),
+            structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(),
         ],
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``gpugate: error: …``."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line naming the command and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return n
+
+
+def _port(text: str) -> int:
+    n = _count(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a TCP port (0-65535; 0 picks a free one)"
+        )
+    return n
+
+
+def _override_options(p: argparse.ArgumentParser, *, duration: bool = True) -> None:
+    if duration:
+        p.add_argument(
+            "--for",
+            dest="duration",
+            type=_duration,
+            metavar="DURATION",
+            help='revert by itself after this long ("30m", "2h"); without it, until undone',
+        )
+        p.add_argument("--reason", default="", help="why (shown in status and logs)")
+    p.add_argument("--who", help="who sets it (default: user@host)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="gpugate",
         description="Race-free admission of GPU jobs: admit, defer with a retry-after, or reject.",
     )
     p.add_argument("--version", action="version", version=f"gpugate {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events to stderr")
     p.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help=f"log lines as JSON or for people (default: ${LOG_FORMAT_ENV}, else by terminal)",
+    )
+    p.add_argument(
         "--redis-url",
-        help="Redis holding the pool (default: $GPUGATE_REDIS_URL, $REDIS_URL, else the embedded Redis of this host)",
+        help="Redis holding the pool (default: $GPUGATE_REDIS_URL, $REDIS_URL, "
+        "else the embedded Redis of this host)",
     )
     p.add_argument("--pool", help="pool name (default: $GPUGATE_POOL or 'default')")
+    # The same two options after the command (`gpugate status --pool p`); SUPPRESS
+    # keeps a value given before the command when they are not repeated.
+    where = _Parser(add_help=False)
+    where.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    where.add_argument("--pool", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="workers of two classes compete for two simulated GPUs")
     demo.add_argument(
-        "--seconds", type=parse_duration, default=10.0, help="how long to run (default 10s)"
+        "--seconds", type=_duration, default=10.0, help="how long to run (default 10s)"
     )
     demo.add_argument(
         "--workers", type=int, default=6, help="worker threads, half of each class (default 6)"
@@ -71,13 +146,95 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("file")
     check = psub.add_parser("check", help="check a policy FILE without touching Redis")
     check.add_argument("file")
+
+    status = sub.add_parser(
+        "status",
+        parents=[where],
+        help="GPUs, classes, overrides and workers of the pool, and a verdict",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_duration,
+        metavar="INTERVAL",
+        help="refresh every INTERVAL (default 2s) until Ctrl-C; with --json, one JSON per line",
+    )
+    status.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colours: on a terminal only (auto, the default), always or never",
+    )
+
+    pause = sub.add_parser(
+        "pause", parents=[where], help="pause classes: their requests defer until resumed"
+    )
+    pause.add_argument("classes", nargs="*", metavar="CLASS")
+    pause.add_argument("--all", action="store_true", help="pause every class, the highest too")
+    _override_options(pause)
+
+    resume = sub.add_parser(
+        "resume", parents=[where], help="lift pauses (every pause without a CLASS)"
+    )
+    resume.add_argument("classes", nargs="*", metavar="CLASS")
+    _override_options(resume, duration=False)
+
+    drain = sub.add_parser(
+        "drain", parents=[where], help="pause every class but the highest (or one CLASS)"
+    )
+    drain.add_argument("cls", nargs="?", metavar="CLASS")
+    _override_options(drain)
+
+    cap = sub.add_parser(
+        "cap", parents=[where], help="lower a class's pool-wide cap of concurrent leases"
+    )
+    cap.add_argument("cls", metavar="CLASS")
+    cap.add_argument("n", type=_count, metavar="N")
+    _override_options(cap)
+
+    uncap = sub.add_parser(
+        "uncap", parents=[where], help="remove a runtime cap: the policy's cap applies again"
+    )
+    uncap.add_argument("cls", metavar="CLASS")
+    _override_options(uncap, duration=False)
+
+    leases = sub.add_parser(
+        "leases", parents=[where], help="list live leases, or end one (--expire ID)"
+    )
+    leases.add_argument("--class", dest="cls", metavar="CLASS", help="only this class")
+    leases.add_argument("--json", action="store_true", help="print JSON for scripts")
+    leases.add_argument("--expire", metavar="ID", help="end lease ID now (its holder loses it)")
+    leases.add_argument("--reason", default="", help="why (with --expire; logged)")
+    leases.add_argument("--who", help="who ends it (default: user@host)")
+
+    from ..metrics import DEFAULT_PORT
+
+    metrics = sub.add_parser("metrics", parents=[where], help="serve the pool's Prometheus metrics")
+    metrics.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help=f"TCP port (default {DEFAULT_PORT}; 0 picks one)",
+    )
+    metrics.add_argument(
+        "--addr", default="0.0.0.0", help="address to listen on (default 0.0.0.0, every interface)"
+    )
+
+    config = sub.add_parser("config", help="check a configuration file")
+    csub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ccheck = csub.add_parser("check", help="check a policy FILE without touching Redis")
+    ccheck.add_argument("file")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gpugate``; returns the exit status."""
     args = _parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    # The metrics command is the pool's long-running watcher: its events are its point.
+    level = logging.INFO if args.command == "metrics" else logging.ERROR
+    _configure_logging(args.verbose, level=level, fmt=args.log_format)
     try:
         return _dispatch(args)
     except GpugateError as exc:
@@ -85,6 +242,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A bug, not a mistake of the user's: still one line, the traceback with -v.
+        if args.verbose:
+            raise
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        at = f" at {where.tb_frame.f_code.co_filename}:{where.tb_lineno}" if where else ""
+        print(
+            f"gpugate: internal error: {type(exc).__name__}: {exc}{at} "
+            "(run with -v for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -106,6 +277,33 @@ def _dispatch(args: argparse.Namespace) -> int:
         running = ping(str(sock))
         print(f"{'running' if running else 'not running'}: unix://{sock}")
         return 0 if running else 1
+    if args.command in _OPS:
+        return _OPS[args.command](args)
+    if args.command == "status":
+        from ._common import open_client, pool_name
+        from ._status import run_status
+
+        client, url, embedded = open_client(args.redis_url)
+        try:
+            return run_status(
+                client,
+                pool_name(args.pool),
+                url,
+                embedded=embedded,
+                as_json=args.json,
+                watch=args.watch,
+                color=args.color,
+            )
+        finally:
+            client.close()
+    if args.command == "metrics":
+        from ._serve import run_metrics
+
+        return run_metrics(args.redis_url, args.pool, args.addr, args.port)
+    if args.command == "config":
+        from ._config import check_config
+
+        return check_config(args.file)
     if args.command == "policy":
         from ..policy import Policy
 
@@ -134,3 +332,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         return 0
     raise AssertionError(args.command)
+
+
+def _op(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from . import _ops
+
+        return getattr(_ops, f"run_{name}")(args)  # type: ignore[no-any-return]
+
+    return run
+
+
+_OPS: dict[str, Callable[[argparse.Namespace], int]] = {
+    name: _op(name) for name in ("pause", "resume", "drain", "cap", "uncap", "leases")
+}

@@ -3,7 +3,10 @@
 Names follow ``gpugate_<what>_<unit>`` with base units and low-cardinality
 labels only (class, outcome, reason). State that lives in Redis (leases,
 tokens, waiters, GPU memory) is exported by a collector reading Redis at
-scrape time, not here.
+scrape time (:mod:`gpugate.metrics._collector`), not here.
+
+``sampler_seconds`` and ``nvml_errors`` are for the samplers: the NVML
+sampler observes every sample and counts every failed NVML call there.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 # Decisions take tens of microseconds to a few milliseconds.
 _LATENCY_BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.0)
+# An NVML sample of every device takes tens of microseconds to milliseconds.
+_SAMPLER_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0)
 
 
 class Metrics:
@@ -50,6 +55,19 @@ class Metrics:
             "gpugate_job_outcomes",
             "Released leases by how the job ended (ok, error, oom, dropped).",
             ["class", "outcome"],
+            registry=registry,
+        )
+        self.sampler_seconds = Histogram(
+            "gpugate_sampler_duration_seconds",
+            "Time to sample every device of this host, by sampler backend.",
+            ["backend"],
+            buckets=_SAMPLER_BUCKETS,
+            registry=registry,
+        )
+        self.nvml_errors = Counter(
+            "gpugate_nvml_errors",
+            "Failed NVML calls, by call (e.g. nvmlDeviceGetMemoryInfo).",
+            ["call"],
             registry=registry,
         )
 

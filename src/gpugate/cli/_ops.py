@@ -1,0 +1,258 @@
+"""The emergency commands: ``pause``, ``resume``, ``cap``, ``uncap``, ``drain``, ``leases``.
+
+Each override goes through :class:`~gpugate.Gate` (the ``set_override``
+script), records who set it and why, and prints what is now in force and
+when it reverts. ``leases --expire ID`` ends one lease the way a release does
+(outcome ``expired_by_operator``): its memory keeps counting until a later
+sample, and its holder finds it gone at its next heartbeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import structlog
+
+from .._exceptions import UsageError
+from ..state._inspect import LeaseView, PoolView, read_pool
+from ..state._keys import PoolKeys
+from ..state._scripts import Scripts
+from ._common import (
+    ago,
+    describe_override,
+    open_client,
+    open_gate,
+    out,
+    overrides_from_reply,
+    pool_name,
+    size,
+    who_am_i,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def _print_in_force(reply: dict[str, Any], classes: list[str], kind: str) -> None:
+    found = [o for o in overrides_from_reply(reply) if o.cls in classes and o.kind == kind]
+    for o in found:
+        # The reply carries no clock; the override was set just now.
+        out(describe_override(o, o.at_ms))
+
+
+def run_pause(args: argparse.Namespace) -> int:
+    """``gpugate pause CLASS... | --all``."""
+    with open_gate(args.redis_url, args.pool) as gate:
+        policy = gate.effective_policy
+        if args.all and args.classes:
+            raise UsageError("name classes to pause, or pass --all, not both")
+        classes = list(policy.classes) if args.all else _classes(policy, args.classes, "pause")
+        who = who_am_i(args.who)
+        reply: dict[str, Any] = {}
+        for cls in classes:
+            reply = gate.pause(cls, duration=args.duration, reason=args.reason, who=who)
+        _print_in_force(reply, classes, "pause")
+    return 0
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    """``gpugate drain [CLASS]``: pause every class but the highest, or one class."""
+    with open_gate(args.redis_url, args.pool) as gate:
+        policy = gate.effective_policy
+        if args.cls is not None:
+            policy.class_policy(args.cls)
+            classes = [args.cls]
+        else:
+            classes = [name for name in policy.classes if name != policy.highest_class]
+            if not classes:
+                raise UsageError(
+                    f"pool {gate.pool!r} has one class ({policy.highest_class}); "
+                    "drain keeps the highest class running, so there is nothing to drain; "
+                    "use `gpugate pause --all` to stop everything"
+                )
+        who = who_am_i(args.who)
+        reply: dict[str, Any] = {}
+        for cls in classes:
+            reply = gate.pause(cls, duration=args.duration, reason=args.reason or "drain", who=who)
+        _print_in_force(reply, classes, "pause")
+        if args.cls is None:
+            out(f"{policy.highest_class} (the highest class) keeps running")
+    return 0
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    """``gpugate resume [CLASS...]``: lift pauses (all of them without a class)."""
+    with open_gate(args.redis_url, args.pool) as gate:
+        policy = gate.effective_policy
+        reply = gate.overrides()
+        paused = sorted(overrides_from_reply_classes(reply, "pause"))
+        classes = _classes(policy, args.classes, "resume") if args.classes else paused
+        if not classes:
+            out(f"nothing is paused in pool {gate.pool}")
+            return 0
+        who = who_am_i(args.who)
+        for cls in classes:
+            reply = gate.resume(cls, who=who)
+            state = "resumed" if cls in paused else "was not paused"
+            out(f"{cls} {state}")
+        caps = [o for o in overrides_from_reply(reply) if o.kind == "cap"]
+        for o in caps:
+            out(f"still in force: {describe_override(o, o.at_ms)}")
+    return 0
+
+
+def overrides_from_reply_classes(reply: dict[str, Any], kind: str) -> list[str]:
+    """The classes with an override of ``kind`` in ``set_override``'s reply (or ``ovr``)."""
+    return [o.cls for o in overrides_from_reply(reply) if o.kind == kind]
+
+
+def run_cap(args: argparse.Namespace) -> int:
+    """``gpugate cap CLASS N``: lower a class's pool-wide cap for a while."""
+    with open_gate(args.redis_url, args.pool) as gate:
+        cp = gate.effective_policy.class_policy(args.cls)
+        reply = gate.cap(
+            args.cls, args.n, duration=args.duration, reason=args.reason, who=who_am_i(args.who)
+        )
+        _print_in_force(reply, [args.cls], "cap")
+        if cp.max_concurrent is not None and args.n >= cp.max_concurrent:
+            out(
+                f"note: the policy's cap of {args.cls} is {cp.max_concurrent}; a runtime cap "
+                "only lowers it, so this changes nothing (apply a new policy to raise it)"
+            )
+    return 0
+
+
+def run_uncap(args: argparse.Namespace) -> int:
+    """``gpugate uncap CLASS``: remove a runtime cap."""
+    with open_gate(args.redis_url, args.pool) as gate:
+        cp = gate.effective_policy.class_policy(args.cls)
+        had = args.cls in overrides_from_reply_classes(gate.overrides(), "cap")
+        gate.uncap(args.cls, who=who_am_i(args.who))
+        policy_cap = "none" if cp.max_concurrent is None else str(cp.max_concurrent)
+        if had:
+            out(f"{args.cls} uncapped: the policy's cap ({policy_cap}) applies again")
+        else:
+            out(f"{args.cls} had no runtime cap; the policy's cap is {policy_cap}")
+    return 0
+
+
+def _classes(policy: Any, names: list[str], verb: str) -> list[str]:
+    if not names:
+        raise UsageError(
+            f"name a class to {verb}, or pass --all; classes: {', '.join(policy.classes)}"
+        )
+    for name in names:
+        policy.class_policy(name)  # raises UsageError with "did you mean"
+    return list(dict.fromkeys(names))
+
+
+# -- leases -------------------------------------------------------------------------
+
+
+def _lease_row(lease: LeaseView, now: int) -> dict[str, Any]:
+    return {
+        "id": lease.id,
+        "class": lease.cls,
+        "device": lease.device,
+        "estimate_bytes": lease.estimate,
+        "actual_bytes": lease.actual or None,
+        "held_s": round(max(0, now - lease.start_ms) / 1000, 3),
+        "expires_in_s": round((lease.expires_ms - now) / 1000, 3),
+        "overdue": lease.overdue(now),
+        "max_deadline_in_s": (
+            round((lease.max_deadline_ms - now) / 1000, 3) if lease.max_deadline_ms else None
+        ),
+        "owner": lease.owner,
+        "tenant": lease.tenant,
+    }
+
+
+def run_leases(args: argparse.Namespace) -> int:
+    """``gpugate leases [--class C] [--json] [--expire ID]``."""
+    client, url, _ = open_client(args.redis_url)
+    pool = pool_name(args.pool)
+    try:
+        view = read_pool(client, pool, redis_url=url)
+        if args.expire is not None:
+            return _expire(client, view, args)
+        if args.cls is not None and view.policy is not None:
+            view.policy.class_policy(args.cls)
+        now = view.now_ms
+        shown = [
+            lease
+            for lease in view.leases
+            if lease.released_ms == 0
+            and lease.expires_ms > 0
+            and (args.cls is None or lease.cls == args.cls)
+        ]
+        if args.json:
+            out(json.dumps({"pool": pool, "leases": [_lease_row(x, now) for x in shown]}, indent=2))
+            return 0
+        if not shown:
+            which = f" of class {args.cls}" if args.cls else ""
+            out(f"no live leases{which} in pool {pool}")
+            return 0
+        rows = [["ID", "CLASS", "DEVICE", "VRAM", "HELD", "EXPIRES", "OWNER", "TENANT"]]
+        for lease in shown:
+            vram = size(lease.estimate)
+            if lease.actual:
+                vram += f" (uses {size(lease.actual)})"
+            left = (lease.expires_ms - now) / 1000
+            expires = f"in {ago(left)}" if left > 0 else f"OVERDUE {ago(-left)}"
+            rows.append(
+                [
+                    lease.id,
+                    lease.cls,
+                    lease.device,
+                    vram,
+                    ago(max(0, now - lease.start_ms) / 1000),
+                    expires,
+                    lease.owner,
+                    lease.tenant or "-",
+                ]
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            out("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+        return 0
+    finally:
+        client.close()
+
+
+def _expire(client: Any, view: PoolView, args: argparse.Namespace) -> int:
+    lease = view.lease(args.expire)
+    if lease is None:
+        live = ", ".join(x.id for x in view.live_leases()[:10]) or "none"
+        raise UsageError(
+            f"no live lease {args.expire!r} in pool {view.pool!r} (live ids: {live}); "
+            "`gpugate leases` lists them"
+        )
+    keys = PoolKeys(view.pool)
+    done = Scripts(client).release_lease(
+        keys=[keys.state, keys.exp, keys.buckets],
+        args=[keys.prefix, 0, lease.device, lease.id, "expired_by_operator", "0"],
+    )
+    who = who_am_i(args.who)
+    what = (
+        f"lease {lease.id} ({lease.cls}, {size(lease.held)} on {lease.device}, "
+        f"held by {lease.owner})"
+    )
+    if not int(done):
+        out(f"{what} had already ended")
+        return 0
+    log.warning(
+        "lease_expired_by_operator",
+        pool=view.pool,
+        lease_id=lease.id,
+        cls=lease.cls,
+        device=lease.device,
+        owner=lease.owner,
+        who=who,
+        reason=args.reason,
+    )
+    out(
+        f"{what} ended by {who}: {args.reason or 'no reason given'}; its memory counts until "
+        "the next sample shows it gone, and its holder finds it lost at its next heartbeat"
+    )
+    return 0

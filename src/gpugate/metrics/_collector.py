@@ -1,0 +1,329 @@
+"""Pool state in Redis, exported at scrape time by a custom collector.
+
+:class:`PoolCollector` reads one pool with :func:`gpugate.state._inspect.read_pool`
+on every scrape (two pipelined round trips, no writes) and yields gauges and
+counters labelled ``pool`` and, where they apply, ``class``, ``device``,
+``reason``, ``outcome`` or ``kind`` — never lease, job or worker ids. When
+Redis cannot be read, a scrape still answers: ``gpugate_pool_up`` is 0 and
+the pool's other series are absent (Prometheus marks them stale), which is
+what alerting on ``gpugate_pool_up == 0`` expects.
+
+Every worker of a pool sees the same Redis, so export these from one place
+(``gpugate metrics``, or one chosen worker): a worker's own decisions,
+latencies and lease outcomes are in :mod:`gpugate.metrics._instruments`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import structlog
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .._exceptions import BackendError
+from .._logging import Throttle
+from ..state._connect import Client
+from ..state._inspect import PoolView, assess, read_pool
+
+__all__ = ["PoolCollector"]
+
+log = structlog.get_logger(__name__)
+
+# One scrape answers within Prometheus's default scrape timeout (10 s) even
+# when Redis is down: the client's own retries are bounded by its timeouts.
+_OUTCOMES = ("ok", "error", "oom", "dropped", "expired_by_operator")
+
+
+class PoolCollector(Collector):
+    """Exports pool ``pool``'s state, read from Redis at each scrape.
+
+    ``client`` is a gpugate Redis client (:func:`gpugate.state._connect.connect`);
+    ``redis_url`` is used (masked) in log lines only. ``on_read`` is called
+    with each view read (the ``gpugate metrics`` command logs pool events
+    from it). ``now_ms`` injects the scripts' clock (tests).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        pool: str,
+        *,
+        redis_url: str = "",
+        on_read: Callable[[PoolView], None] | None = None,
+        now_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.client = client
+        self.pool = pool
+        self.redis_url = redis_url
+        self._on_read = on_read
+        self._now_ms = now_ms
+        self._throttle = Throttle(60.0)
+        self._lock = threading.Lock()
+        self.last_view: PoolView | None = None
+
+    def describe(self) -> list[Metric]:
+        """Nothing: registering the collector must not read Redis."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Read the pool and yield its metric families."""
+        started = time.perf_counter()
+        up = GaugeMetricFamily(
+            "gpugate_pool_up",
+            "1 if the pool's state could be read from Redis at this scrape, else 0.",
+            labels=["pool"],
+        )
+        duration = GaugeMetricFamily(
+            "gpugate_pool_read_duration_seconds",
+            "Time to read the pool's state from Redis at this scrape.",
+            labels=["pool"],
+        )
+        try:
+            view = read_pool(
+                self.client,
+                self.pool,
+                redis_url=self.redis_url,
+                now_ms=self._now_ms() if self._now_ms is not None else None,
+            )
+        except BackendError as exc:
+            dropped = self._throttle.allow("down")
+            if dropped is not None:
+                log.warning(
+                    "pool_read_failed",
+                    pool=self.pool,
+                    error=str(exc),
+                    similar_events_suppressed=dropped,
+                )
+            up.add_metric([self.pool], 0)
+            duration.add_metric([self.pool], time.perf_counter() - started)
+            yield up
+            yield duration
+            return
+        with self._lock:
+            self.last_view = view
+        if self._on_read is not None:
+            try:
+                self._on_read(view)
+            except Exception:  # a logging hook must not break the scrape
+                log.exception("pool_event_hook_failed", pool=self.pool)
+        up.add_metric([self.pool], 1)
+        yield up
+        yield from _families(view)
+        duration.add_metric([self.pool], time.perf_counter() - started)
+        yield duration
+
+
+def _families(view: PoolView) -> Iterator[Metric]:
+    p = view.pool
+    now = view.now_ms
+
+    info = InfoMetricFamily(
+        "gpugate_pool_policy", "The policy version the pool enforces.", labels=["pool"]
+    )
+    if view.policy_version:
+        info.add_metric([p], {"version": view.policy_version})
+    yield info
+
+    verdict = assess(view)
+    health = GaugeMetricFamily(
+        "gpugate_pool_health",
+        "The status verdict: 0 OK, 1 DEGRADED, 2 CRITICAL, -1 UNKNOWN (no policy).",
+        labels=["pool"],
+    )
+    health.add_metric([p], verdict.severity)
+    yield health
+
+    gpus = GaugeMetricFamily(
+        "gpugate_gpus", "Devices that have sent a memory sample to the pool.", labels=["pool"]
+    )
+    gpus.add_metric([p], sum(1 for d in view.devices if d.sample_ms))
+    yield gpus
+
+    dev_labels = ["pool", "device"]
+    g_total = GaugeMetricFamily(
+        "gpugate_gpu_memory_total_bytes", "Device memory, as last sampled.", labels=dev_labels
+    )
+    g_used = GaugeMetricFamily(
+        "gpugate_gpu_memory_used_bytes",
+        "Device memory in use (NVML), as last sampled.",
+        labels=dev_labels,
+    )
+    g_free = GaugeMetricFamily(
+        "gpugate_gpu_memory_free_bytes",
+        "Device memory not in use (total - used), as last sampled.",
+        labels=dev_labels,
+    )
+    g_reserved = GaugeMetricFamily(
+        "gpugate_gpu_memory_reserved_bytes",
+        "Memory the gate holds for leases on the device: sum of max(estimate, actual).",
+        labels=dev_labels,
+    )
+    g_unmanaged = GaugeMetricFamily(
+        "gpugate_gpu_memory_unmanaged_bytes",
+        "Memory in use beyond the leases' measured actuals (notebooks, contexts, others).",
+        labels=dev_labels,
+    )
+    g_avail = GaugeMetricFamily(
+        "gpugate_gpu_memory_available_bytes",
+        "Memory a new job could get: total - max(used, unmanaged + reserved).",
+        labels=dev_labels,
+    )
+    g_age = GaugeMetricFamily(
+        "gpugate_gpu_sample_age_seconds",
+        "Age of the device's freshest memory sample in the pool.",
+        labels=dev_labels,
+    )
+    g_leases = GaugeMetricFamily(
+        "gpugate_gpu_leases", "Live leases on the device.", labels=dev_labels
+    )
+    g_util = GaugeMetricFamily(
+        "gpugate_gpu_utilization_ratio",
+        "Device utilisation, 0 to 1 (absent while samples do not carry it).",
+        labels=dev_labels,
+    )
+    g_frag = GaugeMetricFamily(
+        "gpugate_gpu_fragmentation_ratio",
+        "Memory held by allocators but unused, over total (absent while not measured).",
+        labels=dev_labels,
+    )
+    g_quar = GaugeMetricFamily(
+        "gpugate_gpu_quarantined",
+        "1 if the device is quarantined (absent while not measured).",
+        labels=dev_labels,
+    )
+    for d in view.devices:
+        if not d.sample_ms:
+            continue
+        labels = [p, d.uuid]
+        g_total.add_metric(labels, d.total)
+        g_used.add_metric(labels, d.used)
+        g_free.add_metric(labels, d.free)
+        g_reserved.add_metric(labels, d.reserved)
+        g_unmanaged.add_metric(labels, d.unmanaged)
+        g_avail.add_metric(labels, d.available)
+        g_age.add_metric(labels, d.sample_age_s(now))
+        g_leases.add_metric(labels, d.leases)
+        if d.utilization is not None:
+            g_util.add_metric(labels, d.utilization)
+        if d.fragmentation is not None:
+            g_frag.add_metric(labels, d.fragmentation)
+        if d.quarantined is not None:
+            g_quar.add_metric(labels, int(d.quarantined))
+    yield from (g_total, g_used, g_free, g_reserved, g_unmanaged, g_avail, g_age, g_leases)
+    yield from (g_util, g_frag, g_quar)
+
+    cls_labels = ["pool", "class"]
+    leases = GaugeMetricFamily("gpugate_leases", "Live leases of the class.", labels=cls_labels)
+    overdue = GaugeMetricFamily(
+        "gpugate_leases_overdue",
+        "Leases past their expiry, not reaped yet: their holders stopped renewing them.",
+        labels=cls_labels,
+    )
+    reserved = GaugeMetricFamily(
+        "gpugate_class_reserved_bytes",
+        "Memory the gate holds for the class's live leases.",
+        labels=cls_labels,
+    )
+    waiters = GaugeMetricFamily(
+        "gpugate_waiters",
+        "Deferred requests still waiting, by the reason of their last DEFER.",
+        labels=["pool", "class", "reason"],
+    )
+    oldest = GaugeMetricFamily(
+        "gpugate_waiter_oldest_seconds",
+        "How long the class's longest-waiting request has waited (0 when none waits).",
+        labels=cls_labels,
+    )
+    tokens = GaugeMetricFamily(
+        "gpugate_tokens", "Tokens in the class's bucket (classes with a rate).", labels=cls_labels
+    )
+    cap = GaugeMetricFamily(
+        "gpugate_class_cap",
+        "The class's pool-wide cap in force: the policy's, lowered by a runtime cap.",
+        labels=cls_labels,
+    )
+    priority = GaugeMetricFamily(
+        "gpugate_class_priority", "The class's priority.", labels=cls_labels
+    )
+    admitted = CounterMetricFamily(
+        "gpugate_pool_admissions",
+        "GPU leases granted to the class, pool-wide (live + released + expired).",
+        labels=cls_labels,
+    )
+    released = CounterMetricFamily(
+        "gpugate_pool_lease_releases",
+        "Leases ended by their holder or an operator, pool-wide, by outcome.",
+        labels=["pool", "class", "outcome"],
+    )
+    expired = CounterMetricFamily(
+        "gpugate_pool_leases_expired",
+        "Leases that expired because their holder stopped renewing them, pool-wide.",
+        labels=cls_labels,
+    )
+    ooms = CounterMetricFamily(
+        "gpugate_pool_ooms",
+        "Jobs whose lease ended with a CUDA out-of-memory error, pool-wide.",
+        labels=cls_labels,
+    )
+    for name, c in view.classes.items():
+        labels = [p, name]
+        leases.add_metric(labels, c.leases)
+        overdue.add_metric(labels, c.overdue)
+        reserved.add_metric(labels, c.reserved)
+        for reason, n in c.waiting_by_reason.items():
+            waiters.add_metric([p, name, reason], n)
+        oldest.add_metric(labels, c.oldest_wait_s)
+        if c.tokens is not None:
+            tokens.add_metric(labels, c.tokens)
+        if c.cap is not None:
+            cap.add_metric(labels, c.cap)
+        priority.add_metric(labels, c.priority)
+        admitted.add_metric(labels, c.admitted)
+        for outcome in sorted(set(_OUTCOMES) | set(c.released)):
+            released.add_metric([p, name, outcome], c.released.get(outcome, 0))
+        expired.add_metric(labels, c.expired)
+        ooms.add_metric(labels, c.released.get("oom", 0))
+    yield from (leases, overdue, reserved, waiters, oldest, tokens, cap, priority)
+    yield from (admitted, released, expired, ooms)
+
+    ovr_labels = ["pool", "class", "kind"]
+    active = GaugeMetricFamily(
+        "gpugate_override_active",
+        "1 for each runtime pause or cap in force (kind pause|cap).",
+        labels=ovr_labels,
+    )
+    set_at = GaugeMetricFamily(
+        "gpugate_override_set_timestamp_seconds",
+        "When the override in force was set (Unix time).",
+        labels=ovr_labels,
+    )
+    until = GaugeMetricFamily(
+        "gpugate_override_expiry_timestamp_seconds",
+        "When the override reverts by itself (Unix time); 0 when it has no expiry.",
+        labels=ovr_labels,
+    )
+    for o in view.overrides:
+        labels = [p, o.cls, o.kind]
+        active.add_metric(labels, 1)
+        set_at.add_metric(labels, o.at_ms / 1000)
+        until.add_metric(labels, o.until_ms / 1000)
+    yield from (active, set_at, until)
+
+    workers = GaugeMetricFamily(
+        "gpugate_workers",
+        "Processes holding a lease or waiting, by whether they renewed within one lease TTL.",
+        labels=["pool", "state"],
+    )
+    ttl = view.ttl_ms
+    alive = sum(1 for w in view.workers if w.alive(now, ttl))
+    workers.add_metric([p, "alive"], alive)
+    workers.add_metric([p, "silent"], len(view.workers) - alive)
+    yield workers

@@ -1,0 +1,97 @@
+"""The Prometheus endpoint: inside a worker, or standalone (``gpugate metrics``).
+
+A worker calls :func:`start_metrics_server` once; it serves its own
+instruments (decisions, latencies, lease outcomes; prometheus_client's default
+registry) on a daemon thread. Pool state (GPU memory, leases, waiters,
+tokens, overrides) is the same for every worker of a pool, so it is exported
+by one process only: ``gpugate metrics``, or the one worker started with
+``pool_of=gate``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
+
+from ._collector import PoolCollector
+
+if TYPE_CHECKING:
+    from ..admission import Gate
+
+__all__ = ["MetricsServer", "start_metrics_server"]
+
+DEFAULT_PORT = 9470
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+class MetricsServer:
+    """A running endpoint: ``url``, ``port``; :meth:`close` stops it."""
+
+    def __init__(self, registry: CollectorRegistry, addr: str, port: int) -> None:
+        server_class = _Server6 if ":" in addr else _Server
+        self._httpd = make_server(
+            addr, port, make_wsgi_app(registry), server_class, handler_class=_Quiet
+        )
+        self.addr = addr
+        self.port: int = self._httpd.server_port
+        self.registry = registry
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="gpugate-metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """Where Prometheus scrapes it."""
+        host = f"[{self.addr}]" if ":" in self.addr else self.addr
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and free the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_metrics_server(
+    port: int = DEFAULT_PORT,
+    *,
+    addr: str = "0.0.0.0",
+    registry: CollectorRegistry | None = None,
+    pool_of: Gate | None = None,
+) -> MetricsServer:
+    """Serve ``/metrics`` on ``addr:port`` from a daemon thread; port 0 picks a free one.
+
+    ``registry`` defaults to prometheus_client's default one, which holds
+    every gate's instruments (unless a gate was given its own ``metrics``).
+    With ``pool_of=gate`` the pool's state in Redis is exported too, read
+    at each scrape through that gate's client: do that in one process per
+    pool, not in every worker. Raises :class:`OSError` when the port is taken.
+    """
+    registry = REGISTRY if registry is None else registry
+    if pool_of is not None:
+        registry.register(PoolCollector(pool_of._client, pool_of.pool, redis_url=pool_of.redis_url))
+    return MetricsServer(registry, addr, port)

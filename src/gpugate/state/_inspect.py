@@ -1,0 +1,717 @@
+"""A read-only view of one pool's state in Redis, for status and metrics.
+
+:func:`read_pool` reads every key of a pool in two pipelined round trips and
+returns a :class:`PoolView`; nothing is written, so ``gpugate status`` and the
+metrics collector can run as often as they like beside the workers. On a
+plain Redis the first round trip is a ``MULTI``/``EXEC``, so the state hash,
+the leases' expiries, the waiters, samples and buckets are of one instant;
+the device hashes follow in a second round trip (a lease that ended between
+the two shows as a ghost). On Redis Cluster both are plain pipelines to the
+pool's one slot.
+
+The record formats are those of ``lua/_prelude.lua``. Time is the scripts'
+time: ``max(Redis TIME, the pool's clock)``, unless ``now_ms`` is given (tests
+driving the scripts' injectable clock).
+
+:func:`assess` turns a view into the one-line verdict of ``gpugate status``
+(``OK``, ``DEGRADED: …``, ``CRITICAL: …``), also exported as a metric.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import redis
+
+from .._exceptions import BackendError, ConfigError
+from .._units import format_duration
+from ..policy import Policy
+from ._connect import Client, mask_url
+from ._keys import PoolKeys
+
+__all__ = [
+    "ClassView",
+    "DeviceView",
+    "LeaseView",
+    "OverrideView",
+    "PoolView",
+    "Verdict",
+    "WaiterView",
+    "WorkerView",
+    "assess",
+    "read_pool",
+]
+
+_REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
+)
+
+# Verdict thresholds: the highest class is interactive work, so a short wait
+# already hurts; lower classes are meant to wait, until they wait for long.
+TOP_CLASS_WAIT_S = 30.0
+OTHER_CLASS_WAIT_S = 600.0
+MEMORY_HIGH_RATIO = 0.95
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """One lease record on a device (live, overdue, or a ghost).
+
+    Sizes in bytes, times in ms of the scripts' clock. ``expires_ms`` is 0 for
+    a lease no longer in the expiry set (a ghost: released or reaped, whose
+    memory counts until a later sample). ``max_deadline_ms`` 0 = no bound.
+    """
+
+    id: str
+    device: str
+    cls: str
+    estimate: int
+    actual: int
+    actual_at_ms: int
+    released_ms: int
+    start_ms: int
+    max_deadline_ms: int
+    owner: str
+    tenant: str | None
+    expires_ms: int
+
+    @property
+    def held(self) -> int:
+        """Bytes the gate counts for it: ``max(estimate, actual)``."""
+        return max(self.estimate, self.actual)
+
+    def live(self, now_ms: int) -> bool:
+        """Not released and not past its expiry."""
+        return self.released_ms == 0 and self.expires_ms > now_ms
+
+    def overdue(self, now_ms: int) -> bool:
+        """Past its expiry but not reaped yet: its holder stopped renewing it."""
+        return self.released_ms == 0 and 0 < self.expires_ms <= now_ms
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One device as the pool knows it: its freshest sample and the leases on it.
+
+    ``used`` is what the device reported (NVML); ``reserved`` what the gate
+    holds for leases (``Σ max(estimate, actual)``, ghosts included until a
+    later sample); ``unmanaged`` what the device uses beyond the leases'
+    measured actuals (notebooks, contexts, foreign processes). Utilisation,
+    fragmentation and quarantine are ``None`` (unknown) until the samples
+    carry them.
+    """
+
+    uuid: str
+    total: int
+    used: int
+    sample_ms: int
+    reserved: int
+    unmanaged: int
+    leases: int
+    ghosts: int
+    utilization: float | None = None
+    fragmentation: float | None = None
+    quarantined: bool | None = None
+
+    @property
+    def free(self) -> int:
+        """Bytes the device reports free: ``total - used``."""
+        return max(0, self.total - self.used)
+
+    @property
+    def committed(self) -> int:
+        """Bytes taken in the gate's view: ``max(used, unmanaged + reserved)``."""
+        return max(self.used, self.unmanaged + self.reserved)
+
+    @property
+    def available(self) -> int:
+        """Bytes a new job could get, before the safety margin and class reserves."""
+        return max(0, self.total - self.committed)
+
+    def sample_age_s(self, now_ms: int) -> float:
+        """Seconds since the device's freshest sample was taken."""
+        return max(0.0, (now_ms - self.sample_ms) / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class WaiterView:
+    """A deferred request still counting as waiting (waiter record of the prelude)."""
+
+    id: str
+    owner: str
+    cls: str
+    priority: int
+    since_ms: int
+    vram: int
+    wants: str
+    expires_ms: int
+    device: str | None
+    reason: str
+
+    def waited_s(self, now_ms: int) -> float:
+        """Seconds since its first DEFER."""
+        return max(0.0, (now_ms - self.since_ms) / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideView:
+    """A runtime pause or cap still in force, with who set it, why and when.
+
+    ``until_ms`` 0 = until cleared; ``at_ms`` when it was set (0 if unknown);
+    ``n`` the cap (``None`` for a pause).
+    """
+
+    kind: Literal["pause", "cap"]
+    cls: str
+    until_ms: int
+    who: str
+    why: str
+    at_ms: int
+    n: int | None = None
+
+    def remaining_s(self, now_ms: int) -> float | None:
+        """Seconds until it reverts by itself; ``None`` when it has no expiry."""
+        return None if self.until_ms == 0 else max(0.0, (self.until_ms - now_ms) / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassView:
+    """One class: its policy figures, overrides, live leases, waiters and counters.
+
+    ``cap`` is the effective pool-wide cap (policy lowered by a runtime cap;
+    ``None`` for none). ``tokens`` is the bucket's level now (``None`` without
+    a rate). ``released`` counts ended leases by outcome (``ok``, ``error``,
+    ``oom``, ``dropped``, ``expired_by_operator``); ``expired`` those whose
+    holder stopped renewing them. ``admitted`` is every GPU lease ever
+    granted: live + released + expired.
+    """
+
+    name: str
+    priority: int
+    cap_policy: int | None
+    cap: int | None
+    rate: float | None
+    burst: int | None
+    tokens: float | None
+    leases: int
+    overdue: int
+    reserved: int
+    waiters: int
+    waiting_by_reason: Mapping[str, int]
+    oldest_wait_s: float
+    released: Mapping[str, int]
+    expired: int
+    live_counter: int
+    pause: OverrideView | None
+    cap_override: OverrideView | None
+
+    @property
+    def admitted(self) -> int:
+        """GPU leases granted to this class so far (the pool's counters)."""
+        return self.live_counter + sum(self.released.values()) + self.expired
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """A process seen through its leases and waiters (there is no registry yet).
+
+    ``owner`` is ``host:pid:hex``. ``last_seen_ms`` is its last lease renewal
+    (a lease's expiry minus the TTL) or its last DEFER (a waiter's expiry minus
+    the waiter TTL), whichever is later.
+    """
+
+    owner: str
+    host: str
+    pid: int | None
+    leases: int
+    overdue: int
+    waiting: int
+    last_seen_ms: int
+
+    def alive(self, now_ms: int, ttl_ms: int) -> bool:
+        """Seen within one lease TTL."""
+        return now_ms - self.last_seen_ms <= ttl_ms
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """Everything ``gpugate status`` shows about one pool, read at ``now_ms``."""
+
+    pool: str
+    redis_url: str
+    now_ms: int
+    policy: Policy | None
+    policy_version: str | None
+    policy_error: str | None
+    devices: list[DeviceView]
+    classes: dict[str, ClassView]
+    leases: list[LeaseView]
+    waiters: list[WaiterView]
+    overrides: list[OverrideView]
+    workers: list[WorkerView]
+    lease_seq: int
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ttl_ms(self) -> int:
+        """The pool's lease TTL in ms (the default policy's without a policy)."""
+        return int((self.policy or Policy.default()).pool.lease_ttl_s * 1000)
+
+    def live_leases(self) -> list[LeaseView]:
+        """Leases neither released nor past their expiry."""
+        return [lease for lease in self.leases if lease.live(self.now_ms)]
+
+    def lease(self, lease_id: str) -> LeaseView | None:
+        """The live or overdue lease with this id, or ``None``."""
+        for lease in self.leases:
+            if lease.id == lease_id and lease.released_ms == 0 and lease.expires_ms > 0:
+                return lease
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The pool's health in one line.
+
+    ``level`` is ``OK``, ``DEGRADED``, ``CRITICAL`` or ``UNKNOWN`` (no policy:
+    nothing has used the pool). ``reasons`` set the level; ``notes`` are worth
+    knowing but do not (a cap in force, leases waiting to be reaped).
+    """
+
+    level: Literal["OK", "DEGRADED", "CRITICAL", "UNKNOWN"]
+    reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def line(self) -> str:
+        """``OK`` or ``LEVEL: reason; reason``."""
+        return self.level if not self.reasons else f"{self.level}: {'; '.join(self.reasons)}"
+
+    @property
+    def severity(self) -> int:
+        """0 OK, 1 DEGRADED, 2 CRITICAL, -1 UNKNOWN (the metric's value)."""
+        return {"OK": 0, "DEGRADED": 1, "CRITICAL": 2, "UNKNOWN": -1}[self.level]
+
+
+def read_pool(
+    client: Client,
+    pool: str,
+    *,
+    redis_url: str = "",
+    now_ms: int | None = None,
+) -> PoolView:
+    """Read pool ``pool``'s state, writing nothing. Two round trips.
+
+    Raises :class:`~gpugate.BackendError` (URL masked) when Redis cannot be
+    reached or answers an error.
+    """
+    keys = PoolKeys(pool)
+    url = mask_url(redis_url) if redis_url else ""
+    plain = isinstance(client, redis.Redis)
+    try:
+        pipe = client.pipeline(transaction=plain)
+        pipe.hgetall(keys.state)
+        pipe.zrange(keys.exp, 0, -1, withscores=True)
+        pipe.hgetall(keys.waiters)
+        pipe.hgetall(keys.samples)
+        pipe.hgetall(keys.buckets)
+        if plain:
+            pipe.time()
+        replies = pipe.execute()
+        if not plain:
+            replies.append(client.time())
+        state_raw, exp_raw, waiters_raw, samples_raw, buckets_raw, server_time = replies
+        state = {_s(k): _s(v) for k, v in state_raw.items()}
+        exp = {_s(m): int(score) for m, score in exp_raw}
+        samples = {_s(k): _s(v) for k, v in samples_raw.items()}
+        uuids = sorted(
+            set(samples)
+            | {m.split("\t", 1)[0] for m in exp}
+            | {f[3:] for f in state if f.startswith("d::")}
+        )
+        dev_pipe = client.pipeline(transaction=False)
+        for uuid in uuids:
+            dev_pipe.hgetall(keys.device(uuid))
+        dev_hashes = dev_pipe.execute() if uuids else []
+    except _REDIS_DOWN as exc:
+        raise BackendError(f"Redis at {url or 'the given client'} is unreachable: {exc}") from exc
+    except redis.RedisError as exc:
+        raise BackendError(f"reading pool {pool!r} from {url or 'Redis'} failed: {exc}") from exc
+
+    clock = _int(state.get("clock"))
+    if now_ms is None:
+        secs, micros = server_time
+        now_ms = max(int(secs) * 1000 + int(micros) // 1000, clock)
+    policy, policy_error = _policy(state.get("pdoc"), pool)
+    settings = (policy or Policy.default()).pool
+    ttl_ms = int(settings.lease_ttl_s * 1000)
+    waiter_ttl_ms = int(settings.waiter_ttl_s * 1000)
+
+    leases: list[LeaseView] = []
+    for uuid, raw in zip(uuids, dev_hashes, strict=True):
+        for lid, rec in raw.items():
+            lease = _lease(uuid, _s(lid), _s(rec), exp)
+            if lease is not None:
+                leases.append(lease)
+    leases.sort(key=lambda lease: int(lease.id) if lease.id.isdigit() else 0)
+    devices = [_device(uuid, samples.get(uuid), leases) for uuid in uuids]
+    waiters = [
+        w
+        for w in (_waiter(_s(k), _s(v)) for k, v in waiters_raw.items())
+        if w is not None and w.expires_ms > now_ms
+    ]
+    waiters.sort(key=lambda w: (w.since_ms, w.id))
+    overrides = _overrides(state, now_ms)
+    buckets = {_s(k): _s(v) for k, v in buckets_raw.items()}
+    classes = _classes(policy, state, leases, waiters, overrides, buckets, now_ms)
+    counters = {
+        k: _int(v) for k, v in state.items() if k.startswith(("out:", "expired:", "n:", "seq"))
+    }
+    return PoolView(
+        pool=pool,
+        redis_url=url,
+        now_ms=now_ms,
+        policy=policy,
+        policy_version=state.get("pversion"),
+        policy_error=policy_error,
+        devices=devices,
+        classes=classes,
+        leases=leases,
+        waiters=waiters,
+        overrides=overrides,
+        workers=_workers(leases, waiters, now_ms, ttl_ms, waiter_ttl_ms),
+        lease_seq=_int(state.get("seq")),
+        counters=counters,
+    )
+
+
+def assess(view: PoolView) -> Verdict:
+    """The pool's health: what ``gpugate status`` prints first.
+
+    CRITICAL when no GPU is visible to the pool while it has a policy (no
+    device has ever sent a sample, or requests wait for ``no_gpu``). DEGRADED
+    when the highest class waits 30 s or more, another class 10 min or more,
+    a device's memory is 95 % used, a class is paused, or requests wait for a
+    fresh sample. UNKNOWN for a pool without a policy (nothing used it yet).
+    """
+    now = view.now_ms
+    if view.policy is None:
+        why = view.policy_error or (
+            f"pool {view.pool!r} has no policy: nothing has used it yet "
+            "(wrong --pool? `gpugate policy apply FILE` sets one)"
+        )
+        return Verdict("UNKNOWN", (why,))
+    critical: list[str] = []
+    degraded: list[str] = []
+    notes: list[str] = []
+    no_gpu = [w for w in view.waiters if w.reason == "no_gpu"]
+    if not view.devices:
+        critical.append("no GPU visible (no device has sent a sample to this pool)")
+    elif no_gpu:
+        critical.append(f"no GPU visible to {len(no_gpu)} waiting request(s)")
+    stale = [w for w in view.waiters if w.reason == "stale_sample"]
+    if stale:
+        oldest = max(d.sample_age_s(now) for d in view.devices) if view.devices else 0.0
+        degraded.append(f"no fresh GPU sample (newest is {format_duration(round(oldest))} old)")
+    top = view.policy.highest_class
+    for name, c in view.classes.items():
+        limit = TOP_CLASS_WAIT_S if name == top else OTHER_CLASS_WAIT_S
+        if c.waiters and c.oldest_wait_s >= limit:
+            why = max(c.waiting_by_reason, key=lambda r: c.waiting_by_reason[r])
+            degraded.append(f"{name} waits {_short(c.oldest_wait_s)} ({why})")
+    for d in view.devices:
+        if d.total and d.used / d.total >= MEMORY_HIGH_RATIO:
+            degraded.append(f"GPU {_short_uuid(d.uuid)} memory {d.used * 100 // d.total}% used")
+    for o in view.overrides:
+        left = o.remaining_s(now)
+        if left is None:
+            when = "until `gpugate resume`" if o.kind == "pause" else "until `gpugate uncap`"
+        else:
+            when = f"reverts in {_short(left)}"
+        if o.kind == "pause":
+            degraded.append(f"{o.cls} paused by {o.who or 'unknown'} ({when})")
+        else:
+            notes.append(f"{o.cls} capped at {o.n} by {o.who or 'unknown'} ({when})")
+    overdue = [lease for lease in view.leases if lease.overdue(now)]
+    if overdue:
+        notes.append(
+            f"{len(overdue)} lease(s) past expiry: their holders stopped renewing; "
+            "the next decision frees them"
+        )
+    if critical:
+        return Verdict("CRITICAL", (*critical, *degraded), tuple(notes))
+    if degraded:
+        return Verdict("DEGRADED", tuple(degraded), tuple(notes))
+    return Verdict("OK", (), tuple(notes))
+
+
+# -- parsing ------------------------------------------------------------------
+
+
+def _int(v: str | None) -> int:
+    if v is None:
+        return 0
+    try:
+        return int(float(v))
+    except ValueError:
+        return 0
+
+
+def _short(seconds: float) -> str:
+    """A duration to the second (or ms below one second), for verdicts."""
+    return format_duration(round(seconds) if seconds >= 1 else round(seconds, 3))
+
+
+def _short_uuid(uuid: str) -> str:
+    return uuid if len(uuid) <= 20 else uuid[:20] + "…"
+
+
+def _policy(doc: str | None, pool: str) -> tuple[Policy | None, str | None]:
+    if doc is None:
+        return None, None
+    try:
+        return Policy.from_dict(json.loads(doc), source=f"pool {pool}"), None
+    except (ConfigError, ValueError) as exc:
+        return None, f"the pool's stored policy cannot be read: {exc}"
+
+
+def _lease(uuid: str, lid: str, raw: str, exp: Mapping[str, int]) -> LeaseView | None:
+    parts = raw.split(" ", 8)
+    if len(parts) != 9:
+        return None
+    try:
+        e, a, at, r = (int(p) for p in parts[:4])
+        s, m = int(parts[5]), int(parts[6])
+    except ValueError:
+        return None
+    tenant = parts[8]
+    return LeaseView(
+        id=lid,
+        device=uuid,
+        cls=parts[4],
+        estimate=e,
+        actual=a,
+        actual_at_ms=at,
+        released_ms=r,
+        start_ms=s,
+        max_deadline_ms=m,
+        owner=parts[7],
+        tenant=None if tenant == "-" else tenant,
+        expires_ms=exp.get(f"{uuid}\t{lid}", 0),
+    )
+
+
+def _device(uuid: str, sample: str | None, leases: list[LeaseView]) -> DeviceView:
+    total = used = taken = 0
+    if sample:
+        parts = sample.split()
+        total, used, taken = (_int(p) for p in ([*parts, "0", "0", "0"])[:3])
+    mine = [lease for lease in leases if lease.device == uuid]
+    # The admission script's arithmetic: ghosts released before the sample are
+    # gone; actuals count as measured only if measured by the sample's time.
+    counted = [lease for lease in mine if lease.released_ms == 0 or lease.released_ms >= taken]
+    reserved = sum(lease.held for lease in counted)
+    measured = sum(
+        lease.actual for lease in counted if lease.actual and lease.actual_at_ms <= taken
+    )
+    return DeviceView(
+        uuid=uuid,
+        total=total,
+        used=used,
+        sample_ms=taken,
+        reserved=reserved,
+        unmanaged=max(0, used - measured),
+        leases=sum(1 for lease in mine if lease.released_ms == 0),
+        ghosts=sum(1 for lease in counted if lease.released_ms > 0),
+    )
+
+
+def _waiter(wid: str, raw: str) -> WaiterView | None:
+    parts = raw.split(" ")
+    if len(parts) < 8:
+        return None
+    try:
+        p, s, v, x = int(parts[0]), int(parts[1]), int(parts[2]), int(parts[4])
+    except ValueError:
+        return None
+    return WaiterView(
+        id=wid,
+        owner=wid.split("|", 1)[0],
+        cls=parts[6],
+        priority=p,
+        since_ms=s,
+        vram=v,
+        wants=parts[3],
+        expires_ms=x,
+        device=None if parts[5] == "-" else parts[5],
+        reason=parts[7],
+    )
+
+
+def _overrides(state: Mapping[str, str], now_ms: int) -> list[OverrideView]:
+    """Overrides in force: the raw fields the script obeys, described by ``ovr``."""
+    try:
+        ovr = json.loads(state.get("ovr") or "{}")
+    except ValueError:
+        ovr = {}
+    described: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for kind in ("pause", "cap"):
+        section = ovr.get(kind) if isinstance(ovr, dict) else None
+        if isinstance(section, dict):
+            for cls, o in section.items():
+                if isinstance(o, dict):
+                    described[(kind, cls)] = o
+    out: list[OverrideView] = []
+    for f, v in state.items():
+        kind, _, cls = f.partition(":")
+        if kind not in ("pause", "cap") or not cls:
+            continue
+        fields = v.split()
+        until = _int(fields[-1]) if fields else 0
+        if until != 0 and until <= now_ms:
+            continue
+        o = described.get((kind, cls), {})
+        out.append(
+            OverrideView(
+                kind="pause" if kind == "pause" else "cap",
+                cls=cls,
+                until_ms=until,
+                who=str(o.get("who", "")),
+                why=str(o.get("why", "")),
+                at_ms=_int(str(o.get("at", 0))),
+                n=_int(fields[0]) if kind == "cap" and fields else None,
+            )
+        )
+    out.sort(key=lambda o: (o.cls, o.kind))
+    return out
+
+
+def _tokens(raw: str | None, rate_per_s: float, burst: int, now_ms: int) -> float:
+    if raw is None:
+        return float(burst)
+    try:
+        tokens_s, updated_s = raw.split()
+        tokens, updated = float(tokens_s), int(float(updated_s))
+    except ValueError:
+        return float(burst)
+    if now_ms > updated:
+        tokens = min(float(burst), tokens + (now_ms - updated) * rate_per_s / 1000)
+    return tokens
+
+
+def _classes(
+    policy: Policy | None,
+    state: Mapping[str, str],
+    leases: list[LeaseView],
+    waiters: list[WaiterView],
+    overrides: list[OverrideView],
+    buckets: Mapping[str, str],
+    now_ms: int,
+) -> dict[str, ClassView]:
+    names: list[str] = list(policy.classes) if policy else []
+    seen = {lease.cls for lease in leases} | {w.cls for w in waiters}
+    names += sorted(seen - set(names))
+    released: dict[str, dict[str, int]] = {}
+    for f, v in state.items():
+        if f.startswith("out:"):
+            cls, _, outcome = f[4:].rpartition(":")
+            released.setdefault(cls, {})[outcome] = _int(v)
+    out: dict[str, ClassView] = {}
+    for name in names:
+        cp = policy.classes.get(name) if policy else None
+        pause = next((o for o in overrides if o.kind == "pause" and o.cls == name), None)
+        cap_o = next((o for o in overrides if o.kind == "cap" and o.cls == name), None)
+        cap_policy = cp.max_concurrent if cp else None
+        cap = cap_policy
+        if cap_o is not None and cap_o.n is not None and (cap is None or cap_o.n < cap):
+            cap = cap_o.n
+        mine = [lease for lease in leases if lease.cls == name]
+        live = [lease for lease in mine if lease.live(now_ms)]
+        waiting = [w for w in waiters if w.cls == name]
+        by_reason: dict[str, int] = {}
+        for w in waiting:
+            by_reason[w.reason] = by_reason.get(w.reason, 0) + 1
+        tokens = None
+        if cp is not None and cp.rate and cp.burst:
+            tokens = _tokens(buckets.get(name), cp.rate, cp.burst, now_ms)
+        out[name] = ClassView(
+            name=name,
+            priority=cp.priority if cp else 0,
+            cap_policy=cap_policy,
+            cap=cap,
+            rate=cp.rate if cp else None,
+            burst=cp.burst if cp else None,
+            tokens=tokens,
+            leases=len(live),
+            overdue=sum(1 for lease in mine if lease.overdue(now_ms)),
+            reserved=sum(lease.held for lease in live),
+            waiters=len(waiting),
+            waiting_by_reason=dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+            oldest_wait_s=max((w.waited_s(now_ms) for w in waiting), default=0.0),
+            released=released.get(name, {}),
+            expired=_int(state.get(f"expired:{name}")),
+            live_counter=_int(state.get(f"n:{name}")),
+            pause=pause,
+            cap_override=cap_o,
+        )
+    return out
+
+
+def _workers(
+    leases: list[LeaseView],
+    waiters: list[WaiterView],
+    now_ms: int,
+    ttl_ms: int,
+    waiter_ttl_ms: int,
+) -> list[WorkerView]:
+    seen: dict[str, dict[str, int]] = {}
+
+    def entry(owner: str) -> dict[str, int]:
+        return seen.setdefault(owner, {"leases": 0, "overdue": 0, "waiting": 0, "last": 0})
+
+    for lease in leases:
+        if lease.released_ms or not lease.expires_ms:
+            continue
+        e = entry(lease.owner)
+        e["overdue" if lease.overdue(now_ms) else "leases"] += 1
+        renewed = max(lease.start_ms, lease.expires_ms - ttl_ms)
+        e["last"] = max(e["last"], renewed)
+    for w in waiters:
+        e = entry(w.owner)
+        e["waiting"] += 1
+        # A waiter entry lives waiter_ttl past the DEFER that last wrote it.
+        e["last"] = max(e["last"], w.since_ms, w.expires_ms - waiter_ttl_ms)
+    out = []
+    for owner, e in seen.items():
+        host, pid = _owner_parts(owner)
+        out.append(
+            WorkerView(
+                owner=owner,
+                host=host,
+                pid=pid,
+                leases=e["leases"],
+                overdue=e["overdue"],
+                waiting=e["waiting"],
+                last_seen_ms=e["last"],
+            )
+        )
+    out.sort(key=lambda w: (w.host, w.pid or 0, w.owner))
+    return out
+
+
+def _owner_parts(owner: str) -> tuple[str, int | None]:
+    parts = owner.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return owner, None

@@ -1,0 +1,296 @@
+"""Prometheus metrics: the pool collector, the instruments, the endpoint, the event log."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from gpugate import Gate, Policy, SimulatedSampler
+from gpugate.cli._serve import PoolEvents
+from gpugate.metrics import Metrics, PoolCollector, start_metrics_server
+from gpugate.state._connect import connect
+from gpugate.state._inspect import read_pool
+
+GiB = 1 << 30
+
+POLICY = Policy.from_dict(
+    {
+        "pool": {"lease_ttl": "30s"},
+        "classes": {
+            "interactive": {"priority": 100, "max_concurrent": 4},
+            "batch": {"priority": 10, "max_concurrent": 3, "rate": "1/s", "burst": 4},
+        },
+    }
+)
+
+# The only labels a gpugate series may carry: never a lease, job or worker id.
+ALLOWED_LABELS = {
+    "pool",
+    "class",
+    "device",
+    "reason",
+    "outcome",
+    "kind",
+    "state",
+    "version",
+    "le",
+    "backend",
+    "call",
+}
+
+
+@pytest.fixture
+def gate(redis_url: str, pool_name: str) -> Iterator[Gate]:
+    """A gate on two simulated GPUs (device 0 has 10 GiB in use outside gpugate)."""
+    sampler = SimulatedSampler(["80GiB", "40GiB"], name=pool_name)
+    sampler.set_used(0, "10GiB")
+    g = Gate(
+        redis_url,
+        pool=pool_name,
+        policy=POLICY,
+        sampler=sampler,
+        metrics=Metrics(CollectorRegistry()),
+    )
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def scrape(redis_url: str, pool_name: str) -> Iterator[Callable[..., CollectorRegistry]]:
+    """A fresh registry holding only the pool's collector."""
+    client = connect(redis_url)
+
+    def make(**kw: Any) -> CollectorRegistry:
+        registry = CollectorRegistry()
+        registry.register(PoolCollector(client, pool_name, redis_url=redis_url, **kw))
+        return registry
+
+    yield make
+    client.close()
+
+
+class TestPoolCollector:
+    """The pool's state in Redis, read at each scrape."""
+
+    def test_gpu_memory_leases_waiters_tokens_caps_and_counters_are_exported(
+        self, gate: Gate, scrape: Callable[..., CollectorRegistry], pool_name: str
+    ) -> None:
+        held = gate.try_admit("batch", vram="30GiB")
+        done = gate.try_admit("batch", vram="5GiB")
+        assert held.lease is not None
+        assert done.lease is not None
+        assert gate.try_admit("interactive", vram="75GiB").reason == "vram"
+        gate.cap("batch", 2, duration="10m", reason="hot", who="alice@ops")
+        done.lease.release("oom")  # last: no later decision's sample drops its ghost
+        registry = scrape()
+
+        def value(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, {"pool": pool_name, **labels})
+
+        dev0, dev1 = gate.sampler.sample().devices
+        assert value("gpugate_pool_up") == 1
+        assert value("gpugate_gpus") == 2
+        assert value("gpugate_gpu_memory_total_bytes", device=dev0.uuid) == 80 * GiB
+        assert value("gpugate_gpu_memory_used_bytes", device=dev0.uuid) == 10 * GiB
+        assert value("gpugate_gpu_memory_free_bytes", device=dev0.uuid) == 70 * GiB
+        assert value("gpugate_gpu_memory_unmanaged_bytes", device=dev0.uuid) == 10 * GiB
+        reserved = sum(
+            value("gpugate_gpu_memory_reserved_bytes", device=d.uuid) or 0 for d in (dev0, dev1)
+        )
+        assert reserved == 35 * GiB  # the OOMed lease is a ghost until a later sample
+        assert value("gpugate_gpu_utilization_ratio", device=dev0.uuid) is None  # unknown, absent
+        assert value("gpugate_leases", **{"class": "batch"}) == 1
+        assert value("gpugate_class_reserved_bytes", **{"class": "batch"}) == 30 * GiB
+        assert value("gpugate_waiters", **{"class": "interactive", "reason": "vram"}) == 1
+        assert (value("gpugate_waiter_oldest_seconds", **{"class": "interactive"}) or 0) >= 0
+        assert 1.9 < (value("gpugate_tokens", **{"class": "batch"}) or 0) <= 4
+        assert value("gpugate_tokens", **{"class": "interactive"}) is None
+        assert value("gpugate_class_cap", **{"class": "batch"}) == 2
+        assert value("gpugate_class_cap", **{"class": "interactive"}) == 4
+        assert value("gpugate_class_priority", **{"class": "interactive"}) == 100
+        assert value("gpugate_override_active", **{"class": "batch", "kind": "cap"}) == 1
+        expiry = value(
+            "gpugate_override_expiry_timestamp_seconds", **{"class": "batch", "kind": "cap"}
+        )
+        assert expiry is not None
+        assert 590 < expiry - time.time() <= 600
+        assert value("gpugate_pool_admissions_total", **{"class": "batch"}) == 2
+        assert value("gpugate_pool_ooms_total", **{"class": "batch"}) == 1
+        assert (
+            value("gpugate_pool_lease_releases_total", **{"class": "batch", "outcome": "oom"}) == 1
+        )
+        assert (
+            value("gpugate_pool_lease_releases_total", **{"class": "batch", "outcome": "ok"}) == 0
+        )
+        assert value("gpugate_pool_leases_expired_total", **{"class": "batch"}) == 0
+        assert value("gpugate_workers", state="alive") == 1
+        assert value("gpugate_pool_health") == 0
+        assert value("gpugate_pool_policy_info", version=POLICY.version) == 1
+
+    def test_names_are_gpugate_base_units_and_labels_low_cardinality(
+        self, gate: Gate, scrape: Callable[..., CollectorRegistry]
+    ) -> None:
+        d = gate.try_admit("batch", vram="1GiB")
+        assert d.lease is not None
+        text = generate_latest(scrape()).decode()
+        families = list(text_string_to_metric_families(text))
+        assert len(families) > 20
+        for family in families:
+            assert family.name.startswith("gpugate_"), family.name
+            assert not re.search(r"_(ms|milliseconds|gib|mib|percent)$", family.name), family.name
+            for sample in family.samples:
+                assert set(sample.labels) <= ALLOWED_LABELS, sample
+        assert d.lease.id not in {v for f in families for s in f.samples for v in s.labels.values()}
+
+    def test_an_unreachable_redis_scrapes_as_pool_up_0_and_nothing_else(self) -> None:
+        client = connect("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
+        registry = CollectorRegistry()
+        registry.register(PoolCollector(client, "p"))  # registering reads nothing
+        families = list(text_string_to_metric_families(generate_latest(registry).decode()))
+        assert registry.get_sample_value("gpugate_pool_up", {"pool": "p"}) == 0
+        assert {f.name for f in families} == {
+            "gpugate_pool_up",
+            "gpugate_pool_read_duration_seconds",
+        }
+        client.close()
+
+    def test_a_pool_without_a_policy_is_health_unknown(
+        self, scrape: Callable[..., CollectorRegistry], pool_name: str
+    ) -> None:
+        registry = scrape()
+        assert registry.get_sample_value("gpugate_pool_health", {"pool": pool_name}) == -1
+        assert registry.get_sample_value("gpugate_gpus", {"pool": pool_name}) == 0
+
+
+class TestInstruments:
+    """The process-side instruments, sampler ones included, on a fresh registry."""
+
+    def test_sampler_and_nvml_instruments_exist_with_base_unit_names(self) -> None:
+        registry = CollectorRegistry()
+        m = Metrics(registry)
+        m.sampler_seconds.labels("nvml").observe(0.002)
+        m.nvml_errors.labels("nvmlDeviceGetMemoryInfo").inc()
+        assert (
+            registry.get_sample_value("gpugate_sampler_duration_seconds_count", {"backend": "nvml"})
+            == 1
+        )
+        assert (
+            registry.get_sample_value(
+                "gpugate_nvml_errors_total", {"call": "nvmlDeviceGetMemoryInfo"}
+            )
+            == 1
+        )
+
+
+class TestEndpoint:
+    """/metrics over HTTP: in a worker, and standalone (gpugate metrics)."""
+
+    def test_a_worker_serves_its_decisions_and_optionally_the_pool(self, gate: Gate) -> None:
+        d = gate.try_admit("batch", vram="1GiB")
+        assert d.admitted
+        with start_metrics_server(
+            0, addr="127.0.0.1", registry=gate.metrics.registry, pool_of=gate
+        ) as server:
+            body = urllib.request.urlopen(server.url, timeout=10).read().decode()
+        assert 'gpugate_decisions_total{class="batch",outcome="admit",reason="ok"} 1.0' in body
+        assert f'gpugate_pool_up{{pool="{gate.pool}"}} 1.0' in body
+
+    def test_gpugate_metrics_serves_the_pool_logs_json_and_stops_on_sigterm(
+        self, gate: Gate, redis_url: str, pool_name: str
+    ) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpugate",
+                "--redis-url",
+                redis_url,
+                "--pool",
+                pool_name,
+                "metrics",
+                "--port",
+                "0",
+                "--addr",
+                "127.0.0.1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            match = re.search(r"on (http://127\.0\.0\.1:\d+/metrics)$", line.strip())
+            assert match, line
+            body = urllib.request.urlopen(match.group(1), timeout=10).read().decode()
+            assert f'gpugate_pool_up{{pool="{pool_name}"}} 1.0' in body
+            assert "gpugate_gpu_memory_total_bytes" in body
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        events = [line for line in err.splitlines() if line.startswith("{")]
+        assert any('"event": "metrics_serving"' in e for e in events), err
+        assert any('"event": "pool_verdict"' in e for e in events), err
+
+
+class TestPoolEvents:
+    """The standalone exporter logs what changed in the pool between two scrapes."""
+
+    def test_expired_leases_ooms_and_override_changes_are_logged(
+        self, redis_url: str, pool_name: str
+    ) -> None:
+        now = [int(time.time() * 1000) + 3_600_000]
+        gate = Gate(
+            redis_url,
+            pool=pool_name,
+            policy=POLICY,
+            sampler=SimulatedSampler(["80GiB"]),
+            metrics=Metrics(CollectorRegistry()),
+            _clock_ms=lambda: now[0],
+        )
+        client = connect(redis_url)
+        events = PoolEvents()
+        try:
+            gate.pause("interactive", duration="5s", reason="drill", who="alice@ops")
+            lost = gate.try_admit("batch", vram="1GiB")
+            oom = gate.try_admit("batch", vram="1GiB")
+            assert lost.lease is not None
+            assert oom.lease is not None
+            with capture_logs() as first:
+                events(read_pool(client, pool_name, now_ms=now[0]))
+            assert [e["event"] for e in first] == ["override_in_force", "pool_verdict"]
+            assert first[0]["who"] == "alice@ops"
+            assert first[0]["why"] == "drill"
+
+            oom.lease.release("oom")
+            now[0] += 31_000  # the other lease's holder "died": nobody renewed it
+            gate.cap("batch", 1, who="bob@ops")  # also reaps nothing; the next decision does
+            gate.try_admit("interactive", vram="1GiB")
+            with capture_logs() as second:
+                events(read_pool(client, pool_name, now_ms=now[0]))
+        finally:
+            client.close()
+            gate.close()
+        by_event = {e["event"]: e for e in second}
+        assert by_event["leases_expired"]["cls"] == "batch"
+        assert by_event["leases_expired"]["count"] == 1
+        assert by_event["jobs_oom"]["count"] == 1
+        assert by_event["jobs_oom"]["log_level"] == "error"
+        assert by_event["override_set"]["who"] == "bob@ops"
+        assert by_event["override_set"]["n"] == 1
+        assert by_event["override_expired"]["cls"] == "interactive"
