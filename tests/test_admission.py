@@ -742,3 +742,20 @@ class TestScripts:
         client.script_flush()
         client.close()
         assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+
+
+class TestDecisionCounts:
+    """Every answer is counted per minute in Redis, for status."""
+
+    def test_answers_are_counted_by_class_outcome_and_reason(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        clock = FakeClock(start_ms=60_000 * 28_333_333)
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}), _clock_ms=clock)
+        gate.try_admit("batch", vram=1)
+        gate.try_admit("batch", vram=1)
+        gate.try_admit("batch", vram="100GiB")
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        counts = client.hgetall(f"{PoolKeys(pool_name).prefix}dec:28333333")
+        client.close()
+        assert counts == {"batch admit ok": "1", "batch defer cap": "1", "batch reject too_large": "1"}

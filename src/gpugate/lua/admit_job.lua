@@ -23,6 +23,8 @@
 --   P samples    hash  uuid -> sample record (the freshest one seen)
 --   P buckets    hash  class -> "tokens updated_ms"
 --   P dev:<uuid> hash  lease id -> lease record (live leases and ghosts)
+--   P dec:<minute> hash "<class> <outcome> <reason>" -> answers in that
+--                      minute (minute = ms // 60000), expiring after 16 min
 --   P ghosts     zset  "<uuid>\t<id>" -> release ms, ghosts not yet ended
 --
 -- Order: reap expired leases; pause; GPU presence; never fits (REJECT);
@@ -45,9 +47,12 @@ local want_device = ARGV[7]
 local tenant = ARGV[8]
 local n_samples = tonumber(ARGV[9])
 
+local now
+
+local function decide()
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'c:' .. cls, 'pause:' .. cls, 'cap:' .. cls, 'n:' .. cls,
                      'seq', 'next_exp')
-local now = script_now(clock_ms, tonumber(st[1]) or 0)
+now = script_now(clock_ms, tonumber(st[1]) or 0)
 if not st[2] then return redis.error_reply('nopolicy') end
 if not st[3] then return redis.error_reply('unknown_class ' .. cls) end
 
@@ -343,3 +348,16 @@ redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st
 if now + ttl < next_exp then redis.call('HSET', state_key, 'next_exp', now + ttl) end
 if waiting then redis.call('HDEL', waiters_key, waiter_id) end
 return {'admit', 'ok', 0, best.uuid, id, now + ttl, '', best_avail}
+end
+
+-- Count every answer per minute for status ("admitted/deferred/rejected in
+-- the last minutes"): P dec:<minute> hash "class outcome reason" -> count,
+-- kept 16 minutes. Error replies are not answers.
+local reply = decide()
+if reply[1] then
+  local key = prefix .. 'dec:' .. math.floor(now / 60000)
+  if redis.call('HINCRBY', key, cls .. ' ' .. reply[1] .. ' ' .. reply[2], 1) == 1 then
+    redis.call('PEXPIRE', key, 16 * 60000)
+  end
+end
+return reply

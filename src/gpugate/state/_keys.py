@@ -9,18 +9,23 @@ Key schema (``P`` = ``gpugate:{<pool>}:``):
 ==================  =======  ==================================================
 key                 type     meaning
 ==================  =======  ==================================================
-``P state``         hash     policy (JSON) and its version, overrides (JSON),
-                             counters (``n:<class>``, ``d:<class>:<uuid>``,
-                             ``d::<uuid>``), lease sequence ``seq``, script
-                             clock ``clock``, outcome and decision counters
+``P state``         hash     policy records and version, overrides, counters
+                             (``n:<class>``, ``d:<class>:<uuid>``,
+                             ``d::<uuid>``), per-device memory sums
+                             (``m:<uuid>``), lease sequence ``seq``, script
+                             clock ``clock``, outcome counters
 ``P exp``           zset     live leases ``<uuid>\\t<id>`` scored by expiry (ms)
-``P waiters``       hash     waiter id -> JSON (class, priority, since, vram,
-                             device, what it waits for, expiry)
-``P samples``       hash     device uuid -> ``total used taken_ms host`` (the
+``P waiters``       hash     waiter id -> waiter record (class, priority,
+                             since, vram, device, what it waits for, expiry)
+``P samples``       hash     device uuid -> ``total used taken_ms`` (the
                              freshest sample any host sent)
 ``P buckets``       hash     class -> ``tokens updated_ms`` (token buckets)
-``P dev:<uuid>``    hash     lease id -> JSON lease record on that device
-``P workers``       hash     owner id -> JSON (host, pid, last heartbeat)
+``P dev:<uuid>``    hash     lease id -> lease record on that device (live
+                             leases and ghosts)
+``P ghosts``        zset     ghosts ``<uuid>\\t<id>`` by release time (ms)
+``P dec:<minute>``  hash     ``<class> <outcome> <reason>`` -> answers in that
+                             minute, kept 16 minutes
+``P workers``       hash     reserved for the worker registry (not written yet)
 ``P wake``          channel  published on release, expiry and override change
 ==================  =======  ==================================================
 """
@@ -64,8 +69,13 @@ class PoolKeys:
         self.samples = self.prefix + "samples"
         self.buckets = self.prefix + "buckets"
         self.workers = self.prefix + "workers"
+        self.ghosts = self.prefix + "ghosts"
         self.wake = self.prefix + "wake"
 
     def device(self, uuid: str) -> str:
         """The hash holding the leases on device ``uuid``."""
         return f"{self.prefix}dev:{uuid}"
+
+    def decisions(self, minute: int) -> str:
+        """The hash counting answers in ``minute`` (script time in ms // 60000)."""
+        return f"{self.prefix}dec:{minute}"
