@@ -15,6 +15,7 @@ from ._exceptions import (
 )
 from ._units import format_duration, format_size, parse_duration, parse_rate, parse_size
 from .admission import Decision, Gate, Lease, Outcome, Reason, Ticket
+from .metrics import start_metrics_server
 from .policy import ClassPolicy, Policy, PoolSettings
 from .sampling import DeviceSample, NoGpuSampler, Sampler, SimulatedSampler, Snapshot
 
@@ -48,4 +49,5 @@ __all__ = [
     "parse_duration",
     "parse_rate",
     "parse_size",
+    "start_metrics_server",
 ]

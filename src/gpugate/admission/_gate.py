@@ -158,6 +158,11 @@ class Gate:
         except BackendError as exc:
             log.warning("policy_sync_deferred", error=str(exc))
 
+    @property
+    def client(self) -> redis.Redis | redis.RedisCluster:
+        """The Redis client this gate talks through (for metrics exporters, inspection)."""
+        return self._client
+
     # -- policy -----------------------------------------------------------------
 
     @property
@@ -546,6 +551,15 @@ class Gate:
     def _release_lease(self, lease: Lease, outcome: str, refund: bool = False) -> bool:
         self._leases.discard(lease)
         self.metrics.job_outcomes.labels(lease.cls, outcome).inc()
+        if outcome == "oom":
+            log.warning(
+                "job_oom",
+                cls=lease.cls,
+                device=lease.device_uuid,
+                lease_id=lease.id,
+                vram_bytes=lease.vram,
+                fix="raise the class's VRAM estimate or the pool's safety_margin",
+            )
         if os.getpid() != self._pid:
             return False  # the parent's lease; the parent releases it
         try:

@@ -93,5 +93,5 @@ def start_metrics_server(
     """
     registry = REGISTRY if registry is None else registry
     if pool_of is not None:
-        registry.register(PoolCollector(pool_of._client, pool_of.pool, redis_url=pool_of.redis_url))
+        registry.register(PoolCollector(pool_of.client, pool_of.pool, redis_url=pool_of.redis_url))
     return MetricsServer(registry, addr, port)

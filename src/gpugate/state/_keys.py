@@ -45,6 +45,7 @@ class PoolKeys:
     __slots__ = (
         "buckets",
         "exp",
+        "ghosts",
         "pool",
         "prefix",
         "samples",
