@@ -17,7 +17,11 @@ from gpugate.state._server import RedisProcess
 def gpugate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run(
-        [sys.executable, "-m", "gpugate", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "gpugate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -29,8 +33,10 @@ class TestDemo:
         assert result.returncode == 0, result.stderr
         out = result.stdout
         assert "embedded Redis (this host only)" in out
-        assert "ADMIT" in out and "DEFER" in out
-        assert "PAUSE  batch" in out and "paused" in out
+        assert "ADMIT" in out
+        assert "DEFER" in out
+        assert "PAUSE  batch" in out
+        assert "paused" in out
         assert "OOMs: 0" in out
         # The embedded Redis stays up for the host's other processes until stopped.
         assert gpugate("embedded", "status").returncode == 0
@@ -41,7 +47,8 @@ class TestDemo:
         lines: list[str] = []
         report = run_demo(redis_url=redis_url, seconds=3, workers=4, echo=lines.append)
         assert report.ooms == 0
-        assert report.jobs_done["interactive"] > 0 and report.jobs_done["batch"] > 0
+        assert report.jobs_done["interactive"] > 0
+        assert report.jobs_done["batch"] > 0
         assert any(reason == "paused" for (_, _, reason) in report.decisions)
         for dev, peak in report.peak_used.items():
             assert peak <= report.totals[dev]
@@ -64,15 +71,20 @@ class TestPolicyCommands:
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1
-        assert str(f) in lines[0] and "classes.batch.rate" in lines[0] and "5/xs" in lines[0]
+        assert str(f) in lines[0]
+        assert "classes.batch.rate" in lines[0]
+        assert "5/xs" in lines[0]
         assert "Traceback" not in result.stderr
 
-    def test_apply_then_show_round_trips(self, redis_server: RedisProcess, pool_name: str, tmp_path: Path) -> None:
+    def test_apply_then_show_round_trips(
+        self, redis_server: RedisProcess, pool_name: str, tmp_path: Path
+    ) -> None:
         f = tmp_path / "gpugate.toml"
-        f.write_text('[classes.batch]\npriority = 10\nmax_concurrent = 2\n')
-        applied = gpugate("--redis-url", redis_server.url, "--pool", pool_name, "policy", "apply", str(f))
+        f.write_text("[classes.batch]\npriority = 10\nmax_concurrent = 2\n")
+        target = ("--redis-url", redis_server.url, "--pool", pool_name)
+        applied = gpugate(*target, "policy", "apply", str(f))
         assert applied.returncode == 0, applied.stderr
-        shown = gpugate("--redis-url", redis_server.url, "--pool", pool_name, "policy", "show")
+        shown = gpugate(*target, "policy", "show")
         doc = json.loads(shown.stdout)
         assert doc["policy"]["classes"]["batch"]["max_concurrent"] == 2
 

@@ -117,7 +117,8 @@ class TestStress:
                 reasons[k] = reasons.get(k, 0) + v
         # The run must have contended for real: many admissions and deferrals for each limit.
         assert len(intervals) >= 200, reasons
-        assert reasons.get("cap", 0) > 0 and reasons.get("vram", 0) > 0, reasons
+        assert reasons.get("cap", 0) > 0, reasons
+        assert reasons.get("vram", 0) > 0, reasons
 
         def events(select: Any, weight: Any) -> list[tuple[float, int]]:
             ev: list[tuple[float, int]] = []
@@ -208,7 +209,9 @@ _HOLDER = textwrap.dedent(
     """
     import sys, time
     from gpugate import Gate, Policy, SimulatedSampler
-    pol = Policy.from_dict({"pool": {"lease_ttl": "2s"}, "classes": {"batch": {"priority": 10, "max_concurrent": 1}}})
+    pol = Policy.from_dict(
+        {"pool": {"lease_ttl": "2s"}, "classes": {"batch": {"priority": 10, "max_concurrent": 1}}}
+    )
     gate = Gate(sys.argv[1], pool=sys.argv[2], policy=pol, sampler=SimulatedSampler(["80GiB"]))
     d = gate.try_admit("batch", vram="1GiB")
     print("LEASE", d.outcome.value, d.lease.device_uuid, d.lease.id, flush=True)

@@ -47,7 +47,13 @@ class TestPublicApi:
                 assert obj.__doc__, name
 
     def test_the_exceptions_form_one_tree(self) -> None:
-        for name in ("AdmissionRejected", "AdmissionTimeout", "BackendError", "ConfigError", "UsageError"):
+        for name in (
+            "AdmissionRejected",
+            "AdmissionTimeout",
+            "BackendError",
+            "ConfigError",
+            "UsageError",
+        ):
             assert issubclass(getattr(gpugate, name), gpugate.GpugateError)
         assert issubclass(gpugate.AdmissionTimeout, TimeoutError)
         assert issubclass(gpugate.ConfigError, ValueError)

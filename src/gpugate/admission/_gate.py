@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import random
@@ -341,7 +342,10 @@ class Gate:
         children = self._metric_children.get(key)
         if children is None:
             m = self.metrics
-            children = (m.decision_seconds.labels(cls), m.decisions.labels(cls, d.outcome.value, d.reason))
+            children = (
+                m.decision_seconds.labels(cls),
+                m.decisions.labels(cls, d.outcome.value, d.reason),
+            )
             self._metric_children[key] = children
         children[0].observe(elapsed)
         children[1].inc()
@@ -457,7 +461,8 @@ class Gate:
                 if "unknown_class" in msg:
                     known = sorted(self.effective_policy.classes)
                     raise UsageError(
-                        f"class {args[2]!r} is not in pool {self.pool!r}'s policy; known classes: {', '.join(known)}"
+                        f"class {args[2]!r} is not in pool {self.pool!r}'s policy; "
+                        f"known classes: {', '.join(known)}"
                     ) from None
                 raise BackendError(
                     f"the admission script failed on {self.redis_url}: {msg}"
@@ -652,7 +657,10 @@ class Gate:
         reason: str = "",
         who: str | None = None,
     ) -> dict[str, Any]:
-        """Pause ``cls``: its requests DEFER (reason ``paused``) until resumed or ``duration`` passes."""
+        """Pause ``cls``: its requests DEFER (reason ``paused``).
+
+        The pause lasts until :meth:`resume`, or until ``duration`` passes when one is given.
+        """
         return self._override("pause", cls, 0, duration, reason, who)
 
     def resume(self, cls: str, *, who: str | None = None) -> dict[str, Any]:
@@ -719,8 +727,9 @@ class Gate:
             )
         except redis.ResponseError as exc:
             if "unknown_class" in str(exc):
+                known = ", ".join(self.effective_policy.classes)
                 raise UsageError(
-                    f"class {cls!r} is not in pool {self.pool!r}'s policy; known: {', '.join(self.effective_policy.classes)}"
+                    f"class {cls!r} is not in pool {self.pool!r}'s policy; known: {known}"
                 ) from None
             raise BackendError(str(exc)) from exc
         log.info(
@@ -753,10 +762,9 @@ class Gate:
         return self._wake
 
     def _forget_waiter(self, waiter: str) -> None:
-        try:
+        # On failure it expires by itself within the waiter TTL.
+        with contextlib.suppress(BackendError):
             self._call(self._client.hdel, self._keys.waiters, waiter)
-        except BackendError:
-            pass  # it expires by itself within the waiter TTL
 
     def _check_usable(self) -> None:
         if os.getpid() != self._pid:
@@ -775,14 +783,12 @@ class Gate:
             lease.released = True
             self._release_lease(lease, "dropped")
         for dev_uuid, lease_id in self._leases.take_dropped():
-            try:
+            with contextlib.suppress(BackendError):
                 self._call(
                     self._scripts.release_lease,
                     keys=[self._keys.state, self._keys.exp, self._keys.buckets],
                     args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, "dropped", "0"],
                 )
-            except BackendError:
-                pass
         if self._heartbeat is not None:
             self._heartbeat.stop()
         if self._wake is not None:
@@ -859,10 +865,9 @@ class _AsyncAdmission:
 
 def _close_all_at_exit() -> None:
     for gate in list(_live_gates):
-        try:
+        # Exiting anyway; the leases expire within one TTL.
+        with contextlib.suppress(Exception):
             gate.close()
-        except Exception:  # exiting anyway; the leases expire within one TTL
-            pass
 
 
 atexit.register(_close_all_at_exit)

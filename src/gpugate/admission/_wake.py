@@ -8,6 +8,7 @@ lost message only costs them one timer period, never their turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 
@@ -79,29 +80,34 @@ class WakeListener:
             self._cond.notify_all()
             events = list(self._async_events)
         for loop, event in events:
-            try:
+            # RuntimeError: that loop is closed; its waiter is gone.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # that loop is closed; its waiter is gone
-                pass
 
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._client.pubsub(  # type: ignore[no-untyped-call]
+                ignore_subscribe_messages=True
+            )
             try:
                 pubsub.subscribe(self._channel)
                 failures = 0
                 while not self._stop.is_set():
                     if pubsub.get_message(timeout=0.5) is not None:
                         self._bump()
-            except (redis.ConnectionError, redis.TimeoutError, OSError, redis.RedisClusterException) as exc:
+            except (
+                redis.ConnectionError,
+                redis.TimeoutError,
+                OSError,
+                redis.RedisClusterException,
+            ) as exc:
                 failures += 1
                 log.debug("wake_listener_reconnecting", error=str(exc), failures=failures)
                 # Waiters fall back to their timers meanwhile; wake them so they retry now.
                 self._bump()
                 self._stop.wait(min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0))
             finally:
-                try:
+                # Closing a broken connection may fail again.
+                with contextlib.suppress(Exception):
                     pubsub.close()
-                except Exception:  # closing a broken connection may fail again
-                    pass

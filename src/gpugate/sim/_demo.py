@@ -19,8 +19,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import redis
-
 from .._units import format_size
 from ..admission import Gate, Outcome
 from ..policy import Policy
@@ -74,7 +72,7 @@ class _Demo:
         self.pool = f"demo-{uuid.uuid4().hex[:6]}"
         self.policy = Policy.from_dict(DEMO_POLICY)
         self.sampler = SimulatedSampler(["24GiB", "24GiB"], name=self.pool)
-        self.report = DemoReport(totals={u: 24 * GiB for u in self.sampler.uuids})
+        self.report = DemoReport(totals=dict.fromkeys(self.sampler.uuids, 24 * GiB))
         self.lock = threading.Lock()
         self.start = time.monotonic()
         self.stop = threading.Event()
@@ -158,7 +156,8 @@ class _Demo:
         where = "embedded Redis (this host only)" if control.embedded else control.redis_url
         self.echo(f"gpugate demo: pool {self.pool} on {where}; two simulated 24 GiB GPUs")
         self.echo(
-            "policy: interactive priority 100, cap 4, 4 GiB reserved; batch priority 10, cap 3, 4/s burst 2"
+            "policy: interactive priority 100, cap 4, 4 GiB reserved; "
+            "batch priority 10, cap 3, 4/s burst 2"
         )
         self.echo("")
         classes = ["interactive", "batch"]
@@ -208,7 +207,8 @@ def run_demo(
         p50 = waits[len(waits) // 2]
         p95 = waits[min(len(waits) - 1, int(len(waits) * 0.95))]
         echo(
-            f"  {cls:<12} jobs done {report.jobs_done[cls]:>3}   wait p50 {p50:5.2f}s  p95 {p95:5.2f}s"
+            f"  {cls:<12} jobs done {report.jobs_done[cls]:>3}   "
+            f"wait p50 {p50:5.2f}s  p95 {p95:5.2f}s"
         )
         reasons = Counter(
             {r: n for (c, o, r), n in report.decisions.items() if c == cls and o != "admit"}
@@ -219,8 +219,7 @@ def run_demo(
                 + ", ".join(f"{r} x{n}" for r, n in reasons.most_common())
             )
     for dev_uuid, total in report.totals.items():
-        echo(
-            f"  {dev_uuid:<22} peak {format_size(report.peak_used.get(dev_uuid, 0)):>8} of {format_size(total)}"
-        )
+        peak = format_size(report.peak_used.get(dev_uuid, 0))
+        echo(f"  {dev_uuid:<22} peak {peak:>8} of {format_size(total)}")
     echo(f"  OOMs: {report.ooms} (a job started where its memory did not fit)")
     return report

@@ -18,7 +18,10 @@ def _num(value: float) -> str:
 
 
 def pool_record(policy: Policy) -> str:
-    """``margin ttl_ms placement max_age_ms waiter_ttl_ms aging_per_ms retry_max_ms max_per_device``."""
+    """The pool record.
+
+    ``margin ttl_ms placement max_age_ms waiter_ttl_ms aging_per_ms retry_max_ms max_per_device``.
+    """
     p = policy.to_wire()["pool"]
     return " ".join(
         _num(v) if not isinstance(v, str) else v
@@ -30,7 +33,10 @@ def pool_record(policy: Policy) -> str:
 
 
 def class_records(policy: Policy) -> dict[str, str]:
-    """Per class: ``prio cap dev_cap rate_per_ms burst reserve_above max_ms max_contended_ms no_gpu``."""
+    """The class records, per class.
+
+    ``prio cap dev_cap rate_per_ms burst reserve_above max_ms max_contended_ms no_gpu``.
+    """
     wire = policy.to_wire()["classes"]
     out = {}
     for name, c in wire.items():
