@@ -92,6 +92,8 @@ setup(
         Extension(
             "gpugate._fastpath",
             sources=["src/gpugate/_fastpath.pyx"],
+            # NVML is opened with dlopen, which lives in libdl before glibc 2.34.
+            libraries=["dl"] if sys.platform.startswith("linux") else [],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -37,6 +37,8 @@ settings.register_profile("dev", deadline=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 _ISOLATED_ENVS = ("GPUGATE_REDIS_URL", "REDIS_URL")
+# Gates built without a sampler see no GPU, even on a host that has one.
+_NO_NVML = ("GPUGATE_NVML_LIBRARY", "none")
 
 
 def _version_key(executable: str) -> tuple[int, ...]:
@@ -54,8 +56,12 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     child processes the tests spawn see the same values.
     """
     embedded = tmp_path_factory.mktemp("embedded")
-    saved = {name: os.environ.get(name) for name in ("GPUGATE_EMBEDDED_DIR", *_ISOLATED_ENVS)}
+    saved = {
+        name: os.environ.get(name)
+        for name in ("GPUGATE_EMBEDDED_DIR", _NO_NVML[0], *_ISOLATED_ENVS)
+    }
     os.environ["GPUGATE_EMBEDDED_DIR"] = str(embedded)
+    os.environ[_NO_NVML[0]] = _NO_NVML[1]
     for name in _ISOLATED_ENVS:
         os.environ.pop(name, None)
     try:

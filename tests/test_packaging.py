@@ -102,7 +102,12 @@ class TestImplementationChoice:
         assert "unset GPUGATE_REQUIRE_EXTENSIONS" in result.stderr
 
     def test_both_twins_define_the_same_public_functions(self) -> None:
-        assert set(_fastpath_py.__all__) == {"pack_samples", "precheck_fits"}
+        assert set(_fastpath_py.__all__) == {
+            "NvmlLibrary",
+            "pack_samples",
+            "precheck_fits",
+            "process_entry_bytes",
+        }
         assert set(_speedups.__all__) == {"IMPLEMENTATION", *_fastpath_py.__all__}
         if _compiled is not None:
             assert set(_compiled.__all__) == set(_fastpath_py.__all__)

@@ -7,7 +7,9 @@
   makes a missing extension an ``ImportError``.
 
 :data:`IMPLEMENTATION` says which one was chosen (``"cython"`` or
-``"python"``); ``gpugate status`` shows it. Both give the same results.
+``"python"``); ``gpugate status`` shows it. Both give the same results. The
+NVML sampler's :class:`NvmlLibrary` follows the same choice: dlopen and C
+structs in the compiled module, nvidia-ml-py in the twin.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import _fastpath_py
 
-__all__ = ["IMPLEMENTATION", "pack_samples", "precheck_fits"]
+__all__ = ["IMPLEMENTATION", "NvmlLibrary", "pack_samples", "precheck_fits", "process_entry_bytes"]
 
 NO_EXTENSIONS_ENV = "GPUGATE_NO_EXTENSIONS"
 REQUIRE_EXTENSIONS_ENV = "GPUGATE_REQUIRE_EXTENSIONS"
@@ -45,7 +47,9 @@ def _choose() -> tuple[ModuleType, str]:
 _impl, IMPLEMENTATION = _choose()
 
 if TYPE_CHECKING:
-    from ._fastpath_py import pack_samples, precheck_fits
+    from ._fastpath_py import NvmlLibrary, pack_samples, precheck_fits, process_entry_bytes
 else:
+    NvmlLibrary = _impl.NvmlLibrary
     pack_samples = _impl.pack_samples
     precheck_fits = _impl.precheck_fits
+    process_entry_bytes = _impl.process_entry_bytes

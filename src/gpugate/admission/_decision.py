@@ -26,6 +26,7 @@ class Reason:
     PAUSED = "paused"
     NO_GPU = "no_gpu"
     STALE_SAMPLE = "stale_sample"
+    GPU_LOST = "gpu_lost"
     TOO_LARGE = "too_large"
     CAP = "cap"
     PRIORITY = "priority"

@@ -36,7 +36,7 @@ from .._logging import Throttle
 from .._units import format_size, parse_duration, parse_size
 from ..metrics import Metrics, default_metrics
 from ..policy import Policy
-from ..sampling import NoGpuSampler, Sampler, Snapshot
+from ..sampling import Sampler, Snapshot, default_sampler
 from ..state._connect import connect, mask_url, resolve_redis_url
 from ..state._keys import PoolKeys
 from ..state._scripts import Scripts
@@ -93,8 +93,9 @@ class Gate:
     ``$GPUGATE_POOL`` or ``"default"``). ``policy``: this gate's policy; it is
     published to the pool when the pool has none, and the pool's policy is the
     one enforced (a differing one is logged and shown in ``policy_mismatch``).
-    ``sampler``: what the GPUs look like (default: no GPU until the NVML
-    sampler is configured). ``socket_timeout_s`` bounds every Redis call.
+    ``sampler``: what the GPUs look like (default:
+    :func:`gpugate.sampling.default_sampler`, NVML when present, else no GPU).
+    ``socket_timeout_s`` bounds every Redis call.
     ``metrics``: the Prometheus instruments to update (default: those on
     prometheus_client's default registry).
 
@@ -125,7 +126,7 @@ class Gate:
         self.pool_policy: Policy | None = None
         self.pool_policy_version: str | None = None
         self.policy_mismatch = False
-        self.sampler: Sampler = sampler if sampler is not None else NoGpuSampler()
+        self.sampler: Sampler = sampler if sampler is not None else default_sampler()
         self._clock_ms = _clock_ms
         self.metrics = metrics if metrics is not None else default_metrics()
         self._pid = os.getpid()
@@ -375,6 +376,16 @@ class Gate:
         self._check_usable()
         snap = self.sampler.sample()
         self.stats["decisions"] += 1
+        if device is not None and device in snap.quarantined:
+            return Decision(
+                Outcome.DEFER,
+                Reason.GPU_LOST,
+                retry_after=self._jitter(self.effective_policy.pool.retry_max_s),
+                detail=f"device {device} is quarantined: its driver reports it lost",
+                cls=cls,
+                vram=vram,
+                local=True,
+            )
         if precheck and snap.devices and self._local_defer_ok(cls, vram, device, snap):
             self.stats["local_defers"] += 1
             return Decision(
@@ -387,7 +398,8 @@ class Gate:
                 local=True,
             )
         devices = snap.devices
-        age_ms = int(snap.age_s() * 1000)
+        # Each device's own age: a reading standing in for a failing device is older.
+        now_mono = time.monotonic()
         args = [
             self._keys.prefix,
             self._clock_ms() if self._clock_ms is not None else 0,
@@ -402,7 +414,7 @@ class Gate:
                 [d.uuid for d in devices],
                 [d.total for d in devices],
                 [d.used for d in devices],
-                [age_ms] * len(devices),
+                [int(snap.device_age_s(d, now_mono) * 1000) for d in devices],
             ),
         ]
         try:

@@ -5,7 +5,19 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
+
+
+class GpuProcess(NamedTuple):
+    """A compute process on a device: its host-namespace ``pid``, the bytes it
+    uses (``None`` when the driver cannot tell), and on MIG its GPU and
+    compute instance ids (``None`` when the driver does not say; NVML's
+    0xFFFFFFFF without MIG)."""
+
+    pid: int
+    used: int | None
+    gpu_instance: int | None = None
+    compute_instance: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,8 +26,16 @@ class DeviceSample:
 
     ``uuid`` keys the device everywhere (NVML UUID, ``MIG-…`` for MIG
     instances, ``SIM-…`` for simulated devices); ``index`` is the host-local
-    index. Memory is in bytes; ``utilization`` is a fraction in [0, 1] or
+    index (for a MIG instance, its GPU's index, with ``mig_index`` the
+    instance's slot and ``parent_uuid`` the GPU's uuid). Memory is in bytes:
+    ``total`` is what processes can use (NVML's total less the memory the
+    driver keeps for itself, ``reserved``, which is ``None`` when the driver
+    cannot tell it apart and counts it in ``used``), ``used`` what they use.
+    ``utilization`` and ``memory_utilization`` are fractions in [0, 1] or
     ``None`` when the driver cannot tell (never 0 for "unknown").
+    ``processes`` lists the compute processes (``None`` when not known).
+    ``taken_mono`` is when this device was read, when that differs from the
+    snapshot's time (``None``: the snapshot's).
     """
 
     uuid: str
@@ -24,6 +44,12 @@ class DeviceSample:
     used: int
     name: str = ""
     utilization: float | None = None
+    memory_utilization: float | None = None
+    reserved: int | None = None
+    processes: tuple[GpuProcess, ...] | None = None
+    parent_uuid: str = ""
+    mig_index: int | None = None
+    taken_mono: float | None = None
 
     @property
     def free(self) -> int:
@@ -32,21 +58,53 @@ class DeviceSample:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceFault:
+    """A device seen but not usable in this snapshot, and why.
+
+    ``code`` is the driver's error code (NVML's ``nvmlReturn_t``) and
+    ``error`` its name. A ``quarantined`` device (lost, or waiting for a
+    reset) admits nothing until it has answered normally for the sampler's
+    quarantine time; any other fault is transient. ``uuid`` is empty when the
+    device could not even say who it is and was never seen before.
+    """
+
+    uuid: str
+    index: int
+    code: int
+    error: str
+    quarantined: bool = False
+    mig_index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Every device a sampler sees, taken at one instant.
 
-    ``taken_mono`` is :func:`time.monotonic` at sampling time; ages are
-    computed from it so that hosts with skewed wall clocks still agree.
+    ``taken_mono`` is :func:`time.monotonic` at sampling time (the oldest
+    device reading when they differ); ages are computed from it so that
+    hosts with skewed wall clocks still agree. ``devices`` are the usable
+    devices; ``faults`` the devices seen but not usable now.
     """
 
     devices: tuple[DeviceSample, ...]
     taken_mono: float
     host: str = ""
     backend: str = ""
+    faults: tuple[DeviceFault, ...] = ()
 
     def age_s(self, now_mono: float | None = None) -> float:
         """Seconds since the snapshot was taken."""
         return max(0.0, (time.monotonic() if now_mono is None else now_mono) - self.taken_mono)
+
+    def device_age_s(self, device: DeviceSample, now_mono: float | None = None) -> float:
+        """Seconds since ``device`` was read (its own time, else the snapshot's)."""
+        taken = self.taken_mono if device.taken_mono is None else device.taken_mono
+        return max(0.0, (time.monotonic() if now_mono is None else now_mono) - taken)
+
+    @property
+    def quarantined(self) -> frozenset[str]:
+        """The uuids of the quarantined devices: nothing is admitted there."""
+        return frozenset(f.uuid for f in self.faults if f.quarantined and f.uuid)
 
     def by_uuid(self, uuid: str) -> DeviceSample | None:
         """The device with this uuid, or ``None``."""
