@@ -11,13 +11,25 @@ from ._exceptions import (
     BackendError,
     ConfigError,
     GpugateError,
+    NvmlError,
+    NvmlUnavailable,
     UsageError,
 )
 from ._units import format_duration, format_size, parse_duration, parse_rate, parse_size
 from .admission import Decision, Gate, Lease, Outcome, Reason, Ticket
 from .metrics import start_metrics_server
 from .policy import ClassPolicy, Policy, PoolSettings
-from .sampling import DeviceSample, NoGpuSampler, Sampler, SimulatedSampler, Snapshot
+from .sampling import (
+    DeviceFault,
+    DeviceSample,
+    GpuProcess,
+    NoGpuSampler,
+    NvmlSampler,
+    Sampler,
+    SimulatedSampler,
+    Snapshot,
+    default_sampler,
+)
 
 __version__ = "0.1.0"
 
@@ -29,11 +41,16 @@ __all__ = [
     "ClassPolicy",
     "ConfigError",
     "Decision",
+    "DeviceFault",
     "DeviceSample",
     "Gate",
+    "GpuProcess",
     "GpugateError",
     "Lease",
     "NoGpuSampler",
+    "NvmlError",
+    "NvmlSampler",
+    "NvmlUnavailable",
     "Outcome",
     "Policy",
     "PoolSettings",
@@ -44,6 +61,7 @@ __all__ = [
     "Ticket",
     "UsageError",
     "__version__",
+    "default_sampler",
     "format_duration",
     "format_size",
     "parse_duration",

@@ -5,6 +5,8 @@
     GpugateError
     ├── ConfigError (also ValueError)      bad policy file, size, duration, rate
     ├── BackendError                      Redis unreachable, timed out, or a script failed
+    ├── NvmlError                         NVML failed in a way the sampler cannot work around
+    │   └── NvmlUnavailable               no NVML library or driver here (no-GPU mode)
     ├── UsageError                        the API used the wrong way (unknown class,
     │                                     a Gate used in a forked child, a released lease)
     └── AdmissionError                    a blocking admission did not get a slot
@@ -50,6 +52,22 @@ class ConfigError(GpugateError, ValueError):
 
 class BackendError(GpugateError):
     """Redis could not be reached in time, or a gpugate script failed there."""
+
+
+class NvmlError(GpugateError):
+    """NVML answered with an error the sampler cannot work around.
+
+    ``code`` is the ``nvmlReturn_t`` value, ``call`` the NVML function.
+    """
+
+    def __init__(self, message: str, *, code: int, call: str) -> None:
+        self.code = code
+        self.call = call
+        super().__init__(message)
+
+
+class NvmlUnavailable(NvmlError):
+    """No NVML here: the library or the driver is missing (no-GPU mode)."""
 
 
 class UsageError(GpugateError):

@@ -1,7 +1,8 @@
 """What the GPUs of this host look like: samplers and their snapshots."""
 
+from .._exceptions import NvmlError, NvmlUnavailable
 from ._nogpu import NoGpuSampler
-from ._nvml import NvmlError, NvmlSampler, NvmlUnavailable, default_sampler
+from ._nvml import NvmlSampler, default_sampler
 from ._sample import DeviceFault, DeviceSample, GpuProcess, Sampler, Snapshot
 from ._simulated import SimulatedSampler
 

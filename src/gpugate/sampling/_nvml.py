@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .. import _fastpath_py, _speedups
-from .._exceptions import ConfigError, GpugateError, UsageError
+from .._exceptions import ConfigError, NvmlError, NvmlUnavailable, UsageError
 from .._logging import Throttle
 from ._nogpu import NoGpuSampler
 from ._sample import DeviceFault, DeviceSample, GpuProcess, Sampler, Snapshot, hostname
@@ -88,22 +88,6 @@ _FIXES = {
 def error_name(code: int) -> str:
     """The NVML name of a return code (``"GPU_IS_LOST"``), or ``"ERROR_<n>"``."""
     return ERROR_NAMES.get(code, f"ERROR_{code}")
-
-
-class NvmlError(GpugateError):
-    """NVML answered with an error the sampler cannot work around.
-
-    ``code`` is the ``nvmlReturn_t`` value, ``call`` the NVML function.
-    """
-
-    def __init__(self, message: str, *, code: int, call: str) -> None:
-        self.code = code
-        self.call = call
-        super().__init__(message)
-
-
-class NvmlUnavailable(NvmlError):
-    """No NVML here: the library or the driver is missing (no-GPU mode)."""
 
 
 def _fail(cls: type[NvmlError], code: int, call: str, library: str) -> NvmlError:
