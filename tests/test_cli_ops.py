@@ -50,6 +50,11 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.ms += int(seconds * 1000)
 
+    def next_minute(self, second: float = 0) -> int:
+        """Jump to ``second`` into the next minute of the scripts' clock; return that minute."""
+        self.ms = (self.ms // 60_000 + 1) * 60_000 + int(second * 1000)
+        return self.ms // 60_000
+
 
 @pytest.fixture
 def make_gate(redis_url: str, pool_name: str) -> Iterator[Callable[..., Gate]]:
@@ -206,6 +211,41 @@ class TestPoolView:
         v = view(now_ms=clock.ms)
         assert [o.kind for o in v.overrides] == ["cap"]
 
+    def test_decisions_are_counted_by_minute_into_1_5_and_15_minute_windows(
+        self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
+    ) -> None:
+        clock = FakeClock()
+        gate = make_gate(_clock_ms=clock)
+        m = clock.next_minute(10)
+        assert gate.try_admit("batch", vram="1GiB").admitted
+        assert gate.try_admit("interactive", vram="100GiB").reason == "too_large"
+        clock.ms = (m + 5) * 60_000 + 10_000  # the leases above expired: reaped now
+        assert gate.try_admit("batch", vram="1GiB").admitted
+        assert gate.try_admit("batch", vram="1GiB").admitted
+        assert gate.try_admit("batch", vram="2GiB").reason == "cap"
+        clock.ms = (m + 10) * 60_000 + 10_000
+        assert gate.try_admit("interactive", vram="70GiB").admitted
+        assert gate.try_admit("interactive", vram="70GiB").admitted
+        assert gate.try_admit("interactive", vram="60GiB").reason == "vram"
+
+        v = view(now_ms=(m + 10) * 60_000 + 30_000)
+        batch, interactive = v.classes["batch"].recent, v.classes["interactive"].recent
+        assert set(batch.by_minute) == {m, m + 5}
+        assert (interactive.last_1m.admitted, interactive.last_1m.deferred) == (2, 1)
+        assert interactive.last_1m.reasons["defer"] == {"vram": 1}
+        assert interactive.last_5m.rejected == 0
+        assert interactive.last_15m.reasons["reject"] == {"too_large": 1}
+        assert batch.last_1m.total == 0
+        w = batch.last_5m
+        assert (w.admitted, w.deferred, w.rejected, w.span_s) == (2, 1, 0, 330.0)
+        assert w.describe() == "2 admitted, 1 deferred (cap)"
+        assert batch.last_15m.admitted == 3
+        assert v.classes["notebook"].recent.last_15m.describe() == "no decisions"
+
+        later = view(now_ms=(m + 16) * 60_000)  # minute m is 16 minutes old: out of every window
+        assert later.classes["batch"].recent.last_15m.admitted == 2
+        assert later.classes["interactive"].recent.last_15m.rejected == 0
+
     @pytest.mark.slow
     def test_a_pool_on_redis_cluster_reads_the_same(self, pool_name: str) -> None:
         from gpugate.state._server import cluster
@@ -228,6 +268,7 @@ class TestPoolView:
                 gate.close()
         assert type(client).__name__ != "Redis"  # a cluster client
         assert v.classes["batch"].leases == 1
+        assert v.classes["batch"].recent.last_1m.admitted == 1
         assert [d.total for d in v.devices] == [80 * GiB]
         assert assess(v).line.startswith("DEGRADED: notebook paused by alice@ops")
 
@@ -274,6 +315,34 @@ class TestVerdict:
             assert gate.try_admit("interactive", vram="20GiB").reason == "vram"
         verdict = assess(view(now_ms=clock.ms))
         assert verdict.line == "DEGRADED: interactive waits 44s (vram)"
+
+    def test_a_class_deferred_for_minutes_without_an_admission_is_degraded(
+        self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
+    ) -> None:
+        # Requests that give up and come back: no single one waits long, but
+        # the class has admitted nothing for minutes (5 for the highest class,
+        # 10 for the others).
+        sampler = SimulatedSampler(["80GiB"])
+        sampler.set_used(0, "75GiB")
+        clock = FakeClock()
+        gate = make_gate(sampler, _clock_ms=clock)
+        m = clock.next_minute(1)
+        verdicts = []
+        for k in range(12):
+            clock.ms = (m + k) * 60_000 + 1_000
+            # A new size each time: a request the worker's pre-check cannot answer.
+            assert gate.try_admit("interactive", vram=10 * GiB + k).reason == "vram"
+            assert gate.try_admit("batch", vram=10 * GiB + k).outcome is Outcome.DEFER
+            verdicts.append(assess(view(now_ms=clock.ms)))
+        assert [v.level for v in verdicts[:6]] == ["OK"] * 6
+        assert verdicts[6].line == "DEGRADED: interactive admitted none in 5m (6 deferred: vram)"
+        assert len(verdicts[10].reasons) == 1
+        assert verdicts[11].reasons[1].startswith("batch admitted none in 10m (11 deferred: ")
+
+        sampler.set_used(0, "10GiB")
+        clock.advance(1)
+        assert gate.try_admit("interactive", vram="10GiB").admitted
+        assert assess(view(now_ms=clock.ms)).reasons == verdicts[11].reasons[1:]
 
     def test_memory_nearly_full_and_a_pause_are_degraded_and_a_cap_is_a_note(
         self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
@@ -322,6 +391,51 @@ class TestStatusCommand:
         assert any(
             line.split()[:2] == [gate.owner.split(":")[0], str(os.getpid())] for line in lines
         )
+
+    def test_each_class_shows_its_answers_of_the_last_5_minutes_as_text_and_json(
+        self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]
+    ) -> None:
+        clock = FakeClock()  # never advanced: the batch bucket does not refill
+        gate = make_gate(_clock_ms=clock)
+        held = [gate.try_admit("batch", vram="1GiB").lease for _ in range(2)]
+        assert gate.try_admit("batch", vram="2GiB").reason == "cap"
+        for _ in range(3):
+            for lease in held:
+                if lease is not None:
+                    lease.release()
+            held = [gate.try_admit("batch", vram="1GiB").lease]  # 5 tokens: admits 3 to 5
+        assert gate.try_admit("batch", vram="3GiB").reason == "rate"
+        assert gate.try_admit("batch", vram="4GiB").reason == "rate"
+        assert gate.try_admit("interactive", vram="100GiB").reason == "too_large"
+
+        run = gpugate("status")  # at the pool's clock: its last lease change
+        doc = json.loads(gpugate("status", "--json").out)
+
+        lines = run.out.splitlines()
+        assert [line.split(None, 1)[1] for line in lines if "last 5m:" in line] == [
+            "last 5m: 0 admitted, 1 rejected (too_large)",
+            "last 5m: no decisions",
+            "last 5m: 5 admitted, 3 deferred (rate 2, cap 1)",
+        ]
+        assert lines[1] == "OK"
+        batch = doc["classes"]["batch"]["recent"]
+        assert set(batch) == {"1m", "5m", "15m"}
+        assert batch["5m"] == {
+            "span_s": batch["5m"]["span_s"],
+            "admitted": 5,
+            "deferred": 3,
+            "rejected": 0,
+            "admitted_by_reason": {"ok": 5},
+            "deferred_by_reason": {"rate": 2, "cap": 1},
+            "rejected_by_reason": {},
+        }
+        assert 300 <= batch["5m"]["span_s"] < 360
+        assert batch["1m"]["span_s"] == pytest.approx(batch["5m"]["span_s"] - 240)
+        assert {**batch["1m"], "span_s": 0} == {**batch["5m"], "span_s": 0}
+        assert doc["classes"]["interactive"]["recent"]["15m"]["rejected_by_reason"] == {
+            "too_large": 1
+        }
+        assert doc["classes"]["batch"]["unadmitted_s"] == 0
 
     def test_colours_can_be_forced(
         self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]

@@ -154,6 +154,39 @@ class TestPoolCollector:
                 assert set(sample.labels) <= ALLOWED_LABELS, sample
         assert d.lease.id not in {v for f in families for s in f.samples for v in s.labels.values()}
 
+    def test_decisions_of_the_last_5_minutes_are_a_gauge_read_from_redis(
+        self, redis_url: str, pool_name: str, scrape: Callable[..., CollectorRegistry]
+    ) -> None:
+        now = [(int(time.time() * 1000) // 60_000 + 60) * 60_000 + 10_000]
+        sampler = SimulatedSampler(["80GiB", "40GiB"], name=pool_name)
+        sampler.set_used(0, "10GiB")
+        gate = Gate(
+            redis_url,
+            pool=pool_name,
+            policy=POLICY,
+            sampler=sampler,
+            metrics=Metrics(CollectorRegistry()),
+            _clock_ms=lambda: now[0],
+        )
+        try:
+            assert gate.try_admit("batch", vram="1GiB").admitted
+            assert gate.try_admit("interactive", vram="100GiB").reason == "too_large"
+            now[0] += 7 * 60_000  # those two are 7 minutes old now
+            assert gate.try_admit("batch", vram="1GiB").admitted
+            assert gate.try_admit("interactive", vram="75GiB").reason == "vram"
+            registry = scrape(now_ms=lambda: now[0])
+        finally:
+            gate.close()
+
+        def decisions(cls: str, outcome: str, reason: str) -> float | None:
+            labels = {"pool": pool_name, "class": cls, "outcome": outcome, "reason": reason}
+            return registry.get_sample_value("gpugate_pool_decisions", labels)
+
+        assert decisions("batch", "admit", "ok") == 1
+        assert decisions("interactive", "defer", "vram") == 1
+        assert decisions("interactive", "reject", "too_large") == 0  # seen within 15 minutes
+        assert decisions("interactive", "admit", "ok") is None  # never answered
+
     def test_an_unreachable_redis_scrapes_as_pool_up_0_and_nothing_else(self) -> None:
         client = connect("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
         registry = CollectorRegistry()

@@ -3,7 +3,8 @@
 Everything shown is read from the pool in Redis (:mod:`gpugate.state._inspect`),
 so it works from any machine that reaches the Redis, GPU or not. The first
 line after the header is the verdict (``OK``, ``DEGRADED: …``,
-``CRITICAL: …``); then GPUs, classes, overrides and workers.
+``CRITICAL: …``); then GPUs, classes (with each one's admission answers of
+the last 5 minutes), overrides and workers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from typing import IO, Any
 
 from .. import __version__, _speedups
 from ..state._connect import Client
-from ..state._inspect import PoolView, Verdict, assess, read_pool
+from ..state._inspect import (
+    RECENT_WINDOWS,
+    DecisionCounts,
+    PoolView,
+    Verdict,
+    assess,
+    read_pool,
+)
 from ._common import Style, ago, clock, describe_override, size
 
 BAR_WIDTH = 24
@@ -141,8 +149,24 @@ def to_json(view: PoolView, verdict: Verdict, embedded: bool, rate: Rates | None
             "paused": c.pause is not None,
             "admitted_per_min": None if rate is None else round(rate.admitted.get(name, 0), 2),
             "done_per_min": None if rate is None else round(rate.done.get(name, 0), 2),
+            "recent": {
+                f"{minutes}m": _counts_json(c.recent.window(minutes)) for minutes in RECENT_WINDOWS
+            },
+            "unadmitted_s": round(c.recent.unadmitted_s(), 3),
         }
     return doc
+
+
+def _counts_json(w: DecisionCounts) -> dict[str, Any]:
+    return {
+        "span_s": round(w.span_s, 3),
+        "admitted": w.admitted,
+        "deferred": w.deferred,
+        "rejected": w.rejected,
+        "admitted_by_reason": dict(w.reasons.get("admit", {})),
+        "deferred_by_reason": dict(w.reasons.get("defer", {})),
+        "rejected_by_reason": dict(w.reasons.get("reject", {})),
+    }
 
 
 # -- text -----------------------------------------------------------------------
@@ -303,6 +327,22 @@ def render(
                 row += [f"{rate.admitted.get(name, 0):.1f}", f"{rate.done.get(name, 0):.1f}"]
             rows.append(row)
         lines += _table(rows)
+        recent = []
+        for name, c in view.classes.items():
+            last = c.recent.last_5m
+            text = last.describe()
+            if last.rejected or (last.deferred and not last.admitted):
+                text = st.yellow(text)
+            elif not last.total:
+                text = st.dim(text)
+            recent.append([name, f"last 5m: {text}"])
+        lines += ["  " + line for line in _table(recent)]
+        lines.append(
+            st.dim(
+                "  (the admission script's answers, counted by minute in Redis;"
+                " DEFERs of a worker's local pre-check are not counted)"
+            )
+        )
 
     lines.append("")
     lines.append(st.cyan("OVERRIDES"))

@@ -273,8 +273,23 @@ def _families(view: PoolView) -> Iterator[Metric]:
         "Jobs whose lease ended with a CUDA out-of-memory error, pool-wide.",
         labels=cls_labels,
     )
+    decisions = GaugeMetricFamily(
+        "gpugate_pool_decisions",
+        "Answers of the admission script in the last 5 minutes (the current minute and the "
+        "5 before it), pool-wide, read from Redis: a windowed count, not a counter. "
+        "For rates use each worker's gpugate_decisions_total.",
+        labels=["pool", "class", "outcome", "reason"],
+    )
     for name, c in view.classes.items():
         labels = [p, name]
+        # Every (outcome, reason) answered in the 15 minutes kept, so that a
+        # series falls to 0 before it disappears.
+        last_5m = c.recent.last_5m.reasons
+        for outcome, per in c.recent.last_15m.reasons.items():
+            for reason in sorted(per):
+                decisions.add_metric(
+                    [p, name, outcome, reason], last_5m.get(outcome, {}).get(reason, 0)
+                )
         leases.add_metric(labels, c.leases)
         overdue.add_metric(labels, c.overdue)
         reserved.add_metric(labels, c.reserved)
@@ -291,7 +306,7 @@ def _families(view: PoolView) -> Iterator[Metric]:
             released.add_metric([p, name, outcome], c.released.get(outcome, 0))
         expired.add_metric(labels, c.expired)
         ooms.add_metric(labels, c.released.get("oom", 0))
-    yield from (leases, overdue, reserved, waiters, oldest, tokens, cap, priority)
+    yield from (leases, overdue, reserved, waiters, oldest, tokens, cap, priority, decisions)
     yield from (admitted, released, expired, ooms)
 
     ovr_labels = ["pool", "class", "kind"]

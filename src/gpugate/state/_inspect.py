@@ -5,13 +5,23 @@ returns a :class:`PoolView`; nothing is written, so ``gpugate status`` and the
 metrics collector can run as often as they like beside the workers. On a
 plain Redis the first round trip is a ``MULTI``/``EXEC``, so the state hash,
 the leases' expiries, the waiters, samples and buckets are of one instant;
-the device hashes follow in a second round trip (a lease that ended between
-the two shows as a ghost). On Redis Cluster both are plain pipelines to the
-pool's one slot.
+the device hashes and the per-minute decision counts follow in a second round
+trip (a lease that ended between the two shows as a ghost). On Redis Cluster
+both are plain pipelines to the pool's one slot.
 
 The record formats are those of ``lua/_prelude.lua``. Time is the scripts'
 time: ``max(Redis TIME, the pool's clock)``, unless ``now_ms`` is given (tests
 driving the scripts' injectable clock).
+
+Recent decisions: the admission script counts each of its answers in
+``P dec:<minute>`` (minute = script time in ms // 60000; field
+``"<class> <outcome> <reason>"``; kept 16 minutes). The second round trip
+reads the current minute's hash and the 15 before it, by the time the first
+round trip gave, into :class:`RecentDecisions` per class. Windows are whole
+minutes: "the last N minutes" is the current minute so far plus the N whole
+minutes before it, so it spans N to N + 1 minutes (``span_s``) and never
+misses an answer given within the last N minutes. DEFERs a worker answered
+by its local pre-check never reach Redis and are not counted.
 
 :func:`assess` turns a view into the one-line verdict of ``gpugate status``
 (``OK``, ``DEGRADED: …``, ``CRITICAL: …``), also exported as a metric.
@@ -20,7 +30,7 @@ driving the scripts' injectable clock).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,10 +44,12 @@ from ._keys import PoolKeys
 
 __all__ = [
     "ClassView",
+    "DecisionCounts",
     "DeviceView",
     "LeaseView",
     "OverrideView",
     "PoolView",
+    "RecentDecisions",
     "Verdict",
     "WaiterView",
     "WorkerView",
@@ -58,6 +70,17 @@ _REDIS_DOWN = (
 TOP_CLASS_WAIT_S = 30.0
 OTHER_CLASS_WAIT_S = 600.0
 MEMORY_HIGH_RATIO = 0.95
+# A class deferred with no admission for this long (by the per-minute counts)
+# while requests of it wait is DEGRADED even when no single request waited
+# long (requests that give up and come back start a new wait). Lower classes
+# get their longer wait limit.
+STALL_S = 300.0
+
+# The decision hashes read: the current minute and the 15 before it (the
+# admission script keeps each for 16 minutes). Windows of status and metrics.
+DECISION_MINUTES = 16
+RECENT_WINDOWS = (1, 5, 15)
+OUTCOMES = ("admit", "defer", "reject")
 
 
 def _s(v: bytes | str) -> str:
@@ -186,6 +209,147 @@ class OverrideView:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionCounts:
+    """A class's answers from the admission script over one window of whole minutes.
+
+    ``minutes`` is the window's nominal length: the current minute so far plus
+    the ``minutes`` whole minutes before it, which is ``span_s`` seconds (from
+    60 * ``minutes`` to 60 * (``minutes`` + 1)). ``reasons`` maps each outcome
+    (``admit``, ``defer``, ``reject``) to its counts by reason, largest first.
+    """
+
+    minutes: int
+    span_s: float
+    admitted: int
+    deferred: int
+    rejected: int
+    reasons: Mapping[str, Mapping[str, int]]
+
+    @property
+    def total(self) -> int:
+        """Every answer in the window."""
+        return self.admitted + self.deferred + self.rejected
+
+    def top(self, outcome: str, n: int = 3) -> list[tuple[str, int]]:
+        """The ``n`` most frequent reasons of ``outcome`` with their counts."""
+        return list(self.reasons.get(outcome, {}).items())[:n]
+
+    def reasons_text(self, outcome: str, n: int = 3) -> str:
+        """``vram 300, rate 40`` (the top ``n``, then ``other N``); a lone reason bare.
+
+        For ``admit`` only reasons other than ``ok`` (``cpu``) are named.
+        """
+        per = {r: k for r, k in self.reasons.get(outcome, {}).items() if k}
+        total = sum(per.values())
+        if outcome == "admit":
+            per.pop("ok", None)
+        if not per:
+            return ""
+        if len(per) == 1 and sum(per.values()) == total:
+            return next(iter(per))
+        items = list(per.items())
+        text = ", ".join(f"{r} {k}" for r, k in items[:n])
+        rest = sum(k for _, k in items[n:])
+        return text + (f", other {rest}" if rest else "")
+
+    def describe(self) -> str:
+        """``120 admitted, 340 deferred (vram 300, rate 40), 2 rejected (too_large)``.
+
+        Admitted always, deferred and rejected when any; ``no decisions`` for none.
+        """
+        if not self.total:
+            return "no decisions"
+        parts = []
+        for outcome, n, word in (
+            ("admit", self.admitted, "admitted"),
+            ("defer", self.deferred, "deferred"),
+            ("reject", self.rejected, "rejected"),
+        ):
+            if n or outcome == "admit":
+                why = self.reasons_text(outcome)
+                parts.append(f"{n} {word}" + (f" ({why})" if why else ""))
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RecentDecisions:
+    """A class's answers from the admission script, by minute, over the last 15 minutes.
+
+    ``by_minute`` maps a minute (script time in ms // 60000) to counts by
+    ``(outcome, reason)``; only minutes with answers appear. ``now_ms`` is the
+    time the view was read at. DEFERs answered by a worker's local pre-check
+    are not in Redis, so not here (each worker's ``gpugate_decisions_total``
+    has them).
+    """
+
+    now_ms: int = 0
+    by_minute: Mapping[int, Mapping[tuple[str, str], int]] = field(default_factory=dict)
+
+    def window(self, minutes: int) -> DecisionCounts:
+        """The answers of the current minute so far and the ``minutes`` whole ones before it."""
+        if not 0 <= minutes < DECISION_MINUTES:
+            raise ValueError(f"a decision window is 0 to {DECISION_MINUTES - 1} minutes")
+        current = self.now_ms // 60_000
+        counts: dict[str, dict[str, int]] = {o: {} for o in OUTCOMES}
+        for minute, by_key in self.by_minute.items():
+            if current - minutes <= minute <= current:
+                for (outcome, reason), n in by_key.items():
+                    per = counts.setdefault(outcome, {})
+                    per[reason] = per.get(reason, 0) + n
+        reasons = {
+            o: dict(sorted(per.items(), key=lambda kv: (-kv[1], kv[0])))
+            for o, per in counts.items()
+        }
+        return DecisionCounts(
+            minutes=minutes,
+            span_s=minutes * 60 + (self.now_ms % 60_000) / 1000,
+            admitted=sum(reasons["admit"].values()),
+            deferred=sum(reasons["defer"].values()),
+            rejected=sum(reasons["reject"].values()),
+            reasons=reasons,
+        )
+
+    @property
+    def last_1m(self) -> DecisionCounts:
+        """The current minute so far and the whole one before it."""
+        return self.window(1)
+
+    @property
+    def last_5m(self) -> DecisionCounts:
+        """The current minute so far and the 5 whole ones before it."""
+        return self.window(5)
+
+    @property
+    def last_15m(self) -> DecisionCounts:
+        """The current minute so far and the 15 whole ones before it (all that is kept)."""
+        return self.window(15)
+
+    def unadmitted_s(self) -> float:
+        """At least how long the class has been deferred without being admitted.
+
+        Counted from the first minute with a DEFER (pauses aside: a paused
+        class is reported as paused) after the last minute with an admission;
+        0 when no DEFER followed the last admission. A lower bound, capped by
+        the 16 minutes kept: the first such DEFER may have come up to a minute
+        earlier.
+        """
+        admitted = [m for m, by_key in self.by_minute.items() if _has(by_key, "admit")]
+        last_admit = max(admitted, default=None)
+        deferred = [
+            m
+            for m, by_key in self.by_minute.items()
+            if (last_admit is None or m > last_admit) and _has(by_key, "defer", but="paused")
+        ]
+        if not deferred:
+            return 0.0
+        return max(0.0, (self.now_ms - (min(deferred) + 1) * 60_000) / 1000)
+
+
+def _has(by_key: Mapping[tuple[str, str], int], outcome: str, *, but: str = "") -> bool:
+    return any(n > 0 and o == outcome and r != but for (o, r), n in by_key.items())
+
+
+@dataclass(frozen=True, slots=True)
 class ClassView:
     """One class: its policy figures, overrides, live leases, waiters and counters.
 
@@ -194,7 +358,8 @@ class ClassView:
     a rate). ``released`` counts ended leases by outcome (``ok``, ``error``,
     ``oom``, ``dropped``, ``expired_by_operator``); ``expired`` those whose
     holder stopped renewing them. ``admitted`` is every GPU lease ever
-    granted: live + released + expired.
+    granted: live + released + expired. ``recent`` counts the admission
+    script's answers of the last minutes (admissions on the CPU included).
     """
 
     name: str
@@ -215,6 +380,7 @@ class ClassView:
     live_counter: int
     pause: OverrideView | None
     cap_override: OverrideView | None
+    recent: RecentDecisions = field(default_factory=RecentDecisions)
 
     @property
     def admitted(self) -> int:
@@ -311,7 +477,7 @@ def read_pool(
     redis_url: str = "",
     now_ms: int | None = None,
 ) -> PoolView:
-    """Read pool ``pool``'s state, writing nothing. Two round trips.
+    """Read pool ``pool``'s state and recent decision counts, writing nothing. Two round trips.
 
     Raises :class:`~gpugate.BackendError` (URL masked) when Redis cannot be
     reached or answers an error.
@@ -340,19 +506,23 @@ def read_pool(
             | {m.split("\t", 1)[0] for m in exp}
             | {f[3:] for f in state if f.startswith("d::")}
         )
-        dev_pipe = client.pipeline(transaction=False)
+        clock = _int(state.get("clock"))
+        if now_ms is None:
+            secs, micros = server_time
+            now_ms = max(int(secs) * 1000 + int(micros) // 1000, clock)
+        minutes = range(now_ms // 60_000 - DECISION_MINUTES + 1, now_ms // 60_000 + 1)
+        second = client.pipeline(transaction=False)
         for uuid in uuids:
-            dev_pipe.hgetall(keys.device(uuid))
-        dev_hashes = dev_pipe.execute() if uuids else []
+            second.hgetall(keys.device(uuid))
+        for minute in minutes:
+            second.hgetall(keys.decisions(minute))
+        replies = second.execute()
+        dev_hashes, dec_hashes = replies[: len(uuids)], replies[len(uuids) :]
     except _REDIS_DOWN as exc:
         raise BackendError(f"Redis at {url or 'the given client'} is unreachable: {exc}") from exc
     except redis.RedisError as exc:
         raise BackendError(f"reading pool {pool!r} from {url or 'Redis'} failed: {exc}") from exc
 
-    clock = _int(state.get("clock"))
-    if now_ms is None:
-        secs, micros = server_time
-        now_ms = max(int(secs) * 1000 + int(micros) // 1000, clock)
     policy, policy_error = _policy(state.get("pdoc"), pool)
     settings = (policy or Policy.default()).pool
     ttl_ms = int(settings.lease_ttl_s * 1000)
@@ -374,7 +544,8 @@ def read_pool(
     waiters.sort(key=lambda w: (w.since_ms, w.id))
     overrides = _overrides(state, now_ms)
     buckets = {_s(k): _s(v) for k, v in buckets_raw.items()}
-    classes = _classes(policy, state, leases, waiters, overrides, buckets, now_ms)
+    recent = _decisions(zip(minutes, dec_hashes, strict=True), now_ms)
+    classes = _classes(policy, state, leases, waiters, overrides, buckets, recent, now_ms)
     counters = {
         k: _int(v) for k, v in state.items() if k.startswith(("out:", "expired:", "n:", "seq"))
     }
@@ -402,8 +573,11 @@ def assess(view: PoolView) -> Verdict:
     CRITICAL when no GPU is visible to the pool while it has a policy (no
     device has ever sent a sample, or requests wait for ``no_gpu``). DEGRADED
     when the highest class waits 30 s or more, another class 10 min or more,
-    a device's memory is 95 % used, a class is paused, or requests wait for a
-    fresh sample. UNKNOWN for a pool without a policy (nothing used it yet).
+    a class with requests waiting has been deferred without a single
+    admission for 5 min or more (the highest class) or 10 min or more (the
+    others) by the per-minute decision counts, a device's memory is 95 %
+    used, a class is paused, or requests wait for a fresh sample. UNKNOWN for
+    a pool without a policy (nothing used it yet).
     """
     now = view.now_ms
     if view.policy is None:
@@ -430,6 +604,16 @@ def assess(view: PoolView) -> Verdict:
         if c.waiters and c.oldest_wait_s >= limit:
             why = max(c.waiting_by_reason, key=lambda r: c.waiting_by_reason[r])
             degraded.append(f"{name} waits {_short(c.oldest_wait_s)} ({why})")
+        elif c.waiters and c.pause is None:
+            # Requests that give up and come back each start a new wait: the
+            # per-minute counts still show the class deferred without admission.
+            stalled = c.recent.unadmitted_s()
+            if stalled >= max(STALL_S, limit):
+                window = c.recent.window(min(DECISION_MINUTES - 1, int(stalled // 60)))
+                why = window.reasons_text("defer")
+                degraded.append(
+                    f"{name} admitted none in {window.minutes}m ({window.deferred} deferred: {why})"
+                )
     for d in view.devices:
         if d.total and d.used / d.total >= MEMORY_HIGH_RATIO:
             degraded.append(f"GPU {_short_uuid(d.uuid)} memory {d.used * 100 // d.total}% used")
@@ -617,10 +801,11 @@ def _classes(
     waiters: list[WaiterView],
     overrides: list[OverrideView],
     buckets: Mapping[str, str],
+    recent: Mapping[str, RecentDecisions],
     now_ms: int,
 ) -> dict[str, ClassView]:
     names: list[str] = list(policy.classes) if policy else []
-    seen = {lease.cls for lease in leases} | {w.cls for w in waiters}
+    seen = {lease.cls for lease in leases} | {w.cls for w in waiters} | set(recent)
     names += sorted(seen - set(names))
     released: dict[str, dict[str, int]] = {}
     for f, v in state.items():
@@ -664,8 +849,26 @@ def _classes(
             live_counter=_int(state.get(f"n:{name}")),
             pause=pause,
             cap_override=cap_o,
+            recent=recent.get(name) or RecentDecisions(now_ms),
         )
     return out
+
+
+def _decisions(
+    hashes: Iterable[tuple[int, Mapping[bytes | str, bytes | str]]], now_ms: int
+) -> dict[str, RecentDecisions]:
+    """``P dec:<minute>`` hashes (``"<class> <outcome> <reason>"`` -> count) by class."""
+    by_class: dict[str, dict[int, dict[tuple[str, str], int]]] = {}
+    for minute, raw in hashes:
+        for f, v in raw.items():
+            parts = _s(f).rsplit(" ", 2)
+            n = _int(_s(v))
+            if len(parts) != 3 or parts[1] not in OUTCOMES or n <= 0:
+                continue
+            cls, outcome, reason = parts
+            per = by_class.setdefault(cls, {}).setdefault(minute, {})
+            per[(outcome, reason)] = per.get((outcome, reason), 0) + n
+    return {cls: RecentDecisions(now_ms, by_minute) for cls, by_minute in by_class.items()}
 
 
 def _workers(
