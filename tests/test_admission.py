@@ -787,3 +787,60 @@ class TestDecisionCounts:
             "batch defer cap": "1",
             "batch reject too_large": "1",
         }
+
+
+class TestWorkerRegistry:
+    """A gate lists itself in the pool's registry, beats, and leaves on close."""
+
+    def test_a_gate_registers_beats_and_unregisters(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        import json
+
+        from gpugate.state._inspect import read_pool
+
+        keys = PoolKeys(pool_name)
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        gate = make_gate(policy())
+        deadline = time.monotonic() + 10
+        while client.zscore(keys.workers, gate.owner) is None:
+            assert time.monotonic() < deadline, "the gate never registered"
+            time.sleep(0.02)
+        info = json.loads(client.hget(keys.workerinfo, gate.owner) or "{}")
+        assert info["pid"] == os.getpid()
+        assert info["policy_version"] == gate.policy.version  # type: ignore[union-attr]
+        view = read_pool(client, pool_name)
+        (worker,) = [w for w in view.workers if w.owner == gate.owner]
+        assert worker.registered
+        assert worker.alive(view.now_ms, view.ttl_ms)
+        gate.close()
+        assert client.zscore(keys.workers, gate.owner) is None
+        assert client.hget(keys.workerinfo, gate.owner) is None
+        client.close()
+
+    def test_a_silent_worker_is_pruned_after_ten_ttls(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        clock = FakeClock()
+        keys = PoolKeys(pool_name)
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        client.zadd(keys.workers, {"ghost-host:1:dead": clock.ms})
+        client.hset(keys.workerinfo, "ghost-host:1:dead", "{}")
+        gate = make_gate(policy({"lease_ttl": "5s"}), _clock_ms=clock)
+        gate.beat_now()
+        assert client.zscore(keys.workers, "ghost-host:1:dead") is not None
+        clock.advance(50.001)
+        gate.beat_now()
+        assert client.zscore(keys.workers, "ghost-host:1:dead") is None
+        assert client.hget(keys.workerinfo, "ghost-host:1:dead") is None
+        assert client.zscore(keys.workers, gate.owner) == clock.ms
+        client.close()
+
+    def test_one_shot_gates_do_not_register(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        gate = make_gate(policy(), register=False)
+        gate.beat_now()
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        assert client.zcard(PoolKeys(pool_name).workers) == 0
+        client.close()

@@ -557,6 +557,7 @@ class Harness:
                 pool=self.pool,
                 policy=self.policy,
                 sampler=AgelessSampler(self.sim),
+                register=False,  # the worker registry is not part of the model
                 _clock_ms=self.clock,
             )
             gate._heartbeat = ManualHeartbeat()  # type: ignore[assignment]

@@ -16,6 +16,7 @@ from ._exceptions import (
     UsageError,
 )
 from ._units import format_duration, format_size, parse_duration, parse_rate, parse_size
+from ._version import __version__
 from .admission import Decision, Gate, Lease, Outcome, Reason, Ticket
 from .metrics import start_metrics_server
 from .policy import ClassPolicy, Policy, PoolSettings
@@ -30,8 +31,6 @@ from .sampling import (
     Snapshot,
     default_sampler,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdmissionError",

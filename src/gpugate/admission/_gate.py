@@ -34,6 +34,7 @@ from .._exceptions import (
 )
 from .._logging import Throttle
 from .._units import format_size, parse_duration, parse_size
+from .._version import __version__
 from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import Sampler, Snapshot, default_sampler
@@ -97,7 +98,9 @@ class Gate:
     :func:`gpugate.sampling.default_sampler`, NVML when present, else no GPU).
     ``socket_timeout_s`` bounds every Redis call.
     ``metrics``: the Prometheus instruments to update (default: those on
-    prometheus_client's default registry).
+    prometheus_client's default registry). ``register``: list this process in
+    the pool's worker registry (heartbeat every TTL/3 even without leases);
+    one-shot tools pass False.
 
     A gate belongs to the process that made it; a forked child must make its
     own (using a parent's gate there raises :class:`UsageError`).
@@ -112,6 +115,7 @@ class Gate:
         sampler: Sampler | None = None,
         socket_timeout_s: float = 2.0,
         metrics: Metrics | None = None,
+        register: bool = True,
         _clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.pool = pool or os.environ.get("GPUGATE_POOL") or "default"
@@ -141,6 +145,8 @@ class Gate:
         self._log_throttle = Throttle(10.0)
         self._metric_children: dict[tuple[str, Outcome, str], tuple[Any, Any]] = {}
         self._closed = False
+        self._register = register
+        self._started_ms = int(time.time() * 1000)
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
         _live_gates.add(self)
         if self.embedded:
@@ -159,6 +165,9 @@ class Gate:
                 self.read_pool_policy()
         except BackendError as exc:
             log.warning("policy_sync_deferred", error=str(exc))
+        if register:
+            # Registered at once, then every TTL/3, with or without leases.
+            self._ensure_heartbeat().kick()
 
     @property
     def client(self) -> redis.Redis | redis.RedisCluster:
@@ -560,10 +569,14 @@ class Gate:
 
     def _hold(self, lease: Lease) -> None:
         self._leases.add(lease)
+        self._ensure_heartbeat()
+
+    def _ensure_heartbeat(self) -> Heartbeat:
         with self._lock:
             if self._heartbeat is None:
                 self._heartbeat = Heartbeat(self)
                 self._heartbeat.start()
+            return self._heartbeat
 
     def _release_lease(self, lease: Lease, outcome: str, refund: bool = False) -> bool:
         self._leases.discard(lease)
@@ -615,9 +628,15 @@ class Gate:
                 args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, "dropped", "0"],
             )
         leases = [lease for lease in self._leases.live() if not lease.max_duration_reached]
-        if not leases:
+        if not leases and not self._register:
             return
-        args: list[Any] = [self._keys.prefix, self._now_arg(), len(leases)]
+        args: list[Any] = [
+            self._keys.prefix,
+            self._now_arg(),
+            self.owner if self._register else "",
+            self._worker_info(len(leases)) if self._register else "",
+            len(leases),
+        ]
         reports = []
         now = time.monotonic()
         for lease in leases:
@@ -630,7 +649,13 @@ class Gate:
         try:
             reply = self._call(
                 self._scripts.renew_leases,
-                keys=[self._keys.state, self._keys.exp, self._keys.waiters],
+                keys=[
+                    self._keys.state,
+                    self._keys.exp,
+                    self._keys.waiters,
+                    self._keys.workers,
+                    self._keys.workerinfo,
+                ],
                 args=args,
             )
         except BackendError:
@@ -653,6 +678,23 @@ class Gate:
                 self.metrics.leases_lost.labels(lease.cls).inc()
                 self._leases.discard(lease)
                 lease._mark_lost("expired")
+
+    def _worker_info(self, leases: int) -> str:
+        """What the registry says about this process (JSON)."""
+        host, pid, _ = self.owner.rsplit(":", 2)
+        return json.dumps(
+            {
+                "host": host,
+                "pid": int(pid),
+                "version": __version__,
+                "fastpath": _speedups.IMPLEMENTATION,
+                "sampler": getattr(self.sampler, "backend", "unknown"),
+                "policy_version": self.policy.version if self.policy is not None else None,
+                "started_ms": self._started_ms,
+                "leases": leases,
+            },
+            separators=(",", ":"),
+        )
 
     def beat_now(self) -> None:
         """Renew every held lease now, in this thread (tests, shutdown paths)."""
@@ -803,6 +845,10 @@ class Gate:
                 )
         if self._heartbeat is not None:
             self._heartbeat.stop()
+        if self._register:
+            with contextlib.suppress(BackendError):
+                self._call(self._client.zrem, self._keys.workers, self.owner)
+                self._call(self._client.hdel, self._keys.workerinfo, self.owner)
         if self._wake is not None:
             self._wake.stop()
         self._client.close()

@@ -61,7 +61,7 @@ def open_gate(explicit_url: str | None, pool: str | None) -> Gate:
     from ..admission import Gate
 
     url, _ = redis_url(explicit_url)
-    gate = Gate(url, pool=pool_name(pool))
+    gate = Gate(url, pool=pool_name(pool), register=False)
     try:
         if gate.read_pool_policy() is None:
             raise UsageError(

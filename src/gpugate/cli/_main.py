@@ -315,11 +315,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.action == "apply":
             p = Policy.from_file(args.file)
-            with Gate(args.redis_url, pool=args.pool, policy=p) as gate:
+            with Gate(args.redis_url, pool=args.pool, policy=p, register=False) as gate:
                 version = gate.sync_policy(force=True)
             print(f"pool {gate.pool}: policy {version} applied from {args.file}")
             return 0
-        with Gate(args.redis_url, pool=args.pool) as gate:
+        with Gate(args.redis_url, pool=args.pool, register=False) as gate:
             stored = gate.read_pool_policy()
             if stored is None:
                 print(f"pool {gate.pool} has no policy yet: `gpugate policy apply FILE` sets one")

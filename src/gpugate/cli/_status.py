@@ -23,6 +23,7 @@ from ..state._inspect import (
     DecisionCounts,
     PoolView,
     Verdict,
+    WorkerView,
     assess,
     read_pool,
 )
@@ -121,6 +122,9 @@ def to_json(view: PoolView, verdict: Verdict, embedded: bool, rate: Rates | None
                 "waiting": w.waiting,
                 "last_seen_s_ago": round(max(0, now - w.last_seen_ms) / 1000, 3),
                 "alive": w.alive(now, view.ttl_ms),
+                "registered": w.registered,
+                "info": dict(w.info),
+                "policy_mismatch": _policy_mismatch(w, view),
             }
             for w in view.workers
         ],
@@ -353,21 +357,42 @@ def render(
         lines.append("  none")
 
     lines.append("")
-    lines.append(st.cyan("WORKERS") + st.dim("  (seen through their leases and waiters)"))
+    lines.append(
+        st.cyan("WORKERS") + st.dim("  (heartbeats in the registry, or leases and waiters)")
+    )
     if view.workers:
-        rows = [[st.cyan(h) for h in ("HOST", "PID", "LEASES", "WAITING", "LAST SEEN", "")]]
+        head = ("HOST", "PID", "LEASES", "WAITING", "LAST SEEN", "", "FAST PATH", "POLICY")
+        rows = [[st.cyan(h) for h in head]]
         for w in view.workers:
             seen = max(0.0, (now - w.last_seen_ms) / 1000)
             alive = w.alive(now, view.ttl_ms)
             state = st.green("alive") if alive else st.red("silent")
             leases = str(w.leases) + (st.red(f" +{w.overdue} overdue") if w.overdue else "")
+            policy = str(w.info.get("policy_version") or "pool's")
+            if _policy_mismatch(w, view):
+                policy = st.yellow(policy + " (differs from the pool's)")
             rows.append(
-                [w.host, str(w.pid or "?"), leases, str(w.waiting), f"{ago(seen)} ago", state]
+                [
+                    w.host,
+                    str(w.pid or "?"),
+                    leases,
+                    str(w.waiting),
+                    f"{ago(seen)} ago",
+                    state,
+                    str(w.info.get("fastpath", "-")),
+                    policy if w.registered else "-",
+                ]
             )
         lines += ["  " + line for line in _table(rows)]
     else:
-        lines.append("  none holding a lease or waiting")
+        lines.append("  none registered, holding a lease or waiting")
     return "\n".join(lines)
+
+
+def _policy_mismatch(w: WorkerView, view: PoolView) -> bool:
+    """A registered worker started with a policy that is not the pool's."""
+    mine = w.info.get("policy_version")
+    return bool(mine) and view.policy_version is not None and mine != view.policy_version
 
 
 # -- the command ------------------------------------------------------------------

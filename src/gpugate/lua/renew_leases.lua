@@ -1,8 +1,11 @@
 -- renew_leases.lua: extend the leases one process holds, in one call.
 --
--- KEYS = [state, exp, waiters]
--- ARGV = [prefix, clock_ms, n, (uuid, id, actual, actual_age_ms) * n]
---   actual < 0 leaves the reported actual VRAM as it was.
+-- KEYS = [state, exp, waiters, workers, workerinfo]
+-- ARGV = [prefix, clock_ms, owner, info, n, (uuid, id, actual, actual_age_ms) * n]
+--   actual < 0 leaves the reported actual VRAM as it was. owner "" renews
+--   without registering; otherwise the call is also the worker's heartbeat:
+--   workers (zset) owner -> last beat ms, workerinfo (hash) owner -> info
+--   (JSON from the gate). Workers silent for 10 TTLs are pruned here.
 -- -> {now, (status, expires_ms) * n}; status 1 renewed; 0 gone (expired,
 --    reaped or released: never recreated, the id is a fencing token); 2 past
 --    its class's max duration (not renewed: it ends at expires_ms).
@@ -15,10 +18,14 @@
 local state_key = KEYS[1]
 local exp_key = KEYS[2]
 local waiters_key = KEYS[3]
+local workers_key = KEYS[4]
+local workerinfo_key = KEYS[5]
 
 local prefix = ARGV[1]
 local clock_ms = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
+local owner = ARGV[3]
+local info = ARGV[4]
+local n = tonumber(ARGV[5])
 
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp')
 local last = tonumber(st[1]) or 0
@@ -50,11 +57,21 @@ local function class_contended_ms(cls)
   return contended_ms[cls]
 end
 
+if owner ~= '' then
+  redis.call('ZADD', workers_key, now, owner)
+  redis.call('HSET', workerinfo_key, owner, info)
+  local silent = redis.call('ZRANGEBYSCORE', workers_key, '-inf', now - 10 * ttl, 'LIMIT', 0, 16)
+  for i = 1, #silent do
+    redis.call('ZREM', workers_key, silent[i])
+    redis.call('HDEL', workerinfo_key, silent[i])
+  end
+end
+
 -- The devices' memory sums change with each reported actual; written once.
 local memory = {}
 local out = {now}
 for i = 0, n - 1 do
-  local base = 4 + 4 * i
+  local base = 6 + 4 * i
   local uuid, id = ARGV[base], ARGV[base + 1]
   local actual = tonumber(ARGV[base + 2])
   local dkey = prefix .. 'dev:' .. uuid

@@ -152,7 +152,9 @@ class _Demo:
         self.log("operator", "PAUSE  batch for 3s (reverts by itself)")
 
     def run(self) -> DemoReport:
-        control = Gate(self.url, pool=self.pool, policy=self.policy, sampler=self.sampler)
+        control = Gate(
+            self.url, pool=self.pool, policy=self.policy, sampler=self.sampler, register=False
+        )
         where = "embedded Redis (this host only)" if control.embedded else control.redis_url
         self.echo(f"gpugate demo: pool {self.pool} on {where}; two simulated 24 GiB GPUs")
         self.echo(

@@ -390,11 +390,13 @@ class ClassView:
 
 @dataclass(frozen=True, slots=True)
 class WorkerView:
-    """A process seen through its leases and waiters (there is no registry yet).
+    """A worker process: from the pool's registry, or seen through its leases and waiters.
 
-    ``owner`` is ``host:pid:hex``. ``last_seen_ms`` is its last lease renewal
+    ``owner`` is ``host:pid:hex``. ``last_seen_ms`` is its last heartbeat in
+    the registry, or for a gate that does not register, its last lease renewal
     (a lease's expiry minus the TTL) or its last DEFER (a waiter's expiry minus
-    the waiter TTL), whichever is later.
+    the waiter TTL), whichever is later. ``info`` is what a registered worker
+    says of itself: version, fast path, sampler, policy version, leases.
     """
 
     owner: str
@@ -404,6 +406,8 @@ class WorkerView:
     overdue: int
     waiting: int
     last_seen_ms: int
+    registered: bool = False
+    info: Mapping[str, Any] = field(default_factory=dict)
 
     def alive(self, now_ms: int, ttl_ms: int) -> bool:
         """Seen within one lease TTL."""
@@ -516,8 +520,12 @@ def read_pool(
             second.hgetall(keys.device(uuid))
         for minute in minutes:
             second.hgetall(keys.decisions(minute))
+        second.zrange(keys.workers, 0, -1, withscores=True)
+        second.hgetall(keys.workerinfo)
         replies = second.execute()
-        dev_hashes, dec_hashes = replies[: len(uuids)], replies[len(uuids) :]
+        dev_hashes, dec_hashes = replies[: len(uuids)], replies[len(uuids) : -2]
+        registry = {_s(m): int(score) for m, score in replies[-2]}
+        registry_info = {_s(k): _s(v) for k, v in replies[-1].items()}
     except _REDIS_DOWN as exc:
         raise BackendError(f"Redis at {url or 'the given client'} is unreachable: {exc}") from exc
     except redis.RedisError as exc:
@@ -561,7 +569,7 @@ def read_pool(
         leases=leases,
         waiters=waiters,
         overrides=overrides,
-        workers=_workers(leases, waiters, now_ms, ttl_ms, waiter_ttl_ms),
+        workers=_workers(leases, waiters, now_ms, ttl_ms, waiter_ttl_ms, registry, registry_info),
         lease_seq=_int(state.get("seq")),
         counters=counters,
     )
@@ -877,11 +885,16 @@ def _workers(
     now_ms: int,
     ttl_ms: int,
     waiter_ttl_ms: int,
+    registry: Mapping[str, int],
+    registry_info: Mapping[str, str],
 ) -> list[WorkerView]:
     seen: dict[str, dict[str, int]] = {}
 
     def entry(owner: str) -> dict[str, int]:
         return seen.setdefault(owner, {"leases": 0, "overdue": 0, "waiting": 0, "last": 0})
+
+    for owner, beat_ms in registry.items():
+        entry(owner)["last"] = beat_ms
 
     for lease in leases:
         if lease.released_ms or not lease.expires_ms:
@@ -898,6 +911,12 @@ def _workers(
     out = []
     for owner, e in seen.items():
         host, pid = _owner_parts(owner)
+        info: dict[str, Any] = {}
+        if owner in registry_info:
+            try:
+                info = dict(json.loads(registry_info[owner]))
+            except (ValueError, TypeError):
+                info = {}
         out.append(
             WorkerView(
                 owner=owner,
@@ -907,6 +926,8 @@ def _workers(
                 overdue=e["overdue"],
                 waiting=e["waiting"],
                 last_seen_ms=e["last"],
+                registered=owner in registry,
+                info=info,
             )
         )
     out.sort(key=lambda w: (w.host, w.pid or 0, w.owner))

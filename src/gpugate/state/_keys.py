@@ -25,7 +25,10 @@ key                 type     meaning
 ``P ghosts``        zset     ghosts ``<uuid>\\t<id>`` by release time (ms)
 ``P dec:<minute>``  hash     ``<class> <outcome> <reason>`` -> answers in that
                              minute, kept 16 minutes
-``P workers``       hash     reserved for the worker registry (not written yet)
+``P workers``       zset     worker (gate owner ``host:pid:hex``) -> last
+                             heartbeat (ms); silent for 10 TTLs: pruned
+``P workerinfo``    hash     worker -> JSON (host, pid, version, fast path,
+                             sampler, policy version, leases held)
 ``P wake``          channel  published on release, expiry and override change
 ==================  =======  ==================================================
 """
@@ -52,6 +55,7 @@ class PoolKeys:
         "state",
         "waiters",
         "wake",
+        "workerinfo",
         "workers",
     )
 
@@ -70,6 +74,7 @@ class PoolKeys:
         self.samples = self.prefix + "samples"
         self.buckets = self.prefix + "buckets"
         self.workers = self.prefix + "workers"
+        self.workerinfo = self.prefix + "workerinfo"
         self.ghosts = self.prefix + "ghosts"
         self.wake = self.prefix + "wake"
 
