@@ -844,3 +844,65 @@ class TestWorkerRegistry:
         client = redis.Redis.from_url(server.url, decode_responses=True)
         assert client.zcard(PoolKeys(pool_name).workers) == 0
         client.close()
+
+
+class TestFragmentation:
+    """Jobs report what their allocator holds unused; a class's max_fragmentation keeps it off
+    devices above that share."""
+
+    def test_a_fragmented_device_is_skipped_by_a_class_with_a_bound(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        from gpugate.state._inspect import read_pool
+
+        clock = FakeClock()
+        pol = policy(
+            interactive={"priority": 100},
+            batch={"priority": 10, "max_fragmentation": 0.1},
+        )
+        sampler = SimulatedSampler(["80GiB"])
+        gate = make_gate(pol, sampler, _clock_ms=clock)
+        job = gate.try_admit("interactive", vram="20GiB")
+        assert job.lease is not None
+        job.lease.report_vram("20GiB", idle="12GiB")  # 15 % of the device held unused
+        gate.beat_now()
+        sampler.set_used(0, "20GiB")
+        clock.advance(1)
+        d = gate.try_admit("batch", vram="10GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "fragmented")
+        assert gate.try_admit("interactive", vram="10GiB").outcome is Outcome.ADMIT
+        client = redis.Redis.from_url(server.url)
+        (device,) = read_pool(client, pool_name, now_ms=clock.ms).devices
+        client.close()
+        assert device.fragmentation == pytest.approx(12 / 80)
+        # The job gives memory back to the driver: its allocator holds less.
+        job.lease.report_vram("20GiB", idle="4GiB")
+        gate.beat_now()
+        clock.advance(1)
+        assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
+
+    def test_a_released_jobs_idle_bytes_stop_counting_after_a_later_sample(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        clock = FakeClock()
+        pol = policy(batch={"priority": 10, "max_fragmentation": 0.1})
+        gate = make_gate(pol, SimulatedSampler(["80GiB", "80GiB"]), _clock_ms=clock)
+        job = gate.try_admit("batch", vram="20GiB", device="SIM-sim-0")
+        assert job.lease is not None
+        job.lease.report_vram("20GiB", idle="20GiB")
+        gate.beat_now()
+        clock.advance(1)
+        # Device 0 is fragmented: batch goes to device 1 instead.
+        assert gate.try_admit("batch", vram="10GiB").device_uuid == "SIM-sim-1"
+        job.lease.release()
+        clock.advance(1)
+        assert gate.try_admit("batch", vram="10GiB", device="SIM-sim-0").outcome is Outcome.ADMIT
+
+    def test_without_pytorch_there_is_nothing_to_report(self) -> None:
+        import sys
+
+        from gpugate.sampling import torch_memory_stats
+
+        if "torch" in sys.modules:
+            pytest.skip("PyTorch is imported in this process")
+        assert torch_memory_stats() is None

@@ -457,6 +457,7 @@ class TestWire:
                     "max_ms": -1,
                     "max_contended_ms": -1,
                     "no_gpu": "defer",
+                    "max_frag": -1,
                 },
                 "batch": {
                     "prio": 10,
@@ -468,6 +469,7 @@ class TestWire:
                     "max_ms": -1,
                     "max_contended_ms": -1,
                     "no_gpu": "defer",
+                    "max_frag": -1,
                 },
             },
         }
@@ -489,13 +491,15 @@ class TestWire:
         )
 
     @given(policies())
-    def test_only_rates_are_not_integers(self, policy: Policy) -> None:
+    def test_only_rates_and_fractions_are_not_integers(self, policy: Policy) -> None:
         wire = policy.to_wire()
         json.dumps(wire)
         for section in (wire["pool"], *wire["classes"].values()):
             for name, value in section.items():
                 if name in ("aging_per_ms", "rate_per_ms"):
                     assert isinstance(value, float)
+                elif name == "max_frag":
+                    assert value == -1 or (isinstance(value, float) and 0 <= value <= 1), value
                 elif name not in ("placement", "no_gpu"):
                     assert type(value) is int, name
 

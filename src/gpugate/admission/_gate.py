@@ -643,9 +643,10 @@ class Gate:
             report = lease._take_report()
             reports.append(report)
             if report is None:
-                args += [lease.device_uuid, lease.id, -1, 0]
+                args += [lease.device_uuid, lease.id, -1, 0, -1]
             else:
-                args += [lease.device_uuid, lease.id, report[0], int((now - report[1]) * 1000)]
+                actual, idle, measured = report
+                args += [lease.device_uuid, lease.id, actual, int((now - measured) * 1000), idle]
         try:
             reply = self._call(
                 self._scripts.renew_leases,

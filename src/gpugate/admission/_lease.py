@@ -78,7 +78,7 @@ class Lease:
         self.lost_reason: str | None = None
         self.max_duration_reached = False
         self._lock = threading.Lock()
-        self._actual: tuple[int, float] | None = None
+        self._actual: tuple[int, int, float] | None = None
         self._on_lost: list[LeaseCallback] = []
         self._on_max: list[LeaseCallback] = []
         # A local lease (Redis unreachable, on_backend_error "open") holds a
@@ -104,17 +104,21 @@ class Lease:
         """Call ``callback(lease)`` when the class's max duration stops renewal."""
         self._on_max.append(callback)
 
-    def report_vram(self, actual: int | str) -> None:
+    def report_vram(self, actual: int | str, *, idle: int | str | None = None) -> None:
         """Report the VRAM the job really holds now (bytes or "4GiB").
 
-        Sent with the next heartbeat. The gate then counts
-        ``max(estimate, actual)`` for this lease.
+        ``idle``: the part of it the job's allocator holds but does not use
+        (PyTorch: reserved - allocated), the job's fragmentation; ``None``
+        keeps the last one reported. Sent with the next heartbeat. The gate
+        then counts ``max(estimate, actual)`` for this lease, and the idle
+        bytes towards its device's fragmentation (``max_fragmentation``).
         """
         b = parse_size(actual, key="actual")
+        i = -1 if idle is None else parse_size(idle, key="idle")
         with self._lock:
-            self._actual = (b, time.monotonic())
+            self._actual = (b, i, time.monotonic())
 
-    def _take_report(self) -> tuple[int, float] | None:
+    def _take_report(self) -> tuple[int, int, float] | None:
         with self._lock:
             report, self._actual = self._actual, None
         return report

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from .._units import parse_size
 from ._decision import Decision
 from ._lease import Lease
 
@@ -66,10 +65,28 @@ class Ticket:
         """True once the class's max duration stopped the lease's renewal."""
         return self.lease is not None and self.lease.max_duration_reached
 
-    def report_vram(self, actual: int | str) -> None:
-        """Report the VRAM the job really holds (sent with the next heartbeat)."""
+    def report_vram(self, actual: int | str, *, idle: int | str | None = None) -> None:
+        """Report the VRAM the job really holds, and how much of it its allocator
+        holds unused (sent with the next heartbeat; see :meth:`Lease.report_vram`)."""
         if self.lease is not None:
-            self.lease.report_vram(parse_size(actual, key="actual"))
+            self.lease.report_vram(actual, idle=idle)
+
+    def report_torch_memory(self) -> bool:
+        """Report what PyTorch's allocator holds on this job's device.
+
+        ``actual`` = bytes reserved by the caching allocator, ``idle`` =
+        reserved - allocated. Returns False (reporting nothing) without
+        PyTorch, CUDA or a device; call it from the job now and then.
+        """
+        from ..sampling import torch_memory_stats
+
+        if self.lease is None:
+            return False
+        stats = torch_memory_stats()
+        if stats is None:
+            return False
+        self.lease.report_vram(stats.reserved, idle=stats.reserved - stats.allocated)
+        return True
 
     def release(self, outcome: str = "ok") -> None:
         """Give the slot back (idempotent)."""

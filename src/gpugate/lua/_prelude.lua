@@ -3,19 +3,22 @@
 -- by name.
 --
 -- Records are space-separated fields (parsing them costs a fraction of JSON):
---   lease   "e a at r c s m o t"   estimate, actual (bytes), actual measured
---           (ms), released (ms, 0 while live), class, start (ms), max
---           deadline (ms, 0 = none), owner, tenant ("-" = none)
+--   lease   "e a at r c s m o f t"   estimate, actual (bytes), actual
+--           measured (ms), released (ms, 0 while live), class, start (ms),
+--           max deadline (ms, 0 = none), owner, allocator-idle bytes (held by
+--           the job's allocator but not in use: its fragmentation), tenant
+--           ("-" = none)
 --   waiter  "p s v w x d c r"      priority, since (ms), vram, what it waits
 --           for ("vram" | "slot" | "-"), expiry (ms), device ("-" = none),
 --           class, reason
 --   sample  "total used taken_ms"
---   memory  "reserved actual latest_at"   per device, state field m:<uuid>:
---           the sums over its leases and ghosts of max(estimate, actual) and
---           of actual, and the latest time an actual was measured; a decision
---           whose sample is newer than latest_at needs no lease loop
+--   memory  "reserved actual latest_at idle"   per device, state field
+--           m:<uuid>: the sums over its leases and ghosts of max(estimate,
+--           actual) and of actual, the latest time an actual was measured (a
+--           decision whose sample is newer needs no lease loop), and the sum
+--           of allocator-idle bytes (the device's fragmentation)
 --   class   "prio cap dev_cap rate_per_ms burst reserve_above max_ms
---            max_contended_ms no_gpu"          (-1 = none)
+--            max_contended_ms no_gpu max_frag" (-1 = none)
 --   pool    "margin ttl_ms placement max_age_ms waiter_ttl_ms aging_per_ms
 --            retry_max_ms max_per_device"      (-1 = none)
 --
@@ -25,7 +28,8 @@
 --   lease a ghost released at `now` (its memory keeps counting until a later
 --   sample; P ghosts lists ghosts by release time), drop its counts, count
 --   `counter`, wake waiters.
--- parse_memory(raw) -> reserved, actual, latest_at (0s when absent).
+-- parse_memory(raw) -> reserved, actual, latest_at, idle (0s when absent);
+--   format_memory(reserved, actual, latest_at, idle) -> string.
 -- reap_expired(prefix, state_key, exp_key, now, next_exp): end up to 64
 --   expired leases, but only once `now` reaches next_exp, the state field
 --   "next_exp" holding a lower bound of the earliest expiry (admissions lower
@@ -44,19 +48,25 @@ local function script_now(clock_ms, last)
 end
 
 local function parse_lease(raw)
-  local e, a, at, r, c, s, m, o, t = string.match(raw, '^(%d+) (%d+) (%d+) (%d+) (%S+) (%d+) (%d+) (%S+) (.*)$')
+  local e, a, at, r, c, s, m, o, f, t =
+    string.match(raw, '^(%d+) (%d+) (%d+) (%d+) (%S+) (%d+) (%d+) (%S+) (%d+) (.*)$')
   return {e = tonumber(e), a = tonumber(a), at = tonumber(at), r = tonumber(r), c = c,
-          s = tonumber(s), m = tonumber(m), o = o, t = t}
+          s = tonumber(s), m = tonumber(m), o = o, f = tonumber(f), t = t}
 end
 
 local function parse_memory(raw)
-  if not raw then return 0, 0, 0 end
-  local r, a, t = string.match(raw, '^(%S+) (%S+) (%S+)$')
-  return tonumber(r), tonumber(a), tonumber(t)
+  if not raw then return 0, 0, 0, 0 end
+  local r, a, t, f = string.match(raw, '^(%S+) (%S+) (%S+) (%S+)$')
+  return tonumber(r), tonumber(a), tonumber(t), tonumber(f)
+end
+
+local function format_memory(r, a, t, f)
+  return string.format('%d %d %d %d', r, a, t, f)
 end
 
 local function format_lease(rec)
-  return string.format('%d %d %d %d %s %d %d %s %s', rec.e, rec.a, rec.at, rec.r, rec.c, rec.s, rec.m, rec.o, rec.t)
+  return string.format('%d %d %d %d %s %d %d %s %d %s', rec.e, rec.a, rec.at, rec.r, rec.c, rec.s, rec.m,
+                       rec.o, rec.f, rec.t)
 end
 
 local function end_lease(prefix, state_key, uuid, id, rec, now, counter)

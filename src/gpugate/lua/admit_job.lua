@@ -28,7 +28,8 @@
 --   P ghosts     zset  "<uuid>\t<id>" -> release ms, ghosts not yet ended
 --
 -- Order: reap expired leases; pause; GPU presence; never fits (REJECT);
--- class cap; per-device caps; higher-priority waiters; VRAM and placement;
+-- class cap; per-device caps; higher-priority waiters; VRAM, fragmentation
+-- (the class's max_fragmentation) and placement;
 -- token bucket; lease. Every DEFER refreshes the request's waiter entry.
 
 local state_key = KEYS[1]
@@ -60,8 +61,9 @@ local margin, ttl, placement, max_age, waiter_ttl, aging, retry_max, shared_cap 
   string.match(st[2], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
 margin, ttl, max_age, waiter_ttl = tonumber(margin), tonumber(ttl), tonumber(max_age), tonumber(waiter_ttl)
 aging, retry_max, shared_cap = tonumber(aging), tonumber(retry_max), tonumber(shared_cap)
-local my_prio, cap, dev_cap, rate, burst, reserve_above, max_ms, _, no_gpu =
-  string.match(st[3], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+local my_prio, cap, dev_cap, rate, burst, reserve_above, max_ms, _, no_gpu, max_frag =
+  string.match(st[3], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+max_frag = tonumber(max_frag)
 my_prio, cap, dev_cap, rate = tonumber(my_prio), tonumber(cap), tonumber(dev_cap), tonumber(rate)
 burst, reserve_above, max_ms = tonumber(burst), tonumber(reserve_above), tonumber(max_ms)
 
@@ -191,7 +193,7 @@ local slot_blocked = nil
 for i, d in ipairs(cand) do
   d.n_cls = tonumber(counts[3 * i - 2]) or 0
   d.n_all = tonumber(counts[3 * i - 1]) or 0
-  d.m_res, d.m_act, d.m_at = parse_memory(counts[3 * i])
+  d.m_res, d.m_act, d.m_at, d.m_idle = parse_memory(counts[3 * i])
   if dev_cap < 0 or d.n_cls < dev_cap then
     if shared_cap < 0 or d.n_all < shared_cap then
       slotted[#slotted + 1] = d
@@ -249,10 +251,10 @@ for i = 1, #gone, 2 do
     local id = string.sub(member, tab + 1)
     local raw = redis.call('HGET', dkey, id)
     if raw then
-      local e, a = string.match(raw, '^(%d+) (%d+)')
-      e, a = tonumber(e), tonumber(a)
-      d.m_res = d.m_res - math.max(e, a)
-      d.m_act = d.m_act - a
+      local rec = parse_lease(raw)
+      d.m_res = d.m_res - math.max(rec.e, rec.a)
+      d.m_act = d.m_act - rec.a
+      d.m_idle = d.m_idle - rec.f
       d.m_dirty = true
       redis.call('HDEL', dkey, id)
     end
@@ -265,7 +267,7 @@ end
 -- sums are kept per device; only a sample older than the latest reported
 -- actual needs the leases one by one.
 local best, best_avail, closest, closest_avail = nil, nil, nil, nil
-local held_back = false
+local held_back, fragmented = false, false
 for _, d in ipairs(slotted) do
   local reserved, measured = d.m_res, d.m_act
   if d.m_at > d.ts then
@@ -286,7 +288,9 @@ for _, d in ipairs(slotted) do
   if unmanaged < 0 then unmanaged = 0 end
   local avail = d.total - unmanaged - reserved - margin - reserve_above
   if avail >= vram then
-    if blocked[d.uuid] then
+    if max_frag >= 0 and d.m_idle > max_frag * d.total then
+      fragmented = true
+    elseif blocked[d.uuid] then
       held_back = true
     elseif best == nil
         or (placement == 'spread' and avail > best_avail)
@@ -300,7 +304,7 @@ local dirty = {}
 for _, d in ipairs(slotted) do
   if d.m_dirty then
     dirty[#dirty + 1] = 'm:' .. d.uuid
-    dirty[#dirty + 1] = string.format('%d %d %d', d.m_res, d.m_act, d.m_at)
+    dirty[#dirty + 1] = format_memory(d.m_res, d.m_act, d.m_at, d.m_idle)
   end
 end
 if #dirty > 0 then redis.call('HSET', state_key, unpack(dirty)) end
@@ -308,6 +312,12 @@ if #dirty > 0 then redis.call('HSET', state_key, unpack(dirty)) end
 if best == nil then
   if held_back then
     local r = defer('priority', estimate, closest.uuid, 'vram', 'a higher-priority request waits for this memory')
+    r[8] = closest_avail
+    return r
+  end
+  if fragmented then
+    local r = defer('fragmented', estimate, closest.uuid, '-',
+                    'the devices with room are too fragmented for this class')
     r[8] = closest_avail
     return r
   end
@@ -338,13 +348,13 @@ end
 local id = tostring((tonumber(st[7]) or 0) + 1)
 local deadline = 0
 if max_ms >= 0 then deadline = now + max_ms end
-local rec = {e = vram, a = 0, at = 0, r = 0, c = cls, s = now, m = deadline, o = owner,
+local rec = {e = vram, a = 0, at = 0, r = 0, c = cls, s = now, m = deadline, o = owner, f = 0,
              t = tenant ~= '' and tenant or '-'}
 redis.call('HSET', prefix .. 'dev:' .. best.uuid, id, format_lease(rec))
 redis.call('ZADD', exp_key, now + ttl, best.uuid .. '\t' .. id)
 redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st[6]) or 0) + 1,
            'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1,
-           'm:' .. best.uuid, string.format('%d %d %d', best.m_res + vram, best.m_act, best.m_at))
+           'm:' .. best.uuid, format_memory(best.m_res + vram, best.m_act, best.m_at, best.m_idle))
 if now + ttl < next_exp then redis.call('HSET', state_key, 'next_exp', now + ttl) end
 if waiting then redis.call('HDEL', waiters_key, waiter_id) end
 return {'admit', 'ok', 0, best.uuid, id, now + ttl, '', best_avail}

@@ -1,8 +1,9 @@
 -- renew_leases.lua: extend the leases one process holds, in one call.
 --
 -- KEYS = [state, exp, waiters, workers, workerinfo]
--- ARGV = [prefix, clock_ms, owner, info, n, (uuid, id, actual, actual_age_ms) * n]
---   actual < 0 leaves the reported actual VRAM as it was. owner "" renews
+-- ARGV = [prefix, clock_ms, owner, info, n, (uuid, id, actual, actual_age_ms, idle) * n]
+--   actual < 0 leaves the reported actual VRAM (and idle, the bytes its
+--   allocator holds unused) as they were. owner "" renews
 --   without registering; otherwise the call is also the worker's heartbeat:
 --   workers (zset) owner -> last beat ms, workerinfo (hash) owner -> info
 --   (JSON from the gate). Workers silent for 10 TTLs are pruned here.
@@ -71,7 +72,7 @@ end
 local memory = {}
 local out = {now}
 for i = 0, n - 1 do
-  local base = 6 + 4 * i
+  local base = 6 + 5 * i
   local uuid, id = ARGV[base], ARGV[base + 1]
   local actual = tonumber(ARGV[base + 2])
   local dkey = prefix .. 'dev:' .. uuid
@@ -84,16 +85,20 @@ for i = 0, n - 1 do
     if actual >= 0 then
       local m = memory[uuid]
       if m == nil then
-        local r0, a0, t0 = parse_memory(redis.call('HGET', state_key, 'm:' .. uuid))
-        m = {r0, a0, t0}
+        local r0, a0, t0, f0 = parse_memory(redis.call('HGET', state_key, 'm:' .. uuid))
+        m = {r0, a0, t0, f0}
         memory[uuid] = m
       end
       local at = now - tonumber(ARGV[base + 3])
+      local idle = tonumber(ARGV[base + 4])
+      if idle < 0 then idle = rec.f end
       m[1] = m[1] - math.max(rec.e, rec.a) + math.max(rec.e, actual)
       m[2] = m[2] - rec.a + actual
       if at > m[3] then m[3] = at end
+      m[4] = m[4] - rec.f + idle
       rec.a = actual
       rec.at = at
+      rec.f = idle
       redis.call('HSET', dkey, id, format_lease(rec))
     end
     local deadline = rec.m
@@ -118,7 +123,7 @@ end
 local fields = {}
 for uuid, m in pairs(memory) do
   fields[#fields + 1] = 'm:' .. uuid
-  fields[#fields + 1] = string.format('%d %d %d', m[1], m[2], m[3])
+  fields[#fields + 1] = format_memory(m[1], m[2], m[3], m[4])
 end
 if #fields > 0 then redis.call('HSET', state_key, unpack(fields)) end
 return out

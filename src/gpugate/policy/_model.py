@@ -395,7 +395,7 @@ class Policy:
 
         ``-1`` stands for "no cap" or "no bound"; a class without a rate has
         ``rate_per_ms`` and ``burst`` 0.  Rates (``aging_per_ms``,
-        ``rate_per_ms``) are the only floats.
+        ``rate_per_ms``) and ``max_frag`` (a fraction) are the only floats.
         """
         pool = self.pool
         return {
@@ -426,6 +426,7 @@ def _class_wire(c: ClassPolicy) -> dict[str, Any]:
             -1 if c.max_duration_contended_s is None else _ms(c.max_duration_contended_s)
         ),
         "no_gpu": c.no_gpu,
+        "max_frag": -1 if c.max_fragmentation is None else c.max_fragmentation,
     }
 
 
@@ -675,8 +676,8 @@ reserve = "0B"
 # max_duration_contended = "15m"
 
 # Stop placing this class on a GPU once this fraction of its memory (0 to 1)
-# is held by allocators but not in use. Accepted and stored, but not enforced
-# yet: fragmentation is measured from the NVML sampler release on.
+# is held by its jobs' allocators but not in use (what the jobs report with
+# their heartbeat; see docs/sampling.md). Such a GPU gets none of this class.
 # max_fragmentation = 0.3
 
 # With no GPU visible: "defer" until one is, "reject", or "cpu" (admit to run

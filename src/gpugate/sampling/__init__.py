@@ -5,6 +5,7 @@ from ._nogpu import NoGpuSampler
 from ._nvml import NvmlSampler, default_sampler
 from ._sample import DeviceFault, DeviceSample, GpuProcess, Sampler, Snapshot
 from ._simulated import SimulatedSampler
+from ._torch import TorchMemory, torch_memory_stats
 
 __all__ = [
     "DeviceFault",
@@ -17,5 +18,7 @@ __all__ = [
     "Sampler",
     "SimulatedSampler",
     "Snapshot",
+    "TorchMemory",
     "default_sampler",
+    "torch_memory_stats",
 ]

@@ -108,6 +108,7 @@ class LeaseView:
     owner: str
     tenant: str | None
     expires_ms: int
+    idle: int = 0
 
     @property
     def held(self) -> int:
@@ -130,9 +131,11 @@ class DeviceView:
     ``used`` is what the device reported (NVML); ``reserved`` what the gate
     holds for leases (``Σ max(estimate, actual)``, ghosts included until a
     later sample); ``unmanaged`` what the device uses beyond the leases'
-    measured actuals (notebooks, contexts, foreign processes). Utilisation,
-    fragmentation and quarantine are ``None`` (unknown) until the samples
-    carry them.
+    measured actuals (notebooks, contexts, foreign processes).
+    ``fragmentation`` is the share of its memory its jobs' allocators hold
+    unused (what they report; ``None`` when no lease reported any).
+    Utilisation and quarantine are ``None`` (unknown) until the samples carry
+    them.
     """
 
     uuid: str
@@ -679,15 +682,15 @@ def _policy(doc: str | None, pool: str) -> tuple[Policy | None, str | None]:
 
 
 def _lease(uuid: str, lid: str, raw: str, exp: Mapping[str, int]) -> LeaseView | None:
-    parts = raw.split(" ", 8)
-    if len(parts) != 9:
+    parts = raw.split(" ", 9)
+    if len(parts) != 10:
         return None
     try:
         e, a, at, r = (int(p) for p in parts[:4])
-        s, m = int(parts[5]), int(parts[6])
+        s, m, idle = int(parts[5]), int(parts[6]), int(parts[8])
     except ValueError:
         return None
-    tenant = parts[8]
+    tenant = parts[9]
     return LeaseView(
         id=lid,
         device=uuid,
@@ -699,6 +702,7 @@ def _lease(uuid: str, lid: str, raw: str, exp: Mapping[str, int]) -> LeaseView |
         start_ms=s,
         max_deadline_ms=m,
         owner=parts[7],
+        idle=idle,
         tenant=None if tenant == "-" else tenant,
         expires_ms=exp.get(f"{uuid}\t{lid}", 0),
     )
@@ -726,6 +730,11 @@ def _device(uuid: str, sample: str | None, leases: list[LeaseView]) -> DeviceVie
         unmanaged=max(0, used - measured),
         leases=sum(1 for lease in mine if lease.released_ms == 0),
         ghosts=sum(1 for lease in counted if lease.released_ms > 0),
+        fragmentation=(
+            sum(lease.idle for lease in counted) / total
+            if total and any(lease.actual_at_ms for lease in counted)
+            else None
+        ),
     )
 
 

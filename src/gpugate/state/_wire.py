@@ -35,7 +35,8 @@ def pool_record(policy: Policy) -> str:
 def class_records(policy: Policy) -> dict[str, str]:
     """The class records, per class.
 
-    ``prio cap dev_cap rate_per_ms burst reserve_above max_ms max_contended_ms no_gpu``.
+    ``prio cap dev_cap rate_per_ms burst reserve_above max_ms max_contended_ms no_gpu
+    max_frag``.
     """
     wire = policy.to_wire()["classes"]
     out = {}
@@ -44,7 +45,9 @@ def class_records(policy: Policy) -> dict[str, str]:
             c["prio"], c["cap"], c["dev_cap"], c["rate_per_ms"], c["burst"],
             policy.reserve_above(name), c["max_ms"], c["max_contended_ms"],
         )  # fmt: skip
-        out[name] = " ".join(_num(v) for v in fields) + " " + c["no_gpu"]
+        out[name] = (
+            " ".join(_num(v) for v in fields) + f" {c['no_gpu']} {_num(c['max_frag'])}"
+        )
     return out
 
 
