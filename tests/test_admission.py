@@ -906,3 +906,37 @@ class TestFragmentation:
         if "torch" in sys.modules:
             pytest.skip("PyTorch is imported in this process")
         assert torch_memory_stats() is None
+
+
+class TestHostSnapshots:
+    """Each heartbeat publishes its host's GPUs, so status sees them from anywhere."""
+
+    def test_utilisation_and_quarantined_devices_reach_the_pool_view(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        from gpugate import DeviceFault, DeviceSample, Snapshot
+        from gpugate.state._inspect import read_pool
+
+        class Host:
+            backend = "test"
+
+            def sample(self) -> Snapshot:
+                return Snapshot(
+                    devices=(DeviceSample("GPU-ok", 0, 80 * GiB, 10 * GiB, "H100", 0.5),),
+                    taken_mono=time.monotonic(),
+                    host="gpu-07",
+                    backend="test",
+                    faults=(DeviceFault("GPU-lost", 1, 15, "GPU_IS_LOST", quarantined=True),),
+                )
+
+        gate = make_gate(policy(), Host())
+        gate.beat_now()
+        client = redis.Redis.from_url(server.url)
+        view = read_pool(client, pool_name)
+        client.close()
+        devices = {d.uuid: d for d in view.devices}
+        assert devices["GPU-ok"].utilization == 0.5
+        assert devices["GPU-ok"].quarantined is False
+        assert devices["GPU-ok"].host == "gpu-07"
+        assert devices["GPU-ok"].total == 80 * GiB
+        assert devices["GPU-lost"].quarantined is True

@@ -27,6 +27,7 @@ import structlog
 from .. import _speedups
 from .._exceptions import (
     AdmissionRejected,
+    GpugateError,
     AdmissionTimeout,
     BackendError,
     ConfigError,
@@ -635,6 +636,7 @@ class Gate:
             self._now_arg(),
             self.owner if self._register else "",
             self._worker_info(len(leases)) if self._register else "",
+            *self._gpus_record(),
             len(leases),
         ]
         reports = []
@@ -696,6 +698,35 @@ class Gate:
             },
             separators=(",", ":"),
         )
+
+    def _gpus_record(self) -> tuple[str, str]:
+        """(host, JSON of this host's last snapshot) for the pool; ("", "") without one."""
+        if not self._register:
+            return "", ""
+        try:
+            snap = self.sampler.sample()
+        except GpugateError as exc:  # the sampler's own errors are logged by it
+            log.debug("gpus_record_skipped", error=str(exc))
+            return "", ""
+        now = time.monotonic()
+        devices = [
+            {
+                "uuid": d.uuid,
+                "index": d.index,
+                "name": d.name,
+                "total": d.total,
+                "used": d.used,
+                "utilization": d.utilization,
+                "age_ms": int(snap.device_age_s(d, now) * 1000),
+            }
+            for d in snap.devices
+        ]
+        faults = [
+            {"uuid": f.uuid, "index": f.index, "error": f.error, "quarantined": f.quarantined}
+            for f in snap.faults
+        ]
+        doc = {"backend": snap.backend, "devices": devices, "faults": faults}
+        return snap.host or self.owner.rsplit(":", 2)[0], json.dumps(doc, separators=(",", ":"))
 
     def beat_now(self) -> None:
         """Renew every held lease now, in this thread (tests, shutdown paths)."""

@@ -1,12 +1,16 @@
 -- renew_leases.lua: extend the leases one process holds, in one call.
 --
 -- KEYS = [state, exp, waiters, workers, workerinfo]
--- ARGV = [prefix, clock_ms, owner, info, n, (uuid, id, actual, actual_age_ms, idle) * n]
+-- ARGV = [prefix, clock_ms, owner, info, host, gpus, n,
+--         (uuid, id, actual, actual_age_ms, idle) * n]
 --   actual < 0 leaves the reported actual VRAM (and idle, the bytes its
 --   allocator holds unused) as they were. owner "" renews
 --   without registering; otherwise the call is also the worker's heartbeat:
 --   workers (zset) owner -> last beat ms, workerinfo (hash) owner -> info
 --   (JSON from the gate). Workers silent for 10 TTLs are pruned here.
+--   gpus: the host's last snapshot (JSON: devices with utilisation, faults,
+--   quarantined devices), stored as gpus[host] = "<now> <json>" so status and
+--   metrics see every host's GPUs from anywhere; "" stores nothing.
 -- -> {now, (status, expires_ms) * n}; status 1 renewed; 0 gone (expired,
 --    reaped or released: never recreated, the id is a fencing token); 2 past
 --    its class's max duration (not renewed: it ends at expires_ms).
@@ -26,7 +30,9 @@ local prefix = ARGV[1]
 local clock_ms = tonumber(ARGV[2])
 local owner = ARGV[3]
 local info = ARGV[4]
-local n = tonumber(ARGV[5])
+local host = ARGV[5]
+local gpus = ARGV[6]
+local n = tonumber(ARGV[7])
 
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp')
 local last = tonumber(st[1]) or 0
@@ -58,6 +64,9 @@ local function class_contended_ms(cls)
   return contended_ms[cls]
 end
 
+if gpus ~= '' then
+  redis.call('HSET', prefix .. 'gpus', host, now .. ' ' .. gpus)
+end
 if owner ~= '' then
   redis.call('ZADD', workers_key, now, owner)
   redis.call('HSET', workerinfo_key, owner, info)
@@ -72,7 +81,7 @@ end
 local memory = {}
 local out = {now}
 for i = 0, n - 1 do
-  local base = 6 + 5 * i
+  local base = 8 + 5 * i
   local uuid, id = ARGV[base], ARGV[base + 1]
   local actual = tonumber(ARGV[base + 2])
   local dkey = prefix .. 'dev:' .. uuid

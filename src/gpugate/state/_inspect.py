@@ -134,8 +134,8 @@ class DeviceView:
     measured actuals (notebooks, contexts, foreign processes).
     ``fragmentation`` is the share of its memory its jobs' allocators hold
     unused (what they report; ``None`` when no lease reported any).
-    Utilisation and quarantine are ``None`` (unknown) until the samples carry
-    them.
+    Utilisation, quarantine, host and name come from the snapshot its host's
+    gates publish with every heartbeat (``None`` when none has).
     """
 
     uuid: str
@@ -149,6 +149,8 @@ class DeviceView:
     utilization: float | None = None
     fragmentation: float | None = None
     quarantined: bool | None = None
+    host: str | None = None
+    name: str = ""
 
     @property
     def free(self) -> int:
@@ -499,17 +501,24 @@ def read_pool(
         pipe.hgetall(keys.waiters)
         pipe.hgetall(keys.samples)
         pipe.hgetall(keys.buckets)
+        pipe.hgetall(keys.gpus)
         if plain:
             pipe.time()
         replies = pipe.execute()
         if not plain:
             replies.append(client.time())
-        state_raw, exp_raw, waiters_raw, samples_raw, buckets_raw, server_time = replies
+        state_raw, exp_raw, waiters_raw, samples_raw, buckets_raw, gpus_raw, server_time = replies
         state = {_s(k): _s(v) for k, v in state_raw.items()}
         exp = {_s(m): int(score) for m, score in exp_raw}
         samples = {_s(k): _s(v) for k, v in samples_raw.items()}
+        hosts = _host_gpus(gpus_raw)
+        for uuid, seen in hosts.items():
+            # A device no decision has sampled yet: its host's heartbeat did.
+            if uuid not in samples and "total" in seen:
+                samples[uuid] = f"{seen['total']} {seen['used']} {seen['taken_ms']}"
         uuids = sorted(
             set(samples)
+            | set(hosts)
             | {m.split("\t", 1)[0] for m in exp}
             | {f[3:] for f in state if f.startswith("d::")}
         )
@@ -546,7 +555,7 @@ def read_pool(
             if lease is not None:
                 leases.append(lease)
     leases.sort(key=lambda lease: int(lease.id) if lease.id.isdigit() else 0)
-    devices = [_device(uuid, samples.get(uuid), leases) for uuid in uuids]
+    devices = [_device(uuid, samples.get(uuid), leases, hosts.get(uuid)) for uuid in uuids]
     waiters = [
         w
         for w in (_waiter(_s(k), _s(v)) for k, v in waiters_raw.items())
@@ -708,7 +717,49 @@ def _lease(uuid: str, lid: str, raw: str, exp: Mapping[str, int]) -> LeaseView |
     )
 
 
-def _device(uuid: str, sample: str | None, leases: list[LeaseView]) -> DeviceView:
+def _host_gpus(raw: Mapping[Any, Any]) -> dict[str, dict[str, Any]]:
+    """Per device uuid, what the freshest host snapshot says (``P gpus``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for host_b, value_b in raw.items():
+        host, value = _s(host_b), _s(value_b)
+        stamp, _, doc = value.partition(" ")
+        try:
+            at = int(stamp)
+            snap = json.loads(doc)
+        except ValueError:
+            continue
+        for d in snap.get("devices", []):
+            uuid = d.get("uuid")
+            if not uuid or out.get(uuid, {}).get("at", -1) >= at:
+                continue
+            out[uuid] = {
+                "at": at,
+                "host": host,
+                "name": d.get("name") or "",
+                "utilization": d.get("utilization"),
+                "quarantined": False,
+                "total": int(d.get("total", 0)),
+                "used": int(d.get("used", 0)),
+                "taken_ms": at - int(d.get("age_ms", 0)),
+            }
+        for f in snap.get("faults", []):
+            uuid = f.get("uuid")
+            if not uuid or out.get(uuid, {}).get("at", -1) > at:
+                continue
+            kept = out.get(uuid, {})
+            out[uuid] = {
+                **kept,
+                "at": at,
+                "host": host,
+                "quarantined": bool(f.get("quarantined")),
+                "fault": f.get("error"),
+            }
+    return out
+
+
+def _device(
+    uuid: str, sample: str | None, leases: list[LeaseView], seen: Mapping[str, Any] | None = None
+) -> DeviceView:
     total = used = taken = 0
     if sample:
         parts = sample.split()
@@ -735,6 +786,10 @@ def _device(uuid: str, sample: str | None, leases: list[LeaseView]) -> DeviceVie
             if total and any(lease.actual_at_ms for lease in counted)
             else None
         ),
+        utilization=None if seen is None else seen.get("utilization"),
+        quarantined=None if seen is None else seen.get("quarantined"),
+        host=None if seen is None else seen.get("host"),
+        name="" if seen is None else seen.get("name", ""),
     )
 
 

@@ -29,6 +29,9 @@ key                 type     meaning
                              heartbeat (ms); silent for 10 TTLs: pruned
 ``P workerinfo``    hash     worker -> JSON (host, pid, version, fast path,
                              sampler, policy version, leases held)
+``P gpus``          hash     host -> ``<ms> <JSON>``: its last GPU snapshot
+                             (utilisation, faults, quarantined devices), sent
+                             with each heartbeat
 ``P wake``          channel  published on release, expiry and override change
 ==================  =======  ==================================================
 """
@@ -49,6 +52,7 @@ class PoolKeys:
         "buckets",
         "exp",
         "ghosts",
+        "gpus",
         "pool",
         "prefix",
         "samples",
@@ -76,6 +80,7 @@ class PoolKeys:
         self.workers = self.prefix + "workers"
         self.workerinfo = self.prefix + "workerinfo"
         self.ghosts = self.prefix + "ghosts"
+        self.gpus = self.prefix + "gpus"
         self.wake = self.prefix + "wake"
 
     def device(self, uuid: str) -> str:
