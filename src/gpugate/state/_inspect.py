@@ -513,8 +513,10 @@ def read_pool(
         samples = {_s(k): _s(v) for k, v in samples_raw.items()}
         hosts = _host_gpus(gpus_raw)
         for uuid, seen in hosts.items():
-            # A device no decision has sampled yet: its host's heartbeat did.
-            if uuid not in samples and "total" in seen:
+            # The freshest of the decisions' sample and the host's heartbeat.
+            stored = samples.get(uuid, "").split()
+            stored_ms = int(stored[2]) if len(stored) >= 3 and stored[2].isdigit() else -1
+            if "total" in seen and seen["taken_ms"] > stored_ms:
                 samples[uuid] = f"{seen['total']} {seen['used']} {seen['taken_ms']}"
         uuids = sorted(
             set(samples)
