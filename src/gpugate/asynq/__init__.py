@@ -1,0 +1,40 @@
+"""The Asynq integration: Asynq's queues as Asynq's own tools see them.
+
+Inspection (:func:`read_queue`, :func:`read_queues`): per queue, sizes by
+state, latency, processed and failed counts, pause; :func:`throughput` and
+:func:`eta_s` for the drain time. Control (:func:`pause_queue`,
+:func:`unpause_queue`): pause as Asynq does, so Go servers stop dequeuing
+and AsynqMon shows it, with gpugate's expiry and ownership. Key names are in
+:mod:`gpugate.asynq._keys`; the layout is Asynq v0.26.0's (docs/asynq.md).
+"""
+
+from ._control import PauseResult, UnpauseResult, pause_queue, unpause_queue
+from ._inspect import (
+    QueuePause,
+    QueueStats,
+    Throughput,
+    eta_s,
+    list_queues,
+    queue_concerns,
+    read_queue,
+    read_queues,
+    throughput,
+)
+from ._keys import AsynqKeys
+
+__all__ = [
+    "AsynqKeys",
+    "PauseResult",
+    "QueuePause",
+    "QueueStats",
+    "Throughput",
+    "UnpauseResult",
+    "eta_s",
+    "list_queues",
+    "pause_queue",
+    "queue_concerns",
+    "read_queue",
+    "read_queues",
+    "throughput",
+    "unpause_queue",
+]
