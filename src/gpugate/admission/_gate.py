@@ -27,10 +27,10 @@ import structlog
 from .. import _speedups
 from .._exceptions import (
     AdmissionRejected,
-    GpugateError,
     AdmissionTimeout,
     BackendError,
     ConfigError,
+    GpugateError,
     UsageError,
 )
 from .._logging import Throttle
@@ -673,14 +673,14 @@ class Gate:
                 lease.expires_ms = expires
             elif status == 2:
                 lease.expires_ms = expires
-                if not lease.max_duration_reached:
+                if lease._mark_max_duration():
                     self.metrics.leases_max_duration.labels(lease.cls).inc()
-                lease._mark_max_duration()
-            elif not lease.released:
-                self.stats["leases_lost"] += 1
-                self.metrics.leases_lost.labels(lease.cls).inc()
+            else:
                 self._leases.discard(lease)
-                lease._mark_lost("expired")
+                # The background heartbeat and beat_now() may both see it gone.
+                if lease._mark_lost("expired"):
+                    self.stats["leases_lost"] += 1
+                    self.metrics.leases_lost.labels(lease.cls).inc()
 
     def _worker_info(self, leases: int) -> str:
         """What the registry says about this process (JSON)."""

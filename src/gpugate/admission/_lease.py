@@ -83,9 +83,7 @@ class Lease:
         self._on_max: list[LeaseCallback] = []
         # A local lease (Redis unreachable, on_backend_error "open") holds a
         # slot of this process's own cap; releasing or dropping it frees that.
-        self._local_done: Any = (
-            weakref.finalize(self, gate._local_done, cls) if local else None
-        )
+        self._local_done: Any = weakref.finalize(self, gate._local_done, cls) if local else None
 
     @property
     def local(self) -> bool:
@@ -136,26 +134,32 @@ class Lease:
             return True
         return self._gate._release_lease(self, outcome)
 
-    def _mark_lost(self, reason: str) -> None:
-        if self.lost or self.released:
-            return
-        self.lost = True
-        self.lost_reason = reason
+    def _mark_lost(self, reason: str) -> bool:
+        """Tell the holder, once; True for the call that did (two heartbeats may race)."""
+        with self._lock:
+            if self.lost or self.released:
+                return False
+            self.lost = True
+            self.lost_reason = reason
         log.warning(
             "lease_lost", lease_id=self.id, cls=self.cls, device=self.device_uuid, reason=reason
         )
         for cb in self._on_lost:
             _run_callback(cb, self)
+        return True
 
-    def _mark_max_duration(self) -> None:
-        if self.max_duration_reached:
-            return
-        self.max_duration_reached = True
+    def _mark_max_duration(self) -> bool:
+        """Tell the holder, once; True for the call that did."""
+        with self._lock:
+            if self.max_duration_reached:
+                return False
+            self.max_duration_reached = True
         log.warning(
             "lease_max_duration_reached", lease_id=self.id, cls=self.cls, device=self.device_uuid
         )
         for cb in self._on_max:
             _run_callback(cb, self)
+        return True
 
 
 def _run_callback(cb: LeaseCallback, lease: Lease) -> None:

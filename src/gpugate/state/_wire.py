@@ -45,9 +45,7 @@ def class_records(policy: Policy) -> dict[str, str]:
             c["prio"], c["cap"], c["dev_cap"], c["rate_per_ms"], c["burst"],
             policy.reserve_above(name), c["max_ms"], c["max_contended_ms"],
         )  # fmt: skip
-        out[name] = (
-            " ".join(_num(v) for v in fields) + f" {c['no_gpu']} {_num(c['max_frag'])}"
-        )
+        out[name] = " ".join(_num(v) for v in fields) + f" {c['no_gpu']} {_num(c['max_frag'])}"
     return out
 
 
