@@ -74,8 +74,11 @@ def class_policies(draw: st.DrawFn, name: str | None = None) -> ClassPolicy:
     contended = draw(st.none() | durations())
     if bound is not None and contended is not None and contended > bound:
         bound, contended = contended, bound
+    name = draw(class_names()) if name is None else name
+    # Prefixed with the class name: a queue belongs to one class only.
+    queues = draw(st.lists(st.text(min_size=1, max_size=8), max_size=3, unique=True))
     return ClassPolicy(
-        name=draw(class_names()) if name is None else name,
+        name=name,
         priority=draw(priorities()),
         max_concurrent=draw(st.none() | st.integers(min_value=0, max_value=1000)),
         max_per_device=draw(st.none() | st.integers(min_value=0, max_value=64)),
@@ -87,6 +90,7 @@ def class_policies(draw: st.DrawFn, name: str | None = None) -> ClassPolicy:
         max_fragmentation=draw(st.none() | st.floats(min_value=0, max_value=1)),
         no_gpu=draw(st.sampled_from(["defer", "reject", "cpu"])),
         on_backend_error=draw(st.sampled_from(["closed", "open"])),
+        queues=tuple(f"{name}/{q}" for q in queues),
     )
 
 

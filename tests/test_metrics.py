@@ -35,7 +35,7 @@ POLICY = Policy.from_dict(
     }
 )
 
-# The only labels a gpugate series may carry: never a lease, job or worker id.
+# The only labels a gpugate series may carry: never a lease, job, task or worker id.
 ALLOWED_LABELS = {
     "pool",
     "class",
@@ -48,6 +48,7 @@ ALLOWED_LABELS = {
     "le",
     "backend",
     "call",
+    "queue",
 }
 
 

@@ -105,6 +105,7 @@ class TestFromDict:
                 max_fragmentation=0.25,
                 no_gpu="cpu",
                 on_backend_error="open",
+                queues=["ocr:bulk", "ocr:retry"],
             )
         )
         assert policy.classes["batch"] == ClassPolicy(
@@ -120,6 +121,7 @@ class TestFromDict:
             max_fragmentation=0.25,
             no_gpu="cpu",
             on_backend_error="open",
+            queues=("ocr:bulk", "ocr:retry"),
         )
 
     def test_sizes_durations_and_rates_may_be_plain_numbers(self) -> None:
@@ -212,6 +214,21 @@ class TestValidation:
             ({"classes": {"batch": {}}}, "classes.batch.priority", "priority"),
             ({"pool": "fast", **with_class()}, "pool", '"fast"'),
             ({"classes": ["batch"]}, "classes", "['batch']"),
+            (with_class(queues="ocr:bulk"), "classes.batch.queues", '"ocr:bulk" is not a list'),
+            (with_class(queues=["ok", " "]), "classes.batch.queues[1]", '" " is not an Asynq'),
+            (with_class(queues=[3]), "classes.batch.queues[0]", "3 is not an Asynq queue name"),
+            (with_class(queues=["a", "b", "a"]), "classes.batch.queues[2]", '"a" is listed twice'),
+            (
+                {
+                    "classes": {
+                        "interactive": {"priority": 100, "queues": ["ocr:fast"]},
+                        "batch": {"priority": 10, "queues": ["ocr:bulk", "ocr:fast"]},
+                    }
+                },
+                "classes.batch.queues[1]",
+                'queue "ocr:fast" is already a queue of class "interactive"; a queue belongs '
+                "to at most one class",
+            ),
         ],
     )
     def test_each_error_names_source_key_and_value(
@@ -250,6 +267,11 @@ class TestValidation:
         with pytest.raises(ConfigError, match="no classes are defined") as caught:
             Policy.from_dict(data)
         assert caught.value.key == "classes"
+
+    def test_a_bad_queue_name_is_the_value_reported(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            Policy.from_toml('[classes.batch]\npriority = 1\nqueues = ["a", ""]\n', source="t")
+        assert (caught.value.key, caught.value.value) == ("classes.batch.queues[1]", "")
 
     def test_a_bad_value_reports_what_was_written_not_the_converted_number(self) -> None:
         with pytest.raises(ConfigError) as caught:
@@ -425,6 +447,12 @@ class TestRoundTrip:
             },
         }
 
+    def test_queues_are_a_list_in_to_dict_and_left_out_when_there_are_none(self) -> None:
+        data = Policy.from_dict(with_class(queues=("ocr:bulk", "ünï", " q"))).to_dict()
+        assert data["classes"]["batch"]["queues"] == ["ocr:bulk", "ünï", " q"]
+        assert Policy.from_dict(data).classes["batch"].queues == ("ocr:bulk", "ünï", " q")
+        assert "queues" not in Policy.from_dict(with_class(queues=[])).to_dict()["classes"]["batch"]
+
     def test_to_dict_keeps_numbers_no_short_string_says_exactly(self) -> None:
         data = Policy.from_dict(with_class(reserve=4 * GiB + 1, max_duration=1.2345)).to_dict()
         assert data["classes"]["batch"]["reserve"] == 4 * GiB + 1
@@ -498,6 +526,9 @@ class TestWire:
             for name, value in section.items():
                 if name in ("aging_per_ms", "rate_per_ms"):
                     assert isinstance(value, float)
+                elif name == "queues":
+                    assert value
+                    assert all(isinstance(q, str) for q in value), value
                 elif name == "max_frag":
                     assert value == -1 or (isinstance(value, float) and 0 <= value <= 1), value
                 elif name not in ("placement", "no_gpu"):
@@ -512,6 +543,31 @@ class TestWire:
         spelled = Policy.from_dict(with_class(rate="600/min", reserve="1GiB", max_duration="1h"))
         numbers = Policy.from_dict(with_class(rate=10, reserve=GiB, max_duration=3600))
         assert spelled.version == numbers.version
+
+    def test_a_policy_without_queues_keeps_the_version_it_had_before_queues_existed(
+        self,
+    ) -> None:
+        # Pools store this version; a gate whose policy reads differently
+        # reports a mismatch, so adding the knob must not move it.
+        assert Policy.default().version == "ab71f1406e1a2d2e"
+        assert all("queues" not in c for c in Policy.default().to_wire()["classes"].values())
+
+    def test_queues_are_on_the_wire_so_that_changing_them_changes_the_version(self) -> None:
+        one = Policy.from_dict(with_class(queues=["ocr:bulk"]))
+        assert one.to_wire()["classes"]["batch"]["queues"] == ["ocr:bulk"]
+        assert one.version != Policy.from_dict(with_class()).version
+        assert one.version != Policy.from_dict(with_class(queues=["ocr:bulk", "x"])).version
+
+    def test_queue_classes_maps_each_queue_to_its_class(self) -> None:
+        policy = Policy.from_dict(
+            {
+                "classes": {
+                    "batch": {"priority": 10, "queues": ["b2", "b1"]},
+                    "interactive": {"priority": 100, "queues": ["i"]},
+                }
+            }
+        )
+        assert policy.queue_classes() == {"i": "interactive", "b2": "batch", "b1": "batch"}
 
     def test_any_change_the_scripts_see_changes_the_version(self) -> None:
         base = Policy.from_dict(EXAMPLE)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..state._inspect import OverrideView
 
 GiB = 1 << 30
+ASYNQ_REDIS_URL_ENV = "GPUGATE_ASYNQ_REDIS_URL"
 
 
 def redis_url(explicit: str | None) -> tuple[str, bool]:
@@ -50,6 +51,28 @@ def open_client(explicit_url: str | None) -> tuple[Client, str, bool]:
     """A client of the pool's Redis, its URL, and whether it is the embedded one."""
     url, embedded = redis_url(explicit_url)
     return connect(url), url, embedded
+
+
+def asynq_redis_url(explicit: str | None) -> str | None:
+    """The Redis Asynq uses, when it is not the pool's.
+
+    ``--asynq-redis-url``, else ``$GPUGATE_ASYNQ_REDIS_URL``; ``None``: Asynq's
+    queues live in the pool's Redis (same URL, same database).
+    """
+    return explicit or os.environ.get(ASYNQ_REDIS_URL_ENV, "").strip() or None
+
+
+def open_asynq_client(
+    explicit_url: str | None, pool_client: Client, pool_url: str
+) -> tuple[Client, str]:
+    """A client of the Redis Asynq uses and its URL: the pool's own unless one is set.
+
+    The caller closes it when it is not ``pool_client``.
+    """
+    url = asynq_redis_url(explicit_url)
+    if url is None:
+        return pool_client, pool_url
+    return connect(url), url
 
 
 def open_gate(explicit_url: str | None, pool: str | None) -> Gate:

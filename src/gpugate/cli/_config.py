@@ -37,6 +37,8 @@ def check_config(path: str) -> int:
         if c.max_duration_s is not None:
             parts.append(f"max_duration {format_duration(c.max_duration_s)}")
         parts.append(f"no_gpu {c.no_gpu}")
+        if c.queues:
+            parts.append(f"Asynq queues {', '.join(c.queues)}")
         top = " (highest: kept running by `gpugate drain`)" if name == p.highest_class else ""
         out(f"  class {name}: {', '.join(parts)}{top}")
     return 0

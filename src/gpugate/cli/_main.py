@@ -3,8 +3,8 @@
 Errors the user can fix (a bad Redis URL, an unknown class, a malformed
 duration, a bad argument) print one line and exit 2; nothing prints a
 traceback. The operator commands live in :mod:`._status` (status),
-:mod:`._ops` (pause, resume, cap, uncap, drain, leases) and :mod:`._serve`
-(metrics).
+:mod:`._ops` (pause, resume, cap, uncap, drain, leases), :mod:`._queues`
+(queues) and :mod:`._serve` (metrics).
 """
 
 from __future__ import annotations
@@ -118,11 +118,17 @@ def _parser() -> argparse.ArgumentParser:
         "else the embedded Redis of this host)",
     )
     p.add_argument("--pool", help="pool name (default: $GPUGATE_POOL or 'default')")
-    # The same two options after the command (`gpugate status --pool p`); SUPPRESS
+    p.add_argument(
+        "--asynq-redis-url",
+        help="Redis holding the Asynq queues of the pool's classes "
+        "(default: $GPUGATE_ASYNQ_REDIS_URL, else the pool's Redis)",
+    )
+    # The same options after the command (`gpugate status --pool p`); SUPPRESS
     # keeps a value given before the command when they are not repeated.
     where = _Parser(add_help=False)
     where.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     where.add_argument("--pool", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    where.add_argument("--asynq-redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="workers of two classes compete for two simulated GPUs")
@@ -150,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         parents=[where],
-        help="GPUs, classes, overrides and workers of the pool, and a verdict",
+        help="GPUs, classes, queues, overrides and workers of the pool, and a verdict",
     )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.add_argument(
@@ -169,7 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     pause = sub.add_parser(
-        "pause", parents=[where], help="pause classes: their requests defer until resumed"
+        "pause",
+        parents=[where],
+        help="pause classes (and their Asynq queues): their requests defer until resumed",
     )
     pause.add_argument("classes", nargs="*", metavar="CLASS")
     pause.add_argument("--all", action="store_true", help="pause every class, the highest too")
@@ -199,6 +207,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     uncap.add_argument("cls", metavar="CLASS")
     _override_options(uncap, duration=False)
+
+    queues = sub.add_parser(
+        "queues",
+        parents=[where],
+        help="every Asynq queue (asynq:queues): tasks by state, latency, who paused it",
+    )
+    queues.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     leases = sub.add_parser(
         "leases", parents=[where], help="list live leases, or end one (--expire ID)"
@@ -280,11 +295,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in _OPS:
         return _OPS[args.command](args)
     if args.command == "status":
-        from ._common import open_client, pool_name
+        from ._common import open_asynq_client, open_client, pool_name
         from ._status import run_status
 
         client, url, embedded = open_client(args.redis_url)
+        asynq = client
         try:
+            asynq, asynq_url = open_asynq_client(args.asynq_redis_url, client, url)
             return run_status(
                 client,
                 pool_name(args.pool),
@@ -293,13 +310,21 @@ def _dispatch(args: argparse.Namespace) -> int:
                 as_json=args.json,
                 watch=args.watch,
                 color=args.color,
+                asynq=asynq,
+                asynq_url=asynq_url,
             )
         finally:
+            if asynq is not client:
+                asynq.close()
             client.close()
+    if args.command == "queues":
+        from ._queues import run_queues
+
+        return run_queues(args)
     if args.command == "metrics":
         from ._serve import run_metrics
 
-        return run_metrics(args.redis_url, args.pool, args.addr, args.port)
+        return run_metrics(args.redis_url, args.pool, args.addr, args.port, args.asynq_redis_url)
     if args.command == "config":
         from ._config import check_config
 

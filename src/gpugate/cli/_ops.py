@@ -2,26 +2,37 @@
 
 Each override goes through :class:`~gpugate.Gate` (the ``set_override``
 script), records who set it and why, and prints what is now in force and
-when it reverts. ``leases --expire ID`` ends one lease the way a release does
-(outcome ``expired_by_operator``): its memory keeps counting until a later
-sample, and its holder finds it gone at its next heartbeat.
+when it reverts. ``pause`` and ``drain`` also pause the classes' Asynq
+queues (their policy's ``queues``) the Asynq way, with the same expiry;
+``resume`` unpauses those of them whose pause is gpugate's.
+
+``leases --expire ID`` ends one lease the way a release does (outcome
+``expired_by_operator``): its memory keeps counting until a later sample,
+and its holder finds it gone at its next heartbeat.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from typing import Any
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
+import redis
 import structlog
 
-from .._exceptions import UsageError
+from .._exceptions import BackendError, UsageError
+from ..asynq import UnpauseResult, pause_queue, read_queues, unpause_queue
+from ..state._connect import Client
 from ..state._inspect import LeaseView, PoolView, read_pool
 from ..state._keys import PoolKeys
 from ..state._scripts import Scripts
 from ._common import (
     ago,
     describe_override,
+    open_asynq_client,
     open_client,
     open_gate,
     out,
@@ -30,6 +41,10 @@ from ._common import (
     size,
     who_am_i,
 )
+from ._queues import describe_pause
+
+if TYPE_CHECKING:
+    from ..admission import Gate
 
 log = structlog.get_logger(__name__)
 
@@ -41,19 +56,77 @@ def _print_in_force(reply: dict[str, Any], classes: list[str], kind: str) -> Non
         out(describe_override(o, o.at_ms))
 
 
+@contextlib.contextmanager
+def _asynq(gate: Gate, explicit_url: str | None, needed: bool) -> Iterator[Client | None]:
+    """A client of the Redis Asynq uses (the pool's unless one is set), closed after.
+
+    ``None`` when no queue is involved: nothing is connected then.
+    """
+    if not needed:
+        yield None
+        return
+    client, _ = open_asynq_client(explicit_url, gate.client, gate.redis_url)
+    try:
+        yield client
+    finally:
+        if client is not gate.client:
+            client.close()
+
+
+def _pause_classes(
+    gate: Gate,
+    classes: list[str],
+    args: argparse.Namespace,
+    *,
+    reason: str,
+) -> int:
+    """Pause ``classes`` and their Asynq queues with the same expiry; print what is in force.
+
+    A queue that cannot be paused (Asynq's Redis unreachable) is one line on
+    stderr and exit status 2; the class pauses stand.
+    """
+    policy = gate.effective_policy
+    who = who_am_i(args.who)
+    reply: dict[str, Any] = {}
+    for cls in classes:
+        reply = gate.pause(cls, duration=args.duration, reason=reason, who=who)
+    in_force = {o.cls: o for o in overrides_from_reply(reply) if o.kind == "pause"}
+    queues = {cls: policy.class_policy(cls).queues for cls in classes}
+    failed = 0
+    with _asynq(gate, args.asynq_redis_url, any(queues.values())) as asynq:
+        for cls in classes:
+            o = in_force.get(cls)
+            if o is not None:
+                # The reply carries no clock; the override was set just now.
+                out(describe_override(o, o.at_ms))
+            for queue in queues[cls]:
+                assert asynq is not None
+                try:
+                    result = pause_queue(
+                        asynq,
+                        queue,
+                        duration=args.duration,
+                        who=who,
+                        reason=reason,
+                        pool=gate.pool,
+                        cls=cls,
+                    )
+                except BackendError as exc:
+                    failed += 1
+                    out(f"gpugate: error: queue {queue} of {cls} not paused: {exc}", sys.stderr)
+                    continue
+                out("  " + describe_pause(result, cls))
+    return 2 if failed else 0
+
+
 def run_pause(args: argparse.Namespace) -> int:
-    """``gpugate pause CLASS... | --all``."""
+    """``gpugate pause CLASS... | --all``: the classes, and their Asynq queues."""
     with open_gate(args.redis_url, args.pool) as gate:
         policy = gate.effective_policy
         if args.all and args.classes:
             raise UsageError("name classes to pause, or pass --all, not both")
         classes = list(policy.classes) if args.all else _classes(policy, args.classes, "pause")
-        who = who_am_i(args.who)
-        reply: dict[str, Any] = {}
-        for cls in classes:
-            reply = gate.pause(cls, duration=args.duration, reason=args.reason, who=who)
-        _print_in_force(reply, classes, "pause")
-    return 0
+        return _pause_classes(gate, classes, args, reason=args.reason)
 
 
 def run_drain(args: argparse.Namespace) -> int:
@@ -71,35 +144,79 @@ def run_drain(args: argparse.Namespace) -> int:
                     "drain keeps the highest class running, so there is nothing to drain; "
                     "use `gpugate pause --all` to stop everything"
                 )
-        who = who_am_i(args.who)
-        reply: dict[str, Any] = {}
-        for cls in classes:
-            reply = gate.pause(cls, duration=args.duration, reason=args.reason or "drain", who=who)
-        _print_in_force(reply, classes, "pause")
+        status = _pause_classes(gate, classes, args, reason=args.reason or "drain")
         if args.cls is None:
             out(f"{policy.highest_class} (the highest class) keeps running")
-    return 0
+    return status
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    """``gpugate resume [CLASS...]``: lift pauses (all of them without a class)."""
+    """``gpugate resume [CLASS...]``: lift pauses (all of them without a class).
+
+    The classes' Asynq queues are unpaused too, but only where the pause is
+    gpugate's: a queue paused with AsynqMon or the asynq CLI stays paused.
+    Without a class, a class whose queues gpugate paused for this pool is
+    resumed too, even when the class itself is no longer paused.
+    """
     with open_gate(args.redis_url, args.pool) as gate:
         policy = gate.effective_policy
         reply = gate.overrides()
         paused = sorted(overrides_from_reply_classes(reply, "pause"))
-        classes = _classes(policy, args.classes, "resume") if args.classes else paused
-        if not classes:
-            out(f"nothing is paused in pool {gate.pool}")
-            return 0
-        who = who_am_i(args.who)
-        for cls in classes:
-            reply = gate.resume(cls, who=who)
-            state = "resumed" if cls in paused else "was not paused"
-            out(f"{cls} {state}")
+        owners = policy.queue_classes()
+        failed = 0
+        with _asynq(gate, args.asynq_redis_url, bool(owners)) as asynq:
+            if args.classes:
+                classes = _classes(policy, args.classes, "resume")
+            else:
+                classes = paused
+                if asynq is not None:
+                    try:
+                        readings = read_queues(asynq, list(owners))
+                    except (BackendError, redis.RedisError) as exc:
+                        failed += 1
+                        out(f"gpugate: error: cannot read the classes' queues: {exc}", sys.stderr)
+                        readings = {}
+                    held = {
+                        owners[q]
+                        for q, s in readings.items()
+                        if s.pause is not None and s.pause.pool == gate.pool
+                    }
+                    classes = paused + [c for c in policy.classes if c in held - set(paused)]
+            if not classes:
+                out(f"nothing is paused in pool {gate.pool}")
+                return 2 if failed else 0
+            who = who_am_i(args.who)
+            for cls in classes:
+                reply = gate.resume(cls, who=who)
+                state = "resumed" if cls in paused else "was not paused"
+                out(f"{cls} {state}")
+                for queue in policy.class_policy(cls).queues:
+                    assert asynq is not None
+                    try:
+                        result = unpause_queue(asynq, queue, only_own=True)
+                    except BackendError as exc:
+                        failed += 1
+                        out(
+                            f"gpugate: error: queue {queue} of {cls} not resumed: {exc}",
+                            sys.stderr,
+                        )
+                        continue
+                    out("  " + _describe_unpause(result))
         caps = [o for o in overrides_from_reply(reply) if o.kind == "cap"]
         for o in caps:
             out(f"still in force: {describe_override(o, o.at_ms)}")
-    return 0
+    return 2 if failed else 0
+
+
+def _describe_unpause(r: UnpauseResult) -> str:
+    if r.outcome == "unpaused":
+        return f"queue {r.queue} resumed: Asynq servers take its tasks again"
+    if r.outcome == "not_ours":
+        return (
+            f"queue {r.queue} stays paused: not gpugate's pause "
+            "(AsynqMon or asynq CLI; resume it there)"
+        )
+    return f"queue {r.queue} was not paused"
 
 
 def overrides_from_reply_classes(reply: dict[str, Any], kind: str) -> list[str]:

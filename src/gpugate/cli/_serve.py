@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from ..metrics import MetricsServer, PoolCollector
 from ..state._connect import mask_url
-from ..state._inspect import PoolView, assess
-from ._common import open_client, pool_name
+from ..state._inspect import PoolView, Verdict, assess
+from ._common import open_asynq_client, open_client, pool_name
 
 log = structlog.get_logger(__name__)
 
@@ -30,16 +30,22 @@ class PoolEvents:
 
     def __init__(self) -> None:
         self._last: PoolView | None = None
+        self._last_verdict: Verdict | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, view: PoolView) -> None:
-        """Compare ``view`` with the previous one and log the differences."""
+    def __call__(self, view: PoolView, verdict: Verdict | None = None) -> None:
+        """Compare ``view`` with the previous one and log the differences.
+
+        ``verdict`` is the one the collector exported (with the queues'
+        concerns); by default, the view's own.
+        """
+        verdict = assess(view) if verdict is None else verdict
         with self._lock:
             before, self._last = self._last, view
+            previous, self._last_verdict = self._last_verdict, verdict
         p = view.pool
         now = view.now_ms
-        verdict = assess(view)
-        if before is None:
+        if before is None or previous is None:
             for o in view.overrides:
                 log.info("override_in_force", pool=p, **_override_fields(o, now))
             log.info("pool_verdict", pool=p, level=verdict.level, verdict=verdict.line)
@@ -80,7 +86,6 @@ class PoolEvents:
         for d in view.devices:
             if d.quarantined and d.uuid not in quarantined_before:
                 log.error("gpu_quarantined", pool=p, device=d.uuid)
-        previous = assess(before)
         if previous.level != verdict.level:
             log.warning(
                 "pool_verdict_changed",
@@ -106,12 +111,21 @@ def _override_fields(o: object, now_ms: int) -> dict[str, object]:
     }
 
 
-def run_metrics(redis_url: str | None, pool: str | None, addr: str, port: int) -> int:
+def run_metrics(
+    redis_url: str | None,
+    pool: str | None,
+    addr: str,
+    port: int,
+    asynq_redis_url: str | None = None,
+) -> int:
     """Serve ``/metrics`` for the pool until SIGINT or SIGTERM."""
     client, url, _ = open_client(redis_url)
+    asynq_client, asynq_url = open_asynq_client(asynq_redis_url, client, url)
     name = pool_name(pool)
     registry = CollectorRegistry()
-    registry.register(PoolCollector(client, name, redis_url=url, on_read=PoolEvents()))
+    registry.register(
+        PoolCollector(client, name, redis_url=url, asynq_client=asynq_client, on_read=PoolEvents())
+    )
     server = MetricsServer(registry, addr, port)
     stop = threading.Event()
 
@@ -120,7 +134,13 @@ def run_metrics(redis_url: str | None, pool: str | None, addr: str, port: int) -
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    log.info("metrics_serving", pool=name, redis=mask_url(url), url=server.url)
+    log.info(
+        "metrics_serving",
+        pool=name,
+        redis=mask_url(url),
+        asynq_redis=mask_url(asynq_url),
+        url=server.url,
+    )
     # The one line a script (or a person) waits for; the port matters with --port 0.
     print(f"serving pool {name} on {server.url}", flush=True)
     try:
@@ -128,6 +148,8 @@ def run_metrics(redis_url: str | None, pool: str | None, addr: str, port: int) -
             pass
     finally:
         server.close()
+        if asynq_client is not client:
+            asynq_client.close()
         client.close()
     print("stopped", file=sys.stderr, flush=True)
     return 0

@@ -4,7 +4,13 @@ Everything shown is read from the pool in Redis (:mod:`gpugate.state._inspect`),
 so it works from any machine that reaches the Redis, GPU or not. The first
 line after the header is the verdict (``OK``, ``DEGRADED: …``,
 ``CRITICAL: …``); then GPUs, classes (with each one's admission answers of
-the last 5 minutes), overrides and workers.
+the last 5 minutes), the classes' Asynq queues (when the policy names any),
+overrides and workers.
+
+The queues are read from the Redis Asynq uses (``--asynq-redis-url``, by
+default the pool's); their concerns join the verdict as in the
+``gpugate_pool_health`` metric. ``--watch`` measures each queue's rate
+between two frames; a single reading uses today's average.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
 from .. import __version__, _speedups
-from ..state._connect import Client
+from ..asynq import QueueStats
+from ..state._connect import Client, mask_url
 from ..state._inspect import (
     RECENT_WINDOWS,
     DecisionCounts,
@@ -27,7 +35,10 @@ from ..state._inspect import (
     assess,
     read_pool,
 )
+from ..state._queues import QueuesView, read_pool_queues
 from ._common import Style, ago, clock, describe_override, size
+from ._queues import HEADER as QUEUE_HEADER
+from ._queues import queue_cells, queue_json
 
 BAR_WIDTH = 24
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -60,8 +71,18 @@ def rates(before: PoolView, after: PoolView) -> Rates | None:
 # -- JSON -----------------------------------------------------------------------
 
 
-def to_json(view: PoolView, verdict: Verdict, embedded: bool, rate: Rates | None) -> dict[str, Any]:
-    """The status as plain data (``--json``); sizes in bytes, times in seconds."""
+def to_json(
+    view: PoolView,
+    verdict: Verdict,
+    embedded: bool,
+    rate: Rates | None,
+    queues: QueuesView | None = None,
+) -> dict[str, Any]:
+    """The status as plain data (``--json``); sizes in bytes, times in seconds.
+
+    ``queues`` is there only when the pool's classes have queues; with an
+    error reading them, ``queues_error`` says why.
+    """
     now = view.now_ms
     doc: dict[str, Any] = {
         "pool": view.pool,
@@ -158,6 +179,10 @@ def to_json(view: PoolView, verdict: Verdict, embedded: bool, rate: Rates | None
             },
             "unadmitted_s": round(c.recent.unadmitted_s(), 3),
         }
+    if view.policy is not None and view.policy.queue_classes() and queues is not None:
+        doc["queues"] = [queue_json(q.stats, q.cls, q.rate, q.eta_s) for q in queues.queues]
+        if queues.error is not None:
+            doc["queues_error"] = queues.error
     return doc
 
 
@@ -204,8 +229,14 @@ def render(
     *,
     embedded: bool = False,
     rate: Rates | None = None,
+    queues: QueuesView | None = None,
+    asynq_url: str | None = None,
 ) -> str:
-    """The status as text, as gpustat would lay it out."""
+    """The status as text, as gpustat would lay it out.
+
+    ``queues``: the QUEUES section, left out when the pool's classes have no
+    queues; ``asynq_url`` is named there when it is not the pool's Redis.
+    """
     now = view.now_ms
     lines: list[str] = []
     where = "embedded Redis (this host only)" if embedded else view.redis_url
@@ -348,6 +379,10 @@ def render(
             )
         )
 
+    if view.policy is not None and view.policy.queue_classes() and queues is not None:
+        lines.append("")
+        lines += _queue_lines(view, queues, st, asynq_url)
+
     lines.append("")
     lines.append(st.cyan("OVERRIDES"))
     if view.overrides:
@@ -389,6 +424,20 @@ def render(
     return "\n".join(lines)
 
 
+def _queue_lines(view: PoolView, queues: QueuesView, st: Style, asynq_url: str | None) -> list[str]:
+    shown = mask_url(asynq_url) if asynq_url else view.redis_url
+    where = "" if shown == view.redis_url else f" in {shown}"
+    lines = [st.cyan("QUEUES") + st.dim(f"  (Asynq{where}; backlog = pending + active)")]
+    if queues.error is not None:
+        lines.append("  " + st.yellow(f"cannot read them: {queues.error}"))
+        return lines
+    rows = [[st.cyan(h) for h in QUEUE_HEADER]]
+    for q in queues.queues:
+        rows.append(queue_cells(st, q.stats, q.cls, q.rate, q.eta_s))
+    lines += ["  " + line for line in _table(rows)]
+    return lines
+
+
 def _policy_mismatch(w: WorkerView, view: PoolView) -> bool:
     """A registered worker started with a policy that is not the pool's."""
     mine = w.info.get("policy_version")
@@ -409,22 +458,47 @@ def run_status(
     color: str,
     stream: IO[str] | None = None,
     frames: int | None = None,
+    asynq: Client | None = None,
+    asynq_url: str | None = None,
+    asynq_now_ms: Callable[[], int] | None = None,
 ) -> int:
-    """Print the status once, or every ``watch`` seconds until interrupted (or ``frames``)."""
+    """Print the status once, or every ``watch`` seconds until interrupted (or ``frames``).
+
+    ``asynq`` reads the Asynq queues of the pool's classes (default:
+    ``client``); ``asynq_now_ms`` injects the clock of those reads (tests).
+    Each frame measures the queues' rate against the previous frame's reading.
+    """
     stream = stream or sys.stdout
     st = Style.for_stream(stream, color)
     previous: PoolView | None = None
+    readings: dict[str, QueueStats] = {}
     shown = 0
     try:
         while True:
             view = read_pool(client, pool, redis_url=url)
-            verdict = assess(view)
+            queues = read_pool_queues(
+                client if asynq is None else asynq,
+                view.policy,
+                previous=readings,
+                now_ms=None if asynq_now_ms is None else asynq_now_ms(),
+            )
+            if queues.error is None:
+                readings = queues.readings()
+            verdict = assess(view, extra=queues.concerns)
             rate = rates(previous, view) if previous is not None else None
             if as_json:
-                doc = to_json(view, verdict, embedded, rate)
+                doc = to_json(view, verdict, embedded, rate, queues)
                 print(json.dumps(doc, indent=None if watch else 2), file=stream, flush=True)
             else:
-                text = render(view, verdict, st, embedded=embedded, rate=rate)
+                text = render(
+                    view,
+                    verdict,
+                    st,
+                    embedded=embedded,
+                    rate=rate,
+                    queues=queues,
+                    asynq_url=asynq_url,
+                )
                 if watch and stream.isatty():
                     stream.write("\x1b[H\x1b[2J")
                 print(text, file=stream, flush=True)

@@ -8,6 +8,13 @@ Redis cannot be read, a scrape still answers: ``gpugate_pool_up`` is 0 and
 the pool's other series are absent (Prometheus marks them stale), which is
 what alerting on ``gpugate_pool_up == 0`` expects.
 
+The Asynq queues of the pool's classes (their policy's ``queues``) are read
+at each scrape too, from the Redis Asynq uses (``asynq_client``, by default
+the pool's), into ``gpugate_queue_*`` series labelled ``pool`` and ``queue``
+(and ``state`` for task counts). A failure to read them is logged and drops
+only those series (``gpugate_queues_up`` is then 0); the pool's series stay.
+Their verdict lines count in ``gpugate_pool_health`` as in ``gpugate status``.
+
 Every worker of a pool sees the same Redis, so export these from one place
 (``gpugate metrics``, or one chosen worker): a worker's own decisions,
 latencies and lease outcomes are in :mod:`gpugate.metrics._instruments`.
@@ -30,8 +37,10 @@ from prometheus_client.registry import Collector
 
 from .._exceptions import BackendError
 from .._logging import Throttle
+from ..asynq import QueueStats
 from ..state._connect import Client
-from ..state._inspect import PoolView, assess, read_pool
+from ..state._inspect import PoolView, Verdict, assess, read_pool
+from ..state._queues import QueuesView, read_pool_queues
 
 __all__ = ["PoolCollector"]
 
@@ -46,9 +55,11 @@ class PoolCollector(Collector):
     """Exports pool ``pool``'s state, read from Redis at each scrape.
 
     ``client`` is a gpugate Redis client (:func:`gpugate.state._connect.connect`);
-    ``redis_url`` is used (masked) in log lines only. ``on_read`` is called
-    with each view read (the ``gpugate metrics`` command logs pool events
-    from it). ``now_ms`` injects the scripts' clock (tests).
+    ``redis_url`` is used (masked) in log lines only. ``asynq_client`` reads
+    the Asynq queues of the pool's classes (default: ``client``). ``on_read``
+    is called with each view read and its verdict (the ``gpugate metrics``
+    command logs pool events from it). ``now_ms`` and ``asynq_now_ms`` inject
+    the scripts' clocks of the pool and of the queue reads (tests).
     """
 
     def __init__(
@@ -57,17 +68,23 @@ class PoolCollector(Collector):
         pool: str,
         *,
         redis_url: str = "",
-        on_read: Callable[[PoolView], None] | None = None,
+        asynq_client: Client | None = None,
+        on_read: Callable[[PoolView, Verdict], None] | None = None,
         now_ms: Callable[[], int] | None = None,
+        asynq_now_ms: Callable[[], int] | None = None,
     ) -> None:
         self.client = client
         self.pool = pool
         self.redis_url = redis_url
+        self.asynq_client = client if asynq_client is None else asynq_client
         self._on_read = on_read
         self._now_ms = now_ms
+        self._asynq_now_ms = asynq_now_ms
         self._throttle = Throttle(60.0)
         self._lock = threading.Lock()
         self.last_view: PoolView | None = None
+        # The previous scrape's queue readings: the rate is measured against them.
+        self._queue_readings: dict[str, QueueStats] = {}
 
     def describe(self) -> list[Metric]:
         """Nothing: registering the collector must not read Redis."""
@@ -107,21 +124,47 @@ class PoolCollector(Collector):
             yield up
             yield duration
             return
+        queues = self._read_queues(view)
+        verdict = assess(view, extra=queues.concerns)
         with self._lock:
             self.last_view = view
         if self._on_read is not None:
             try:
-                self._on_read(view)
+                self._on_read(view, verdict)
             except Exception:  # a logging hook must not break the scrape
                 log.exception("pool_event_hook_failed", pool=self.pool)
         up.add_metric([self.pool], 1)
         yield up
-        yield from _families(view)
+        yield from _families(view, verdict)
+        yield from _queue_families(view, queues)
         duration.add_metric([self.pool], time.perf_counter() - started)
         yield duration
 
+    def _read_queues(self, view: PoolView) -> QueuesView:
+        with self._lock:
+            previous = dict(self._queue_readings)
+        queues = read_pool_queues(
+            self.asynq_client,
+            view.policy,
+            previous=previous,
+            now_ms=self._asynq_now_ms() if self._asynq_now_ms is not None else None,
+        )
+        if queues.error is not None:
+            dropped = self._throttle.allow("asynq")
+            if dropped is not None:
+                log.warning(
+                    "asynq_read_failed",
+                    pool=self.pool,
+                    error=queues.error,
+                    similar_events_suppressed=dropped,
+                )
+            return queues
+        with self._lock:
+            self._queue_readings = queues.readings()
+        return queues
 
-def _families(view: PoolView) -> Iterator[Metric]:
+
+def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
     p = view.pool
     now = view.now_ms
 
@@ -132,7 +175,6 @@ def _families(view: PoolView) -> Iterator[Metric]:
         info.add_metric([p], {"version": view.policy_version})
     yield info
 
-    verdict = assess(view)
     health = GaugeMetricFamily(
         "gpugate_pool_health",
         "The status verdict: 0 OK, 1 DEGRADED, 2 CRITICAL, -1 UNKNOWN (no policy).",
@@ -342,3 +384,66 @@ def _families(view: PoolView) -> Iterator[Metric]:
     workers.add_metric([p, "alive"], alive)
     workers.add_metric([p, "silent"], len(view.workers) - alive)
     yield workers
+
+
+def _queue_families(view: PoolView, queues: QueuesView) -> Iterator[Metric]:
+    """The Asynq queues of the pool's classes; nothing when no class has queues."""
+    if view.policy is None or not view.policy.queue_classes():
+        return
+    p = view.pool
+    up = GaugeMetricFamily(
+        "gpugate_queues_up",
+        "1 if the Asynq queues of the pool's classes could be read at this scrape, else 0 "
+        "(the other gpugate_queue_* series are then absent).",
+        labels=["pool"],
+    )
+    up.add_metric([p], 0 if queues.error is not None else 1)
+    yield up
+    if queues.error is not None:
+        return
+    q_labels = ["pool", "queue"]
+    tasks = GaugeMetricFamily(
+        "gpugate_queue_tasks",
+        "Tasks in the Asynq queue, by state (pending, active, scheduled, retry, archived, "
+        "completed, aggregating), as Asynq's inspector counts them.",
+        labels=["pool", "queue", "state"],
+    )
+    latency = GaugeMetricFamily(
+        "gpugate_queue_latency_seconds",
+        "Age of the queue's oldest pending task (0 with none), by Redis time.",
+        labels=q_labels,
+    )
+    paused = GaugeMetricFamily(
+        "gpugate_queue_paused",
+        "1 if the queue is paused (by gpugate or with Asynq's tools), else 0.",
+        labels=q_labels,
+    )
+    eta = GaugeMetricFamily(
+        "gpugate_queue_eta_seconds",
+        "Time to work off the backlog (pending + active) at the recent rate; 0 with none; "
+        "absent when the queue will not drain by itself (paused, nothing processed).",
+        labels=q_labels,
+    )
+    processed = CounterMetricFamily(
+        "gpugate_queue_processed",
+        "Task attempts the queue's Asynq servers finished, failures included "
+        "(Asynq's all-time counter).",
+        labels=q_labels,
+    )
+    failed = CounterMetricFamily(
+        "gpugate_queue_failed",
+        "Task attempts that failed (Asynq's all-time counter).",
+        labels=q_labels,
+    )
+    for q in queues.queues:
+        s = q.stats
+        labels = [p, q.queue]
+        for state, n in s.by_state().items():
+            tasks.add_metric([p, q.queue, state], n)
+        latency.add_metric(labels, s.latency_s)
+        paused.add_metric(labels, int(s.paused))
+        if q.eta_s is not None:
+            eta.add_metric(labels, q.eta_s)
+        processed.add_metric(labels, s.processed_total)
+        failed.add_metric(labels, s.failed_total)
+    yield from (tasks, latency, paused, eta, processed, failed)

@@ -35,6 +35,7 @@ from .._units import (
     parse_size,
     quote,
 )
+from ..asynq._keys import check_queue_name
 from ._load import Kind, as_table, parse_toml, read_file, read_knobs, unknown_key, with_source
 
 Placement = Literal["best-fit", "spread"]
@@ -80,6 +81,7 @@ _CLASS_KNOBS: dict[str, _Knob] = {
     "max_fragmentation": _Knob("max_fragmentation", "plain"),
     "no_gpu": _Knob("no_gpu", "plain"),
     "on_backend_error": _Knob("on_backend_error", "plain"),
+    "queues": _Knob("queues", "plain"),
 }
 _TOP_KEYS = ("pool", "classes")
 
@@ -168,6 +170,11 @@ class ClassPolicy:
     ``on_backend_error``
         With Redis unreachable: ``"closed"`` defers, ``"open"`` admits within
         local per-process caps.
+    ``queues``
+        The Asynq queues whose tasks this class's workers run (TOML a list,
+        like ``["ocr:bulk"]``; any text but blank, as Asynq names queues).
+        ``gpugate pause``/``drain`` of the class pause them too, and status
+        and metrics report them. A queue belongs to at most one class.
     """
 
     name: str
@@ -182,6 +189,7 @@ class ClassPolicy:
     max_fragmentation: float | None = None
     no_gpu: NoGpu = "defer"
     on_backend_error: OnBackendError = "closed"
+    queues: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -204,6 +212,7 @@ class ClassPolicy:
             )
         _check_choice(self.no_gpu, _NO_GPU, key=key["no_gpu"])
         _check_choice(self.on_backend_error, _ON_BACKEND_ERROR, key=key["on_backend_error"])
+        _set(self, "queues", _queue_names(self.queues, key=key["queues"]))
 
     def _check_bucket(self, key: Mapping[str, str]) -> None:
         if self.rate is None:
@@ -280,6 +289,7 @@ class Policy:
                     value=class_policy.name,
                 )
         ordered = sorted(self.classes.items(), key=lambda item: (-item[1].priority, item[0]))
+        _check_queues_unshared(ordered)
         _set(self, "classes", types.MappingProxyType(dict(ordered)))
         _set(self, "_version", _digest(self.to_wire()))
 
@@ -366,6 +376,10 @@ class Policy:
                 f"unknown class {quote(name)}; {hint}this policy defines {known}"
             ) from None
 
+    def queue_classes(self) -> dict[str, str]:
+        """Every Asynq queue of the policy's classes -> its class, in class order."""
+        return {q: name for name, c in self.classes.items() for q in c.queues}
+
     def reserve_above(self, name: str) -> int:
         """Return the bytes a request of class *name* may not use on any device.
 
@@ -396,6 +410,8 @@ class Policy:
         ``-1`` stands for "no cap" or "no bound"; a class without a rate has
         ``rate_per_ms`` and ``burst`` 0.  Rates (``aging_per_ms``,
         ``rate_per_ms``) and ``max_frag`` (a fraction) are the only floats.
+        A class's ``queues`` (a list of names) are there only when it has
+        some, so that a policy without queues keeps its version.
         """
         pool = self.pool
         return {
@@ -414,7 +430,7 @@ class Policy:
 
 
 def _class_wire(c: ClassPolicy) -> dict[str, Any]:
-    return {
+    wire: dict[str, Any] = {
         "prio": c.priority,
         "cap": _or_none(c.max_concurrent),
         "dev_cap": _or_none(c.max_per_device),
@@ -428,6 +444,10 @@ def _class_wire(c: ClassPolicy) -> dict[str, Any]:
         "no_gpu": c.no_gpu,
         "max_frag": -1 if c.max_fragmentation is None else c.max_fragmentation,
     }
+    if c.queues:
+        # The scripts never read it; it is here so that the version changes with it.
+        wire["queues"] = list(c.queues)
+    return wire
 
 
 def _read_policy(data: object) -> tuple[PoolSettings, dict[str, ClassPolicy]]:
@@ -511,9 +531,11 @@ def _knobs_as_dict(obj: object, knobs: Mapping[str, _Knob]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, knob in knobs.items():
         value = getattr(obj, knob.attr)
-        if value is None:
+        if value is None or value == ():
             continue
-        if knob.kind in _HUMAN:
+        if isinstance(value, tuple):
+            value = list(value)
+        elif knob.kind in _HUMAN:
             format_, parse = _HUMAN[knob.kind]
             text = format_(value)
             # The human string only where it reads back as the same number, so
@@ -596,6 +618,47 @@ def _fraction(value: object, *, key: str) -> float:
             value=value,
         )
     return float(value)
+
+
+def _queue_names(value: object, *, key: str) -> tuple[str, ...]:
+    """A class's Asynq queues as a tuple, each a name Asynq accepts, none twice."""
+    example = 'write a list of Asynq queue names, like queues = ["ocr:bulk", "ocr:retry"]'
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ConfigError(f"{quote(value)} is not a list; {example}", key=key, value=value)
+    seen: set[str] = set()
+    for i, queue in enumerate(value):
+        try:
+            check_queue_name(queue)
+        except ConfigError:
+            raise ConfigError(
+                f"{quote(queue)} is not an Asynq queue name; a queue name is text with at least "
+                'one character other than white space, like "ocr:bulk"',
+                key=f"{key}[{i}]",
+                value=queue,
+            ) from None
+        if queue in seen:
+            raise ConfigError(
+                f"queue {quote(queue)} is listed twice; list each queue once",
+                key=f"{key}[{i}]",
+                value=queue,
+            )
+        seen.add(queue)
+    return tuple(value)
+
+
+def _check_queues_unshared(classes: list[tuple[str, ClassPolicy]]) -> None:
+    """A queue feeds one class: its pause and its verdicts must say which."""
+    owner: dict[str, str] = {}
+    for name, c in classes:
+        for i, queue in enumerate(c.queues):
+            first = owner.setdefault(queue, name)
+            if first != name:
+                raise ConfigError(
+                    f"queue {quote(queue)} is already a queue of class {quote(first)}; "
+                    "a queue belongs to at most one class: remove it from one of them",
+                    key=f"classes.{name}.queues[{i}]",
+                    value=queue,
+                )
 
 
 def _check_choice(value: object, choices: tuple[str, ...], *, key: str) -> None:
@@ -687,6 +750,12 @@ no_gpu = "defer"
 # With Redis unreachable: "closed" defers every request, "open" admits within
 # local per-process caps.
 on_backend_error = "closed"
+
+# The Asynq queues whose tasks this class's workers run. `gpugate pause` and
+# `gpugate drain` of the class pause them the Asynq way too (with the same
+# expiry), `gpugate resume` lifts gpugate's own pauses of them, and status and
+# metrics show their backlog. A queue belongs to at most one class.
+# queues = ["ocr:interactive"]
 
 [classes.notebook]
 priority = 50

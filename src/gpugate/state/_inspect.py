@@ -589,7 +589,7 @@ def read_pool(
     )
 
 
-def assess(view: PoolView) -> Verdict:
+def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     """The pool's health: what ``gpugate status`` prints first.
 
     CRITICAL when no GPU is visible to the pool while it has a policy (no
@@ -600,6 +600,12 @@ def assess(view: PoolView) -> Verdict:
     others) by the per-minute decision counts, a device's memory is 95 %
     used, a class is paused, or requests wait for a fresh sample. UNKNOWN for
     a pool without a policy (nothing used it yet).
+
+    ``extra``: more DEGRADED reasons, read from elsewhere than the pool's
+    state; those of its Asynq queues
+    (:attr:`gpugate.state._queues.QueuesView.concerns`). Status and the
+    metrics collector pass the same, so that the printed verdict and
+    ``gpugate_pool_health`` agree.
     """
     now = view.now_ms
     if view.policy is None:
@@ -649,6 +655,7 @@ def assess(view: PoolView) -> Verdict:
             degraded.append(f"{o.cls} paused by {o.who or 'unknown'} ({when})")
         else:
             notes.append(f"{o.cls} capped at {o.n} by {o.who or 'unknown'} ({when})")
+    degraded.extend(extra)
     overdue = [lease for lease in view.leases if lease.overdue(now)]
     if overdue:
         notes.append(
