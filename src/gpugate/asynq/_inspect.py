@@ -231,7 +231,12 @@ def list_queues(client: Client) -> list[str]:
         members = client.smembers(ALL_QUEUES)
     except _REDIS_DOWN as exc:
         raise BackendError(f"Redis is unreachable while listing Asynq queues: {exc}") from exc
-    return sorted(_s(m) for m in members)
+    except redis.ResponseError as exc:
+        raise BackendError(
+            f"{ALL_QUEUES} is not the set of queues Asynq keeps ({exc}); is this Asynq's Redis?"
+        ) from exc
+    # A blank member names no queue Asynq could serve; skip it rather than fail.
+    return sorted(name for name in (_s(m) for m in members) if name.strip())
 
 
 def read_queue(

@@ -307,7 +307,7 @@ def render(
             st.dim(
                 "  █ used (driver)  ▒ reserved by the gate, not yet in use  ░ free"
                 "  · GATE = held for leases · FREE = what a new job could get"
-                "  · UTIL/FRAG/QUAR: '-' until the NVML sampler reports them"
+                "  · UTIL/FRAG/QUAR: '-' = unknown (no heartbeat from its host, or not reported)"
             )
         )
     else:
