@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import json
 import os
 import random
@@ -66,6 +67,12 @@ _REDIS_DOWN = (
 )
 
 _live_gates: weakref.WeakSet[Gate] = weakref.WeakSet()
+
+
+@functools.cache
+def _default_policy() -> Policy:
+    # Frozen, so one parse serves every gate of the process.
+    return Policy.default()
 
 
 def _b2s(v: Any) -> str:
@@ -180,7 +187,7 @@ class Gate:
     @property
     def effective_policy(self) -> Policy:
         """The pool's policy when known, else this gate's own, else the default."""
-        return self.pool_policy or self.policy or Policy.default()
+        return self.pool_policy or self.policy or _default_policy()
 
     @property
     def lease_ttl_s(self) -> float:
