@@ -21,14 +21,18 @@ from ._inspect import (
     throughput,
 )
 from ._keys import AsynqKeys
+from ._proto import TaskMessage, decode_task_message, encode_task_message
 
 __all__ = [
     "AsynqKeys",
     "PauseResult",
     "QueuePause",
     "QueueStats",
+    "TaskMessage",
     "Throughput",
     "UnpauseResult",
+    "decode_task_message",
+    "encode_task_message",
     "eta_s",
     "list_queues",
     "pause_queue",
