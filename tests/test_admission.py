@@ -853,7 +853,7 @@ class TestFragmentation:
     def test_a_fragmented_device_is_skipped_by_a_class_with_a_bound(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
-        from gpugate.state._inspect import read_pool
+        from gpugate.state._inspect import assess, read_pool
 
         clock = FakeClock()
         pol = policy(
@@ -872,9 +872,14 @@ class TestFragmentation:
         assert (d.outcome, d.reason) == (Outcome.DEFER, "fragmented")
         assert gate.try_admit("interactive", vram="10GiB").outcome is Outcome.ADMIT
         client = redis.Redis.from_url(server.url)
-        (device,) = read_pool(client, pool_name, now_ms=clock.ms).devices
+        view = read_pool(client, pool_name, now_ms=clock.ms)
         client.close()
+        (device,) = view.devices
         assert device.fragmentation == pytest.approx(12 / 80)
+        # The job alone holds more idle cache than batch's bound: its worker is told,
+        # and status says which GPU wants its workers recycled.
+        assert job.lease.recycle_recommended
+        assert any("fragmented" in note and "batch" in note for note in assess(view).notes)
         # The job gives memory back to the driver: its allocator holds less.
         job.lease.report_vram("20GiB", idle="4GiB")
         gate.beat_now()

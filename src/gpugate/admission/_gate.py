@@ -674,6 +674,7 @@ class Gate:
                     with lease._lock:
                         lease._actual = lease._actual or report
             raise
+        self._check_fragmentation(leases, reports)
         for i, lease in enumerate(leases):
             status, expires = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
             if status == 1:
@@ -705,6 +706,28 @@ class Gate:
             },
             separators=(",", ":"),
         )
+
+    def _check_fragmentation(
+        self, leases: list[Lease], reports: list[tuple[int, int, float] | None]
+    ) -> None:
+        """Flag a job whose allocator alone holds more idle memory than the pool's
+        strictest ``max_fragmentation`` allows a whole device: its worker should
+        recycle its cache."""
+        bounds = [
+            c.max_fragmentation
+            for c in self.effective_policy.classes.values()
+            if c.max_fragmentation is not None
+        ]
+        if not bounds or not any(r is not None and r[1] > 0 for r in reports):
+            return
+        bound = min(bounds)
+        snap = self.sampler.sample()
+        for lease, report in zip(leases, reports, strict=True):
+            if report is None or report[1] <= 0:
+                continue
+            device = snap.by_uuid(lease.device_uuid)
+            if device is not None and device.total and report[1] > bound * device.total:
+                lease._recommend_recycle(report[1], device.total, bound)
 
     def _gpus_record(self) -> tuple[str, str]:
         """(host, JSON of this host's last snapshot) for the pool; ("", "") without one."""

@@ -50,6 +50,7 @@ class Lease:
         "lost",
         "lost_reason",
         "max_duration_reached",
+        "recycle_recommended",
         "released",
         "vram",
     )
@@ -77,6 +78,7 @@ class Lease:
         self.lost = False
         self.lost_reason: str | None = None
         self.max_duration_reached = False
+        self.recycle_recommended = False
         self._lock = threading.Lock()
         self._actual: tuple[int, int, float] | None = None
         self._on_lost: list[LeaseCallback] = []
@@ -147,6 +149,21 @@ class Lease:
         for cb in self._on_lost:
             _run_callback(cb, self)
         return True
+
+    def _recommend_recycle(self, idle: int, total: int, bound: float) -> None:
+        if self.recycle_recommended:
+            return
+        self.recycle_recommended = True
+        log.warning(
+            "worker_recycle_recommended",
+            lease_id=self.id,
+            cls=self.cls,
+            device=self.device_uuid,
+            idle_bytes=idle,
+            idle_ratio=round(idle / total, 3),
+            bound=bound,
+            fix="torch.cuda.empty_cache() between jobs, or restart this worker when idle",
+        )
 
     def _mark_max_duration(self) -> bool:
         """Tell the holder, once; True for the call that did."""

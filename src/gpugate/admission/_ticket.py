@@ -61,6 +61,13 @@ class Ticket:
         return self.lease is not None and self.lease.lost
 
     @property
+    def recycle_recommended(self) -> bool:
+        """True once this job's allocator alone held more idle memory than the
+        pool's strictest ``max_fragmentation`` allows a device: recycle the
+        worker's cache (``torch.cuda.empty_cache()``) or the worker."""
+        return self.lease is not None and self.lease.recycle_recommended
+
+    @property
     def max_duration_reached(self) -> bool:
         """True once the class's max duration stopped the lease's renewal."""
         return self.lease is not None and self.lease.max_duration_reached

@@ -645,6 +645,21 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     for d in view.devices:
         if d.total and d.used / d.total >= MEMORY_HIGH_RATIO:
             degraded.append(f"GPU {_short_uuid(d.uuid)} memory {d.used * 100 // d.total}% used")
+    bounds = {
+        name: c.max_fragmentation
+        for name, c in view.policy.classes.items()
+        if c.max_fragmentation is not None
+    }
+    if bounds:
+        strictest = min(bounds.values())
+        for d in view.devices:
+            if d.fragmentation is not None and d.fragmentation > strictest:
+                kept_off = ", ".join(sorted(n for n, b in bounds.items() if d.fragmentation > b))
+                notes.append(
+                    f"GPU {_short_uuid(d.uuid)} is {d.fragmentation:.0%} fragmented, above the "
+                    f"max_fragmentation of {kept_off}: recycle its workers' allocator caches "
+                    "(torch.cuda.empty_cache() or a staggered restart)"
+                )
     for o in view.overrides:
         left = o.remaining_s(now)
         if left is None:
