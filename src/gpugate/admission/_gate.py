@@ -601,18 +601,7 @@ class Gate:
         if os.getpid() != self._pid:
             return False  # the parent's lease; the parent releases it
         try:
-            done = self._call(
-                self._scripts.release_lease,
-                keys=[self._keys.state, self._keys.exp, self._keys.buckets],
-                args=[
-                    self._keys.prefix,
-                    self._now_arg(),
-                    lease.device_uuid,
-                    lease.id,
-                    outcome,
-                    "1" if refund else "0",
-                ],
-            )
+            return self._release(lease.device_uuid, lease.id, outcome, refund=refund)
         except BackendError as exc:
             log.warning(
                 "lease_release_failed",
@@ -621,6 +610,14 @@ class Gate:
                 note="it expires within one TTL",
             )
             return False
+
+    def _release(self, dev_uuid: str, lease_id: str, outcome: str, *, refund: bool = False) -> bool:
+        """Run release_lease.lua for one lease; True if it was still live."""
+        done = self._call(
+            self._scripts.release_lease,
+            keys=[self._keys.state, self._keys.exp, self._keys.buckets],
+            args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, outcome, int(refund)],
+        )
         return bool(done)
 
     def leases_held(self) -> list[Lease]:
@@ -630,11 +627,7 @@ class Gate:
     def _beat(self) -> None:
         """One heartbeat: release dropped leases, renew the rest."""
         for dev_uuid, lease_id in self._leases.take_dropped():
-            self._call(
-                self._scripts.release_lease,
-                keys=[self._keys.state, self._keys.exp, self._keys.buckets],
-                args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, "dropped", "0"],
-            )
+            self._release(dev_uuid, lease_id, "dropped")
         leases = [lease for lease in self._leases.live() if not lease.max_duration_reached]
         if not leases and not self._register:
             return
@@ -900,11 +893,7 @@ class Gate:
             self._release_lease(lease, "dropped")
         for dev_uuid, lease_id in self._leases.take_dropped():
             with contextlib.suppress(BackendError):
-                self._call(
-                    self._scripts.release_lease,
-                    keys=[self._keys.state, self._keys.exp, self._keys.buckets],
-                    args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, "dropped", "0"],
-                )
+                self._release(dev_uuid, lease_id, "dropped")
         if self._heartbeat is not None:
             self._heartbeat.stop()
         if self._register:
