@@ -10,6 +10,8 @@ variables are cleared and the embedded Redis lives in a session directory.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +125,15 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+def spawn_gpugate_metrics(redis_url: str, pool: str, *, stderr: int) -> subprocess.Popen[str]:
+    """Start ``gpugate metrics`` on a free loopback port; it prints its URL first on stdout."""
+    target = ("--redis-url", redis_url, "--pool", pool)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpugate", *target, "metrics", "--port", "0", "--addr", "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from conftest import spawn_gpugate_metrics
 from gpugate import Gate, Policy, SimulatedSampler
 from gpugate.cli._serve import PoolEvents
 from gpugate.metrics import Metrics, PoolCollector, start_metrics_server
@@ -244,27 +243,7 @@ class TestEndpoint:
     def test_gpugate_metrics_serves_the_pool_logs_json_and_stops_on_sigterm(
         self, gate: Gate, redis_url: str, pool_name: str
     ) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gpugate",
-                "--redis-url",
-                redis_url,
-                "--pool",
-                pool_name,
-                "metrics",
-                "--port",
-                "0",
-                "--addr",
-                "127.0.0.1",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        proc = spawn_gpugate_metrics(redis_url, pool_name, stderr=subprocess.PIPE)
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()

@@ -8,12 +8,10 @@ where they are not installed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from conftest import spawn_gpugate_metrics
 from gpugate import Gate, Policy, SimulatedSampler
 from gpugate.metrics import Metrics
 from gpugate.state._server import free_port
@@ -222,27 +221,7 @@ def exporter(redis_url: str, pool_name: str) -> Iterator[str]:
     )
     held = gate.try_admit("batch", vram="10GiB")
     assert held.admitted
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gpugate",
-            "--redis-url",
-            redis_url,
-            "--pool",
-            pool_name,
-            "metrics",
-            "--port",
-            "0",
-            "--addr",
-            "127.0.0.1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
+    proc = spawn_gpugate_metrics(redis_url, pool_name, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
