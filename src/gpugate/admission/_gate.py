@@ -631,12 +631,17 @@ class Gate:
         leases = [lease for lease in self._leases.live() if not lease.max_duration_reached]
         if not leases and not self._register:
             return
+        try:
+            snap: Snapshot | None = self.sampler.sample()
+        except GpugateError as exc:  # the sampler's own errors are logged by it
+            log.debug("heartbeat_without_snapshot", error=str(exc))
+            snap = None
         args: list[Any] = [
             self._keys.prefix,
             self._now_arg(),
             self.owner if self._register else "",
             self._worker_info(len(leases)) if self._register else "",
-            *self._gpus_record(),
+            *self._gpus_record(snap),
             len(leases),
         ]
         reports = []
@@ -667,7 +672,8 @@ class Gate:
                     with lease._lock:
                         lease._actual = lease._actual or report
             raise
-        self._check_fragmentation(leases, reports)
+        if snap is not None:
+            self._check_fragmentation(leases, reports, snap)
         for i, lease in enumerate(leases):
             status, expires = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
             if status == 1:
@@ -701,7 +707,7 @@ class Gate:
         )
 
     def _check_fragmentation(
-        self, leases: list[Lease], reports: list[tuple[int, int, float] | None]
+        self, leases: list[Lease], reports: list[tuple[int, int, float] | None], snap: Snapshot
     ) -> None:
         """Flag a job whose allocator alone holds more idle memory than the pool's
         strictest ``max_fragmentation`` allows a whole device: its worker should
@@ -714,7 +720,6 @@ class Gate:
         if not bounds or not any(r is not None and r[1] > 0 for r in reports):
             return
         bound = min(bounds)
-        snap = self.sampler.sample()
         for lease, report in zip(leases, reports, strict=True):
             if report is None or report[1] <= 0:
                 continue
@@ -722,14 +727,9 @@ class Gate:
             if device is not None and device.total and report[1] > bound * device.total:
                 lease._recommend_recycle(report[1], device.total, bound)
 
-    def _gpus_record(self) -> tuple[str, str]:
-        """(host, JSON of this host's last snapshot) for the pool; ("", "") without one."""
-        if not self._register:
-            return "", ""
-        try:
-            snap = self.sampler.sample()
-        except GpugateError as exc:  # the sampler's own errors are logged by it
-            log.debug("gpus_record_skipped", error=str(exc))
+    def _gpus_record(self, snap: Snapshot | None) -> tuple[str, str]:
+        """(host, JSON of this host's snapshot) for the pool; ("", "") without one."""
+        if not self._register or snap is None:
             return "", ""
         now = time.monotonic()
         devices = [
