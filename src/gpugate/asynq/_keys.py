@@ -23,6 +23,19 @@ Key schema (``Q`` = ``asynq:{<queue>}:``; times in Unix seconds unless marked):
   ``Q failed``: all-time totals, no TTL.
 * ``Q groups`` (set): group names; ``Q g:<group>`` (zset) per group.
 
+Every running server's heartbeat, every 5 s (``S`` = ``{<host>:<pid>:<server
+id>}``, a hash tag, so a server's two keys share a slot; Asynq's
+``ServerInfoKey`` and ``WorkersKey`` are :func:`server_info_key` and
+:func:`workers_key`):
+
+* ``asynq:servers`` (zset): member ``asynq:servers:S`` -> expiry of that key
+  (heartbeat time + TTL, whole seconds); ``asynq:workers`` (zset): the same
+  for ``asynq:workers:S``. Members outlive their keys until an inspector
+  prunes them.
+* ``asynq:servers:S`` (string): protobuf ServerInfo, TTL 10 s (two
+  heartbeats). ``asynq:workers:S`` (hash): task id -> protobuf WorkerInfo,
+  same TTL; absent while the server has no task in hand.
+
 gpugate adds one key of its own per queue it pauses, in its own namespace but
 with the queue's hash tag, so that one script checks both atomically:
 
@@ -46,13 +59,25 @@ __all__ = [
     "AsynqKeys",
     "check_queue_name",
     "encode",
+    "server_info_key",
     "utc_day",
+    "workers_key",
 ]
 
 ALL_QUEUES = "asynq:queues"
 ALL_SERVERS = "asynq:servers"
 ALL_WORKERS = "asynq:workers"
 CANCEL_CHANNEL = "asynq:cancel"
+
+
+def server_info_key(host: str, pid: int, server_id: str) -> str:
+    """``asynq:servers:{<host>:<pid>:<server_id>}``: one server's ServerInfo (a string)."""
+    return f"{ALL_SERVERS}:{{{host}:{pid:d}:{server_id}}}"
+
+
+def workers_key(host: str, pid: int, server_id: str) -> str:
+    """``asynq:workers:{<host>:<pid>:<server_id>}``: one server's WorkerInfo hash."""
+    return f"{ALL_WORKERS}:{{{host}:{pid:d}:{server_id}}}"
 
 
 def check_queue_name(queue: object) -> str:
@@ -133,6 +158,20 @@ class AsynqKeys:
     def group(self, name: str) -> str:
         """The zset of group ``name`` (aggregating tasks)."""
         return self.group_prefix + name
+
+    def unique(self, task_type: str, payload: bytes | None) -> str:
+        """The uniqueness lock of a ``task_type`` task with ``payload`` (``base.UniqueKey``).
+
+        ``Q unique:<type>:<md5 hex of payload>``; a nil payload (None) ends in
+        ``:<type>:``. A unique task's message carries this name in ``unique_key``.
+        """
+        import hashlib
+
+        if payload is None:
+            return f"{self.prefix}unique:{task_type}:"
+        # Asynq's checksum only names the lock; it guards nothing (FIPS hosts allow it so).
+        checksum = hashlib.md5(payload, usedforsecurity=False).hexdigest()
+        return f"{self.prefix}unique:{task_type}:{checksum}"
 
     def processed(self, day: str) -> str:
         """Attempts finished on UTC day ``day`` (``YYYY-MM-DD``, see :func:`utc_day`)."""

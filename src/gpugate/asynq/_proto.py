@@ -1,13 +1,15 @@
-"""Asynq's ``TaskMessage`` (the ``msg`` field of a task hash) to and from bytes.
+"""Asynq's protobuf messages to and from bytes: TaskMessage, ServerInfo, WorkerInfo.
 
 Asynq stores every task as a proto3 ``TaskMessage`` (``internal/proto/
-asynq.proto`` in hibiken/asynq, ``package asynq``; v0.26.0 added ``headers``).
-This module is a small hand-written proto3 wire codec for that one message,
+asynq.proto`` in hibiken/asynq, ``package asynq``; v0.26.0 added ``headers``),
+and each running server's heartbeat as a ``ServerInfo`` plus one
+``WorkerInfo`` per task in hand (see :mod:`gpugate.asynq._servers`).
+This module is a small hand-written proto3 wire codec for those messages,
 not generated code: Asynq ships no generated Python, and the ``protobuf``
 runtime would be a heavy dependency (a compiled extension, version skew with
-other users of it in the same process) for fifteen scalar fields.
+other users of it in the same process) for a few dozen scalar fields.
 
-Fields, by number (times in Unix seconds, durations in seconds)::
+TaskMessage fields, by number (times in Unix seconds, durations in seconds)::
 
     1 type (string)        6 retried (int32)       11 last_failed_at (int64)
     2 payload (bytes)      7 error_msg (string)    12 retention (int64)
@@ -26,6 +28,28 @@ mapping's order, and decoding keeps the stored order, so re-encoding a decoded
 message reproduces its bytes. Two encodings of one message may still differ in
 map order, so compare messages decoded, never as bytes.
 
+``ServerInfo`` and ``WorkerInfo`` (times in Unix nanoseconds; each
+``google.protobuf.Timestamp`` is a nested message of ``seconds`` (int64,
+field 1) and ``nanos`` (int32, field 2, 0 to 999,999,999), each left out when
+zero, while the Timestamp itself is written whenever it is set; ``None``
+here means the field is absent)::
+
+    ServerInfo                            WorkerInfo
+    1 host (string)                       1 host (string)
+    2 pid (int32)                         2 pid (int32)
+    3 server_id (string)                  3 server_id (string)
+    4 concurrency (int32)                 4 task_id (string)
+    5 queues (map<string,int32>)          5 task_type (string)
+    6 strict_priority (bool)              6 task_payload (bytes)
+    7 status (string)                     7 queue (string)
+    8 start_time (Timestamp)              8 start_time (Timestamp)
+    9 active_worker_count (int32)         9 deadline (Timestamp)
+
+They follow the same rules as ``TaskMessage``: ``queues`` entries are
+written like ``headers`` entries (the value a varint, always written), and
+a Timestamp that occurs twice is merged field by field, as Go merges a
+repeated message field.
+
 Decoding follows Go's parser where a message is unusual but valid: unknown
 fields (any wire type, groups included) and known fields sent with another
 wire type are skipped, the last occurrence of a scalar field wins, a repeated
@@ -43,7 +67,17 @@ from types import MappingProxyType
 
 from .._exceptions import BackendError, UsageError
 
-__all__ = ["TaskMessage", "decode_task_message", "encode_task_message"]
+__all__ = [
+    "ServerInfo",
+    "TaskMessage",
+    "WorkerInfo",
+    "decode_server_info",
+    "decode_task_message",
+    "decode_worker_info",
+    "encode_server_info",
+    "encode_task_message",
+    "encode_worker_info",
+]
 
 _VARINT = 0
 _I64 = 1
@@ -77,6 +111,12 @@ _FIELDS: tuple[tuple[int, str, str], ...] = (
 )
 _BY_NUMBER = {number: (name, kind) for number, name, kind in _FIELDS}
 _HEADERS = 15
+_NS_PER_S = 1_000_000_000
+
+# Each message's name, and what its bytes should have been, for the errors.
+_TASK = ("TaskMessage", "the task hash's msg field is not an Asynq TaskMessage")
+_SERVER = ("ServerInfo", "the asynq:servers:{host:pid:sid} key does not hold an Asynq ServerInfo")
+_WORKER = ("WorkerInfo", "the asynq:workers:{host:pid:sid} hash value is not an Asynq WorkerInfo")
 
 
 @dataclass(frozen=True)
@@ -121,16 +161,25 @@ class TaskMessage:
         object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
 
 
-def _check(name: str, kind: str, value: object) -> None:
+def _check(name: str, kind: str, value: object, message: str = "TaskMessage") -> None:
     if kind == "string":
         ok = isinstance(value, str)
     elif kind == "bytes":
         ok = isinstance(value, bytes)
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "timestamp":
+        ok = value is None or (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and _INT64[0] <= value // _NS_PER_S <= _INT64[1]
+        )
+        kind = "Unix ns (an int whose seconds fit an int64) or None"
     else:
         low, high = _INT32 if kind == "int32" else _INT64
         ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
     if not ok:
-        raise UsageError(f"TaskMessage.{name} must be {kind}; got {value!r}")
+        raise UsageError(f"{message}.{name} must be {kind}; got {value!r}")
 
 
 def encode_task_message(message: TaskMessage) -> bytes:
@@ -200,23 +249,250 @@ def _decode_header(entry: bytes) -> tuple[str, str]:
     return key, value
 
 
-def _iter_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+# -- ServerInfo and WorkerInfo (a server's heartbeat) ------------------------------
+
+# (number, attribute, kind) in field-number order, as for TaskMessage.
+_SERVER_FIELDS: tuple[tuple[int, str, str], ...] = (
+    (1, "host", "string"),
+    (2, "pid", "int32"),
+    (3, "server_id", "string"),
+    (4, "concurrency", "int32"),
+    (5, "queues", "map"),
+    (6, "strict_priority", "bool"),
+    (7, "status", "string"),
+    (8, "start_time_ns", "timestamp"),
+    (9, "active_worker_count", "int32"),
+)
+_WORKER_FIELDS: tuple[tuple[int, str, str], ...] = (
+    (1, "host", "string"),
+    (2, "pid", "int32"),
+    (3, "server_id", "string"),
+    (4, "task_id", "string"),
+    (5, "task_type", "string"),
+    (6, "task_payload", "bytes"),
+    (7, "queue", "string"),
+    (8, "start_time_ns", "timestamp"),
+    (9, "deadline_ns", "timestamp"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """One Asynq server as its heartbeat describes it; every field defaults to zero.
+
+    ``queues`` maps each queue the server serves to its priority (read-only;
+    equality ignores its order). ``status`` is the server's state as Asynq
+    names it: ``"active"`` while it processes, ``"stopped"`` after
+    ``Server.Stop`` (no new tasks), ``"new"`` and ``"closed"`` around that.
+    ``start_time_ns`` is when it started, in Unix nanoseconds (``None``: not
+    recorded); ``active_worker_count`` the tasks it has in hand.
+    Raises :class:`~gpugate.UsageError` for a value the wire cannot carry.
+    """
+
+    host: str = ""
+    pid: int = 0
+    server_id: str = ""
+    concurrency: int = 0
+    queues: Mapping[str, int] = field(default_factory=dict, hash=False)
+    strict_priority: bool = False
+    status: str = ""
+    start_time_ns: int | None = None
+    active_worker_count: int = 0
+
+    def __post_init__(self) -> None:
+        for _, name, kind in _SERVER_FIELDS:
+            if kind != "map":
+                _check(name, kind, getattr(self, name), "ServerInfo")
+        if not isinstance(self.queues, Mapping):
+            raise UsageError(
+                f"ServerInfo.queues must be a mapping of queue name to int32 priority, "
+                f"not {type(self.queues).__name__}"
+            )
+        for queue, priority in self.queues.items():
+            if not isinstance(queue, str):
+                raise UsageError(f"ServerInfo.queues must map str to int; got key {queue!r}")
+            _check(f"queues[{queue!r}]", "int32", priority, "ServerInfo")
+        object.__setattr__(self, "queues", MappingProxyType(dict(self.queues)))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """One task an Asynq server has in hand; every field defaults to zero.
+
+    ``host``, ``pid`` and ``server_id`` name the server; ``task_id``,
+    ``task_type``, ``task_payload`` and ``queue`` the task. ``start_time_ns``
+    is when processing began and ``deadline_ns`` when it must end (the
+    task's timeout or deadline), both Unix nanoseconds (``None``: not
+    recorded). Raises :class:`~gpugate.UsageError` for a value the wire
+    cannot carry.
+    """
+
+    host: str = ""
+    pid: int = 0
+    server_id: str = ""
+    task_id: str = ""
+    task_type: str = ""
+    task_payload: bytes = b""
+    queue: str = ""
+    start_time_ns: int | None = None
+    deadline_ns: int | None = None
+
+    def __post_init__(self) -> None:
+        for _, name, kind in _WORKER_FIELDS:
+            _check(name, kind, getattr(self, name), "WorkerInfo")
+
+
+def encode_server_info(info: ServerInfo) -> bytes:
+    """Encode ``info`` as the bytes Asynq stores at ``asynq:servers:{host:pid:sid}``.
+
+    Fields in field-number order, zero values left out, as Go writes them;
+    ``queues`` entries in the mapping's order.
+    """
+    return _encode_fields(info, _SERVER_FIELDS)
+
+
+def decode_server_info(data: bytes) -> ServerInfo:
+    """Decode the bytes of an ``asynq:servers:{host:pid:sid}`` key.
+
+    Raises :class:`~gpugate.BackendError` ("corrupt ServerInfo ...") when
+    ``data`` is not a valid proto3 message or a string field is not UTF-8.
+    """
+    return ServerInfo(**_decode_fields(data, _SERVER_FIELDS, _SERVER))  # type: ignore[arg-type]
+
+
+def encode_worker_info(info: WorkerInfo) -> bytes:
+    """Encode ``info`` as the bytes Asynq stores in an ``asynq:workers:{host:pid:sid}`` hash.
+
+    Fields in field-number order, zero values left out, as Go writes them.
+    """
+    return _encode_fields(info, _WORKER_FIELDS)
+
+
+def decode_worker_info(data: bytes) -> WorkerInfo:
+    """Decode one value of an ``asynq:workers:{host:pid:sid}`` hash.
+
+    Raises :class:`~gpugate.BackendError` ("corrupt WorkerInfo ...") when
+    ``data`` is not a valid proto3 message or a string field is not UTF-8.
+    """
+    return WorkerInfo(**_decode_fields(data, _WORKER_FIELDS, _WORKER))  # type: ignore[arg-type]
+
+
+def _encode_fields(message: object, fields: tuple[tuple[int, str, str], ...]) -> bytes:
+    out = bytearray()
+    for number, name, kind in fields:
+        value = getattr(message, name)
+        if kind == "timestamp":
+            # Set means written, even at the epoch: the Timestamp is a message.
+            if value is not None:
+                seconds, nanos = divmod(value, _NS_PER_S)
+                stamp = bytearray()
+                for inner, part in ((1, seconds), (2, nanos)):
+                    if part:
+                        _put_varint(stamp, inner << 3 | _VARINT)
+                        _put_varint(stamp, part % _U64)
+                _put_len(out, number, bytes(stamp))
+        elif kind == "map":
+            for key, item in value.items():
+                entry = bytearray()
+                _put_len(entry, 1, key.encode())
+                _put_varint(entry, 2 << 3 | _VARINT)
+                _put_varint(entry, item % _U64)
+                _put_len(out, number, bytes(entry))
+        elif not value:
+            continue
+        elif kind in ("int32", "bool"):
+            _put_varint(out, number << 3 | _VARINT)
+            _put_varint(out, int(value) % _U64)
+        else:
+            _put_len(out, number, value.encode() if kind == "string" else value)
+    return bytes(out)
+
+
+def _decode_fields(
+    data: bytes, fields: tuple[tuple[int, str, str], ...], message: tuple[str, str]
+) -> dict[str, object]:
+    """The attributes of ``message`` that ``data`` sets, by Go's parsing rules."""
+    by_number = {number: (name, kind) for number, name, kind in fields}
+    values: dict[str, object] = {}
+    stamps: dict[str, list[int]] = {}
+    queues: dict[str, int] = {}
+    for number, wire_type, value in _iter_fields(data, message):
+        known = by_number.get(number)
+        if known is None:
+            continue
+        name, kind = known
+        if kind in ("int32", "bool"):
+            # Go treats a known field under another wire type as unknown.
+            if wire_type != _VARINT:
+                continue
+            assert isinstance(value, int)
+            values[name] = bool(value) if kind == "bool" else _signed(value, 32)
+            continue
+        if wire_type != _LEN:
+            continue
+        assert isinstance(value, bytes)
+        if kind == "string":
+            values[name] = _utf8(value, name, message[0])
+        elif kind == "bytes":
+            values[name] = value
+        elif kind == "timestamp":
+            _merge_timestamp(stamps.setdefault(name, [0, 0]), value, message)
+        else:
+            key, priority = _decode_queue_entry(value, message)
+            queues[key] = priority
+    for name, (seconds, nanos) in stamps.items():
+        values[name] = seconds * _NS_PER_S + nanos
+    if queues:
+        values["queues"] = queues
+    return values
+
+
+def _merge_timestamp(stamp: list[int], raw: bytes, message: tuple[str, str]) -> None:
+    """Set ``stamp``'s ``[seconds, nanos]`` from the fields ``raw`` holds."""
+    for number, wire_type, value in _iter_fields(raw, message):
+        if wire_type != _VARINT or number not in (1, 2):
+            continue
+        assert isinstance(value, int)
+        stamp[number - 1] = _signed(value, 64 if number == 1 else 32)
+
+
+def _decode_queue_entry(entry: bytes, message: tuple[str, str]) -> tuple[str, int]:
+    key, priority = "", 0
+    for number, wire_type, raw in _iter_fields(entry, message):
+        if number == 1 and wire_type == _LEN:
+            assert isinstance(raw, bytes)
+            key = _utf8(raw, "queues key", message[0])
+        elif number == 2 and wire_type == _VARINT:
+            assert isinstance(raw, int)
+            priority = _signed(raw, 32)
+    return key, priority
+
+
+def _iter_fields(
+    data: bytes, message: tuple[str, str] = _TASK
+) -> Iterator[tuple[int, int, int | bytes]]:
     """Yield ``(field number, wire type, value)`` for each top-level field.
 
     The value is the varint as an unsigned int, the bytes of a
     length-delimited field, or the raw bytes of a fixed-width one; groups are
-    skipped whole.
+    skipped whole. ``message`` (its name, and what the bytes should have
+    been) words the BackendError raised for bytes that are no message.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise UsageError(f"a TaskMessage decodes from bytes, not {type(data).__name__}")
+        raise UsageError(f"a {message[0]} decodes from bytes, not {type(data).__name__}")
     data = bytes(data)
     pos = 0
     end = len(data)
     while pos < end:
-        number, wire_type, pos = _read_tag(data, pos)
-        if wire_type == _EGROUP:
-            raise _corrupt(f"end-group tag for field {number} without a start", pos)
-        value, pos = _read_value(data, pos, number, wire_type)
+        try:
+            number, wire_type, pos = _read_tag(data, pos)
+            if wire_type == _EGROUP:
+                raise _corrupt(f"end-group tag for field {number} without a start", pos)
+            value, pos = _read_value(data, pos, number, wire_type)
+        except _Malformed as exc:
+            raise BackendError(
+                f"corrupt {message[0]}: {exc.what} (at byte {exc.pos}); {message[1]}"
+            ) from None
         if wire_type != _SGROUP:
             yield number, wire_type, value
 
@@ -278,21 +554,27 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
-def _utf8(raw: bytes, name: str) -> str:
+def _utf8(raw: bytes, name: str, message: str = "TaskMessage") -> str:
     try:
         return raw.decode()
     except UnicodeDecodeError as exc:
         raise BackendError(
-            f"corrupt TaskMessage: {name} is not valid UTF-8 ({exc.reason} at byte "
+            f"corrupt {message}: {name} is not valid UTF-8 ({exc.reason} at byte "
             f"{exc.start} of {raw!r}); proto3 strings must be UTF-8"
         ) from exc
 
 
-def _corrupt(what: str, pos: int) -> BackendError:
-    return BackendError(
-        f"corrupt TaskMessage: {what} (at byte {pos}); the task hash's msg field "
-        f"is not an Asynq TaskMessage"
-    )
+class _Malformed(Exception):
+    """Bytes that break the wire format; :func:`_iter_fields` names the message."""
+
+    def __init__(self, what: str, pos: int) -> None:
+        super().__init__(what, pos)
+        self.what = what
+        self.pos = pos
+
+
+def _corrupt(what: str, pos: int) -> _Malformed:
+    return _Malformed(what, pos)
 
 
 def _put_varint(out: bytearray, value: int) -> None:
