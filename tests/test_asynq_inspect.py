@@ -12,14 +12,11 @@ on the newest Redis found and on Redis 6.2.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterator
-from functools import cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import redis
@@ -27,6 +24,16 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 import gpugate.asynq
+from asynq_support import (
+    all_steps,
+    asynq_only,
+    dump,
+    expected,
+    load,
+    raw,
+    server_ms,
+    step,
+)
 from gpugate import ConfigError
 from gpugate.asynq import (
     AsynqKeys,
@@ -52,7 +59,6 @@ from gpugate.state._server import (
     server_version,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "asynq"
 # Asynq's keys are global to a Redis database, so these tests keep to one
 # database of the session Redis and flush it around each test.
 ASYNQ_DB = 9
@@ -60,107 +66,6 @@ LUA = Path(__file__).parents[1] / "src" / "gpugate" / "lua"
 
 
 # -- fixtures ---------------------------------------------------------------------
-
-
-@cache
-def scenario(name: str) -> dict[str, Any]:
-    """One captured scenario, by file name without ``.json``."""
-    with open(FIXTURES / f"{name}.json", encoding="utf-8") as f:
-        return json.load(f)  # type: ignore[no-any-return]
-
-
-def step(name: str, index: int) -> dict[str, Any]:
-    return scenario(name)["steps"][index]  # type: ignore[no-any-return]
-
-
-def all_steps() -> list[tuple[str, int]]:
-    return [
-        (path.stem, i)
-        for path in sorted(FIXTURES.glob("*.json"))
-        for i in range(len(scenario(path.stem)["steps"]))
-    ]
-
-
-def server_ms(st: dict[str, Any]) -> int:
-    """The capture's Redis TIME in ms (what the scripts' clock is set to)."""
-    t = st["server_time"]
-    return int(t["unix"]) * 1000 + int(t["usec"]) // 1000
-
-
-def raw(v: dict[str, str]) -> bytes:
-    return base64.b64decode(v["b64"])
-
-
-def normal(entry: dict[str, Any]) -> Any:
-    """A captured value as plain bytes: what a dump of the test Redis gives too."""
-    kind, value = entry["type"], entry["value"]
-    if kind == "string":
-        return raw(value)
-    if kind == "list":
-        return [raw(v) for v in value]
-    if kind == "set":
-        return sorted(raw(v) for v in value)
-    if kind == "hash":
-        return {k.encode(): raw(v) for k, v in value.items()}
-    if kind == "zset":
-        return [(raw(m["member"]), float(m["score"])) for m in value]
-    raise AssertionError(f"unexpected type {kind}")
-
-
-def load(client: redis.Redis, st: dict[str, Any]) -> None:
-    """Restore a captured keyspace: every key with its type, value and TTL."""
-    pipe = client.pipeline(transaction=True)
-    for name, entry in st["keys"].items():
-        key = name.encode()
-        value = normal(entry)
-        kind = entry["type"]
-        if kind == "string":
-            pipe.set(key, value)
-        elif kind == "list":
-            pipe.rpush(key, *value)
-        elif kind == "set":
-            pipe.sadd(key, *value)
-        elif kind == "hash":
-            pipe.hset(key, mapping=value)
-        elif kind == "zset":
-            pipe.zadd(key, dict(value))
-        if entry["ttl_ms"] > 0:
-            pipe.pexpire(key, entry["ttl_ms"])
-    pipe.execute()
-
-
-def dump(client: redis.Redis) -> dict[str, tuple[str, bool, Any]]:
-    """The test database as ``name -> (type, has_ttl, value)``, values as in :func:`normal`."""
-    out: dict[str, tuple[str, bool, Any]] = {}
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key).decode()  # type: ignore[union-attr]
-        if kind == "string":
-            value: Any = client.get(key)
-        elif kind == "list":
-            value = client.lrange(key, 0, -1)
-        elif kind == "set":
-            value = sorted(client.smembers(key))
-        elif kind == "hash":
-            value = client.hgetall(key)
-        elif kind == "zset":
-            scored = cast(list[tuple[bytes, float]], client.zrange(key, 0, -1, withscores=True))
-            value = [(m, float(s)) for m, s in scored]
-        else:
-            raise AssertionError(f"unexpected type {kind} of {key!r}")
-        out[key.decode()] = (kind, client.pttl(key) > 0, value)
-    return out
-
-
-def expected(st: dict[str, Any]) -> dict[str, tuple[str, bool, Any]]:
-    """A captured keyspace in the form of :func:`dump`."""
-    return {
-        name: (entry["type"], entry["ttl_ms"] > 0, normal(entry))
-        for name, entry in st["keys"].items()
-    }
-
-
-def asynq_only(keys: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in keys.items() if k.startswith("asynq:")}
 
 
 @pytest.fixture(params=["7", "6.2"], ids=["redis7", "redis62"])
@@ -315,16 +220,25 @@ class TestKeys:
     def test_the_public_names_are_pinned(self) -> None:
         assert gpugate.asynq.__all__ == [
             "AsynqKeys",
+            "AsynqWorker",
             "PauseResult",
             "QueuePause",
             "QueueStats",
+            "RetryLater",
+            "RevokeTask",
+            "ServerInfo",
+            "SkipRetry",
+            "Task",
             "TaskMessage",
             "Throughput",
             "UnpauseResult",
+            "WorkerInfo",
             "decode_task_message",
             "encode_task_message",
             "eta_s",
             "list_queues",
+            "list_servers",
+            "list_workers",
             "pause_queue",
             "queue_concerns",
             "read_queue",
@@ -337,7 +251,22 @@ class TestKeys:
         self, client: redis.Redis
     ) -> None:
         names = sorted(p.stem for p in LUA.glob("asynq_*.lua"))
-        assert names == ["asynq_pause_queue", "asynq_read_queue", "asynq_unpause_queue"]
+        assert names == [
+            "asynq_archive",
+            "asynq_claim",
+            "asynq_complete",
+            "asynq_delete_expired_completed",
+            "asynq_done",
+            "asynq_extend_lease",
+            "asynq_forward",
+            "asynq_lease_expired",
+            "asynq_pause_queue",
+            "asynq_peek",
+            "asynq_read_queue",
+            "asynq_requeue",
+            "asynq_retry",
+            "asynq_unpause_queue",
+        ]
         for name in names:
             script = LuaScript(client, name)
             assert client.script_load(script.source) == script.sha

@@ -123,10 +123,12 @@ class Lease:
             report, self._actual = self._actual, None
         return report
 
-    def release(self, outcome: str = "ok") -> bool:
+    def release(self, outcome: str = "ok", *, refund: bool = False) -> bool:
         """Give the slot back; ``outcome`` is "ok", "error" or "oom".
 
-        Returns True if the lease was still live in Redis. Idempotent.
+        ``refund``: the admission went unused (the job never started, e.g.
+        another worker took the task first): the class's rate token is given
+        back too. Returns True if the lease was still live in Redis. Idempotent.
         """
         if self.released:
             return False
@@ -134,7 +136,7 @@ class Lease:
         if self._local_done is not None:
             self._local_done()
             return True
-        return self._gate._release_lease(self, outcome)
+        return self._gate._release_lease(self, outcome, refund)
 
     def _mark_lost(self, reason: str) -> bool:
         """Tell the holder, once; True for the call that did (two heartbeats may race)."""

@@ -95,13 +95,13 @@ class Ticket:
         self.lease.report_vram(stats.reserved, idle=stats.reserved - stats.allocated)
         return True
 
-    def release(self, outcome: str = "ok") -> None:
-        """Give the slot back (idempotent)."""
+    def release(self, outcome: str = "ok", *, refund: bool = False) -> None:
+        """Give the slot back (idempotent); ``refund`` as in :meth:`Lease.release`."""
         if self.outcome is not None:
             return
         self.outcome = outcome
         if self.lease is not None:
-            self.lease.release(outcome)
+            self.lease.release(outcome, refund=refund)
 
     def __enter__(self) -> Ticket:
         return self
