@@ -553,6 +553,54 @@ class TestAsynqServerParity:
         assert_state(asynq, expected(captured("10-crash-lease-recovery", 4)))
 
 
+class TestCancellation:
+    def test_a_cancel_from_asynqmon_stops_the_handler_and_retries_the_task(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        started, stopped = threading.Event(), threading.Event()
+        worker = make_worker(gate, asynq_url)
+
+        @worker.handle("slow", vram="1GiB")
+        def slow(task: Task) -> None:
+            started.set()
+            if task.wait_cancelled(30):
+                stopped.set()
+
+        tid = enqueue(asynq, "ocr:bulk", "slow", b"")
+        with serving(worker):
+            wait_until(started.is_set)
+            # What AsynqMon's "cancel" and Inspector.CancelProcessing publish.
+            wait_until(lambda: asynq.publish("asynq:cancel", tid) >= 1 and stopped.wait(0.5))
+            wait_until(lambda: asynq.zcard("asynq:{ocr:bulk}:retry") == 1)
+        m = task_state(asynq, "ocr:bulk", tid)["msg"]
+        assert (m.retried, m.error_msg) == (1, "context canceled")
+
+    def test_a_lease_taken_back_by_another_server_cancels_and_writes_nothing(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        started, stopped = threading.Event(), threading.Event()
+        worker = make_worker(gate, asynq_url)
+
+        @worker.handle("slow", vram="1GiB")
+        def slow(task: Task) -> None:
+            started.set()
+            if task.wait_cancelled(30):
+                stopped.set()
+
+        tid = enqueue(asynq, "ocr:bulk", "slow", b"")
+        with serving(worker):
+            wait_until(started.is_set)
+            # Another server's recoverer took it: the lease entry is gone.
+            asynq.zrem("asynq:{ocr:bulk}:lease", tid)
+            wait_until(stopped.is_set)
+            wait_until(lambda: not worker._running)
+        # Our attempt's end is not written: the task is as the recoverer left it.
+        assert asynq.lrange("asynq:{ocr:bulk}:active", 0, -1) == [tid.encode()]
+        assert task_state(asynq, "ocr:bulk", tid)["state"] == b"active"
+        assert worker.stats["done"] == worker.stats["retried"] == 0
+        assert gate.leases_held() == []
+
+
 # -- admission before dequeue ----------------------------------------------------------
 
 
