@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 from asynq_support import assert_state, at, captured, expected, load
 from gpugate import ConfigError, Gate, Policy, SimulatedSampler, UsageError
@@ -49,7 +51,13 @@ from gpugate.asynq import (
 from gpugate.asynq._keys import ALL_QUEUES
 from gpugate.asynq._servers import list_servers, list_workers
 from gpugate.metrics import Metrics
-from gpugate.state._server import RedisProcess
+from gpugate.state._connect import connect
+from gpugate.state._server import (
+    LocalCluster,
+    RedisProcess,
+    redis_server_candidates,
+    server_version,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "asynq"
 WORKER_MAIN = Path(__file__).parent / "asynq_worker_main.py"
@@ -896,3 +904,69 @@ class TestProcesses:
         assert 1 <= int(asynq.get("test:peak") or 0) <= 3
         q = read_queue(asynq, "video")
         assert (q.pending, q.active, q.failed_total, q.retry) == (0, 0, 0, 0)
+
+
+# -- Redis Cluster ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    """A Redis Cluster of three masters for this module."""
+    candidates = redis_server_candidates()
+    if not candidates:
+        pytest.skip("no redis-server found to run a Redis Cluster")
+    newest = max(candidates, key=lambda e: tuple(int(p) for p in server_version(e).split(".")))
+    with LocalCluster(3, newest) as cluster:
+        yield cluster.url
+
+
+@pytest.mark.slow
+def test_the_worker_runs_on_redis_cluster(cluster_url: str, pool_name: str) -> None:
+    """Pool keys, each queue's keys and the server registry live in different slots."""
+    c = connect(cluster_url)
+    assert isinstance(c, RedisCluster)
+    queues = {"ocr:realtime": "interactive", "ocr:bulk": "batch"}
+    slots = {key_slot(AsynqKeys(q).pending.encode()) for q in queues}
+    slots.add(key_slot(f"gpugate:{{{pool_name}}}:state".encode()))
+    assert len(slots) == 3
+    gate = Gate(
+        cluster_url,
+        pool=pool_name,
+        policy=Policy.from_dict(POLICY),
+        sampler=SimulatedSampler(["24GiB"], name=pool_name),
+        metrics=Metrics(CollectorRegistry()),
+    )
+    ran: list[str] = []
+    worker = AsynqWorker(gate, queues=queues, **FAST)
+
+    @worker.handle("ocr:page", vram="2GiB")
+    def page(task: Task) -> None:
+        ran.append(task.queue)
+        if task.payload == b"fail":
+            raise RuntimeError("bad page")
+
+    try:
+        for q in queues:
+            for _ in range(3):
+                enqueue(c, q, "ocr:page", b"ok")  # type: ignore[arg-type]
+        failing = enqueue(c, "ocr:bulk", "ocr:page", b"fail", max_retry=0)  # type: ignore[arg-type]
+        with serving(worker):
+            wait_until(lambda: len(ran) == 7 and worker.stats["archived"] == 1)
+            wait_until(lambda: len(list_servers(c)) == 1)
+        assert ran[:3] == ["ocr:realtime"] * 3
+        for q in queues:
+            stats = read_queue(c, q)
+            assert (stats.pending, stats.active, stats.processed_total) == (
+                0,
+                0,
+                3 if q == "ocr:realtime" else 4,
+            )
+        assert c.zscore("asynq:{ocr:bulk}:archived", failing) is not None
+        assert list_servers(c) == []
+    finally:
+        gate.close()
+        for q in queues:
+            for key in c.scan_iter(match=f"asynq:{{{q}}}:*"):
+                c.delete(key)
+        c.delete("asynq:queues")
+        c.close()
