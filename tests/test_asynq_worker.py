@@ -768,6 +768,17 @@ class TestOperations:
             wait_until(lambda: worker.stats["done"] == 1)
         assert asynq.zrange("asynq:{ocr:bulk}:scheduled", 0, -1) == [later.encode()]
 
+    def test_a_queue_whose_oldest_task_is_unreadable_does_not_stop_the_others(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        worker = make_worker(gate, asynq_url)
+        worker.handle("ocr:page", lambda task: None, vram="1GiB")
+        asynq.lpush("asynq:{ocr:realtime}:pending", "no-such-task")  # an id without its hash
+        enqueue(asynq, "ocr:bulk", "ocr:page", b"")
+        with serving(worker):
+            wait_until(lambda: worker.stats["done"] == 1)
+        assert asynq.lrange("asynq:{ocr:realtime}:pending", 0, -1) == [b"no-such-task"]
+
     def test_bad_configuration_is_refused_with_the_fix(self, gate: Gate, asynq_url: str) -> None:
         with pytest.raises(ConfigError, match="belongs to no class"):
             AsynqWorker(gate, queues=["nope"], asynq_redis=asynq_url)

@@ -392,7 +392,14 @@ class AsynqWorker:
         """Try to take one task; the seconds to wait before the next try (0: at once)."""
         wait: float | None = None
         for queue, cls in self.queues.items():
-            peeked = broker.peek(self.client, queue)
+            try:
+                peeked = broker.peek(self.client, queue)
+            except BackendError as exc:
+                # One unreadable queue (Redis down, a task hash that is not
+                # Asynq's) must not stop the others.
+                self._warn("asynq_queue_unreadable", queue=queue, error=str(exc))
+                wait = self.task_check_interval
+                continue
             if peeked is None or peeked == broker.PAUSED:
                 continue
             assert isinstance(peeked, broker.Peek)
