@@ -253,6 +253,10 @@ class TestOneSlotPerPool:
             keys.samples,
             keys.buckets,
             keys.workers,
+            keys.workerinfo,
+            keys.idle_memory,
+            keys.idle_seen,
+            keys.gpus,
             keys.wake,
             keys.device("GPU-00000000-0000-0000-0000-000000000000"),
         ]

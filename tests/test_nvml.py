@@ -572,6 +572,59 @@ class TestQuarantine:
         assert (d.outcome, d.reason) == (Outcome.DEFER, "gpu_lost")
 
 
+class TestIdleMemory:
+    """A gate on the stand-in finds its own pid in NVML's process list: what it
+    holds idle above its warm baseline fragments the device."""
+
+    def test_cache_kept_after_a_job_counts_until_emptied(
+        self,
+        fake: FakeNvml,
+        redis_server: RedisProcess,
+        pool_name: str,
+        make_sampler: Callable[..., NvmlSampler],
+    ) -> None:
+        import redis
+
+        from gpugate.state._keys import PoolKeys
+
+        # The gate stands for a pid of its own: every gate of a process counts
+        # the process busy while any of them holds a lease, and gates other
+        # tests left open in this process may hold some.
+        me = 4_000_000 + os.getpid() % 1_000_000
+        uuid = f"GPU-{pool_name}"  # this process's warm baseline is kept per device
+        fake.set(gpu(uuid, used=10 * GiB, procs=((me, 10 * GiB), (1, 5 * GiB))))
+        sampler = make_sampler(background=True)
+        policy = Policy.from_dict(
+            {
+                "pool": {"safety_margin": 0},
+                "classes": {
+                    "interactive": {"priority": 100},
+                    "batch": {"priority": 10, "max_fragmentation": 0.1},
+                },
+            }
+        )
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        with Gate(
+            redis_server.url, pool=pool_name, policy=policy, sampler=sampler, _gpu_pid=me
+        ) as gate:
+            job = gate.try_admit("interactive", vram=20 * GiB)  # warm at 10 GiB
+            assert job.lease is not None
+            job.lease.release()
+            fake.set(gpu(uuid, used=25 * GiB, procs=((me, 25 * GiB), (1, 5 * GiB))))
+            sampler.refresh()
+            gate.beat_now()
+            assert gate.idle_memory == {uuid: 15 * GiB}
+            memory = client.hget(PoolKeys(pool_name).state, f"m:{uuid}") or ""
+            assert int(memory.split()[3]) == 15 * GiB
+            assert gate.try_admit("batch", vram=1 * GiB).reason == "fragmented"
+            fake.set(gpu(uuid, used=10 * GiB, procs=((me, 10 * GiB), (1, 5 * GiB))))
+            sampler.refresh()
+            gate.beat_now()
+            assert gate.idle_memory == {}
+            assert gate.try_admit("batch", vram=1 * GiB).outcome is Outcome.ADMIT
+        client.close()
+
+
 class TestTransientErrors:
     """Any other error on one device: its last reading, with its own age, for max_age_s."""
 

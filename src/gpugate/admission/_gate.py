@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import contextlib
 import functools
+import itertools
 import json
 import os
 import random
@@ -46,6 +47,7 @@ from ..state._scripts import Scripts
 from ..state._wire import publish_args
 from ._decision import Decision, Outcome, Reason
 from ._heartbeat import Heartbeat
+from ._idle import idle_memory
 from ._lease import Lease, LeaseRegistry
 from ._ticket import Ticket
 from ._wake import WakeListener
@@ -67,6 +69,10 @@ _REDIS_DOWN = (
 )
 
 _live_gates: weakref.WeakSet[Gate] = weakref.WeakSet()
+_live_gates_lock = threading.Lock()
+_gate_seq = itertools.count()
+
+RecycleCallback = Callable[[str, int], None]
 
 
 @functools.cache
@@ -110,6 +116,12 @@ class Gate:
     the pool's worker registry (heartbeat every TTL/3 even without leases);
     one-shot tools pass False.
 
+    A registered gate also measures its process's idle memory: what NVML
+    shows for this pid on each device above its warm baseline while the
+    process holds no lease (:attr:`idle_memory`). It counts towards the
+    devices' fragmentation, and :attr:`recycle_recommended` says when it alone
+    is above what the pool's strictest ``max_fragmentation`` allows.
+
     A gate belongs to the process that made it; a forked child must make its
     own (using a parent's gate there raises :class:`UsageError`).
     """
@@ -125,6 +137,7 @@ class Gate:
         metrics: Metrics | None = None,
         register: bool = True,
         _clock_ms: Callable[[], int] | None = None,
+        _gpu_pid: int | None = None,
     ) -> None:
         self.pool = pool or os.environ.get("GPUGATE_POOL") or "default"
         self._keys = PoolKeys(self.pool)
@@ -142,11 +155,19 @@ class Gate:
         self._clock_ms = _clock_ms
         self.metrics = metrics if metrics is not None else default_metrics()
         self._pid = os.getpid()
+        # The pid NVML lists this process under (tests and simulation give others).
+        self._gpu_pid = _gpu_pid if _gpu_pid is not None else self._pid
+        self._idle = idle_memory(self._gpu_pid)
+        self._idle_sent: dict[str, int] = {}
+        self._recycle: set[str] = set()
+        self._on_recycle: list[RecycleCallback] = []
+        self._seq = next(_gate_seq)
         self.owner = f"{self.sampler.sample().host or 'host'}:{self._pid}:{_uuid.uuid4().hex[:8]}"
-        self._leases = LeaseRegistry()
+        self._leases = LeaseRegistry(self._idle.touch)
         self._heartbeat: Heartbeat | None = None
         self._wake: WakeListener | None = None
         self._lock = threading.Lock()
+        self._beat_lock = threading.Lock()
         self._recent_defer: dict[tuple[str, int, str], float] = {}
         self._local_open: dict[str, int] = {}
         self._local_seq = 0
@@ -156,7 +177,8 @@ class Gate:
         self._register = register
         self._started_ms = int(time.time() * 1000)
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
-        _live_gates.add(self)
+        with _live_gates_lock:
+            _live_gates.add(self)
         if self.embedded:
             log.info(
                 "embedded_redis",
@@ -451,6 +473,9 @@ class Gate:
             found = snap.by_uuid(d_uuid)
             index = found.index if found is not None else None
         if out is Outcome.ADMIT and d_uuid is not None:
+            if self._register and self._process_idle():
+                # The reading this admission was decided on shows the process warm.
+                self._idle.admitted(snap)
             lease = Lease(
                 self,
                 id=_b2s(lease_id),
@@ -625,7 +650,17 @@ class Gate:
         return self._leases.live()
 
     def _beat(self) -> None:
-        """One heartbeat: release dropped leases, renew the rest."""
+        """One heartbeat: release dropped leases, renew the rest.
+
+        Beats (the heartbeat thread's, :meth:`beat_now`) go one at a time, so
+        that a beat computed earlier never lands after a later one and
+        overwrites its figures (idle memory, reported actuals). Decisions do
+        not wait for this lock.
+        """
+        with self._beat_lock:
+            self._beat_once()
+
+    def _beat_once(self) -> None:
         for dev_uuid, lease_id in self._leases.take_dropped():
             self._release(dev_uuid, lease_id, "dropped")
         leases = [lease for lease in self._leases.live() if not lease.max_duration_reached]
@@ -636,12 +671,14 @@ class Gate:
         except GpugateError as exc:  # the sampler's own errors are logged by it
             log.debug("heartbeat_without_snapshot", error=str(exc))
             snap = None
+        excess = self._idle_excess(snap)
         args: list[Any] = [
             self._keys.prefix,
             self._now_arg(),
             self.owner if self._register else "",
             self._worker_info(len(leases)) if self._register else "",
             *self._gpus_record(snap),
+            "-" if excess is None else " ".join(f"{u} {b}" for u, b in sorted(excess.items())),
             len(leases),
         ]
         reports = []
@@ -663,6 +700,8 @@ class Gate:
                     self._keys.waiters,
                     self._keys.workers,
                     self._keys.workerinfo,
+                    self._keys.idle_memory,
+                    self._keys.idle_seen,
                 ],
                 args=args,
             )
@@ -674,6 +713,9 @@ class Gate:
             raise
         if snap is not None:
             self._check_fragmentation(leases, reports, snap)
+            if excess is not None:
+                self._idle_sent = excess
+                self._check_idle_recycle(excess, snap)
         for i, lease in enumerate(leases):
             status, expires = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
             if status == 1:
@@ -726,6 +768,109 @@ class Gate:
             device = snap.by_uuid(lease.device_uuid)
             if device is not None and device.total and report[1] > bound * device.total:
                 lease._recommend_recycle(report[1], device.total, bound)
+
+    # -- idle memory ------------------------------------------------------------
+
+    @property
+    def idle_memory(self) -> dict[str, int]:
+        """This process's idle excess per device uuid, as last sent to the pool (bytes).
+
+        What NVML showed for this process's pid above its warm baseline while
+        it held no lease; devices at or below their baseline are left out.
+        Empty while it holds a lease (the job's allocator reports its own
+        idle bytes then), before its first admission, and for a gate that
+        does not register. See ``docs/sampling.md``, "Fragmentation".
+        """
+        return dict(self._idle_sent)
+
+    @property
+    def recycle_recommended(self) -> bool:
+        """True while this idle process alone holds more memory above its warm
+        baseline on some device than the pool's strictest ``max_fragmentation``
+        allows that device: empty its allocator's cache
+        (``torch.cuda.empty_cache()``) or restart it, staggered."""
+        return bool(self._recycle)
+
+    def on_recycle_recommended(self, callback: RecycleCallback) -> None:
+        """Call ``callback(device_uuid, idle_bytes)`` each time :attr:`recycle_recommended`
+        turns true for a device (once, until the excess drops below the bound).
+
+        It runs on the heartbeat thread and must not block: set a flag that the
+        worker's loop acts on between jobs.
+        """
+        self._on_recycle.append(callback)
+
+    def _process_gates(self) -> list[Gate]:
+        """The open gates of this process that measure the same pid (this one included)."""
+        with _live_gates_lock:
+            gates = list(_live_gates)
+        return [
+            g
+            for g in gates
+            if g._pid == self._pid and g._gpu_pid == self._gpu_pid and not g._closed
+        ]
+
+    def _process_idle(self) -> bool:
+        """No gate of this process holds a lease: whatever its pid holds is idle memory."""
+        return not any(len(g._leases) for g in self._process_gates())
+
+    def _idle_excess(self, snap: Snapshot | None) -> dict[str, int] | None:
+        """What this beat tells the pool of the process's idle excess (``None``: unchanged).
+
+        One registered gate per pool of a process measures it (the oldest);
+        the others, and every gate while any gate of the process holds a
+        lease, send none, so that a process's memory is never counted twice,
+        nor a running job's memory as idle.
+        """
+        if not self._register or snap is None:
+            return None
+        gates = self._process_gates()
+        if any(len(g._leases) for g in gates):
+            return {}
+        for g in gates:
+            if (
+                g._register
+                and g._seq < self._seq
+                and g._keys.prefix == self._keys.prefix
+                and g.redis_url == self.redis_url
+            ):
+                return {}
+        return self._idle.excess(snap)
+
+    def _check_idle_recycle(self, excess: dict[str, int], snap: Snapshot) -> None:
+        """Recommend a recycle, once per device until it drops, when this idle
+        process alone is above the pool's strictest ``max_fragmentation``."""
+        bounds = [
+            c.max_fragmentation
+            for c in self.effective_policy.classes.values()
+            if c.max_fragmentation is not None
+        ]
+        over: dict[str, tuple[int, int]] = {}
+        if bounds:
+            bound = min(bounds)
+            for uuid, idle in excess.items():
+                device = snap.by_uuid(uuid)
+                if device is not None and device.total and idle > bound * device.total:
+                    over[uuid] = (idle, device.total)
+        self._recycle &= set(over)
+        for uuid, (idle, total) in over.items():
+            if uuid in self._recycle:
+                continue
+            self._recycle.add(uuid)
+            log.warning(
+                "worker_recycle_recommended",
+                owner=self.owner,
+                device=uuid,
+                idle_bytes=idle,
+                idle_ratio=round(idle / total, 3),
+                bound=min(bounds),
+                fix="torch.cuda.empty_cache() while idle, or restart this worker, staggered",
+            )
+            for cb in self._on_recycle:
+                try:
+                    cb(uuid, idle)
+                except Exception:  # a user callback must not kill the heartbeat
+                    log.exception("recycle_callback_failed", device=uuid)
 
     def _gpus_record(self, snap: Snapshot | None) -> tuple[str, str]:
         """(host, JSON of this host's snapshot) for the pool; ("", "") without one."""
@@ -884,7 +1029,8 @@ class Gate:
             raise UsageError("this Gate is closed")
 
     def close(self) -> None:
-        """Release every lease this gate holds and stop its threads."""
+        """Release every lease this gate holds, leave the worker registry (its
+        idle memory stops counting towards fragmentation) and stop its threads."""
         if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
@@ -897,9 +1043,14 @@ class Gate:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         if self._register:
-            with contextlib.suppress(BackendError):
-                self._call(self._client.zrem, self._keys.workers, self.owner)
-                self._call(self._client.hdel, self._keys.workerinfo, self.owner)
+            # Its idle excess leaves the devices' fragmentation in the same step.
+            k = self._keys
+            with contextlib.suppress(BackendError, redis.RedisError):
+                self._call(
+                    self._scripts.remove_worker,
+                    keys=[k.state, k.workers, k.workerinfo, k.idle_memory, k.idle_seen],
+                    args=[self.owner],
+                )
         if self._wake is not None:
             self._wake.stop()
         self._client.close()

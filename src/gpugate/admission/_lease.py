@@ -192,13 +192,15 @@ class LeaseRegistry:
     """The leases one gate holds, by weak reference.
 
     A lease dropped without release is queued and released by the heartbeat
-    (never from inside garbage collection).
+    (never from inside garbage collection). ``touch`` is called whenever the
+    set of held leases changes (also from garbage collection: it must not lock).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, touch: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str], weakref.ReferenceType[Lease]] = {}
         self._dropped: list[tuple[str, str]] = []
+        self._touch = touch
 
     def add(self, lease: Lease) -> None:
         """Hold ``lease`` until it is released or dropped."""
@@ -208,14 +210,20 @@ class LeaseRegistry:
             with self._lock:
                 if self._held.pop(key, None) is not None:
                     self._dropped.append(key)
+                    if self._touch is not None:
+                        self._touch()
 
         with self._lock:
             self._held[key] = weakref.ref(lease, dropped)
+        if self._touch is not None:
+            self._touch()
 
     def discard(self, lease: Lease) -> None:
         """Stop renewing ``lease``."""
         with self._lock:
-            self._held.pop((lease.device_uuid, lease.id), None)
+            found = self._held.pop((lease.device_uuid, lease.id), None)
+        if found is not None and self._touch is not None:
+            self._touch()
 
     def live(self) -> list[Lease]:
         """The leases still held and worth renewing."""

@@ -113,6 +113,7 @@ def to_json(
                 "available_bytes": d.available,
                 "utilization": d.utilization,
                 "fragmentation": d.fragmentation,
+                "idle_workers_bytes": d.idle_workers,
                 "quarantined": d.quarantined,
                 "leases": d.leases,
                 "sample_age_s": round(d.sample_age_s(now), 3) if d.sample_ms else None,
@@ -145,6 +146,7 @@ def to_json(
                 "alive": w.alive(now, view.ttl_ms),
                 "registered": w.registered,
                 "info": dict(w.info),
+                "idle_memory_bytes": dict(w.idle_memory),
                 "policy_mismatch": _policy_mismatch(w, view),
             }
             for w in view.workers

@@ -15,8 +15,10 @@
 --   memory  "reserved actual latest_at idle"   per device, state field
 --           m:<uuid>: the sums over its leases and ghosts of max(estimate,
 --           actual) and of actual, the latest time an actual was measured (a
---           decision whose sample is newer needs no lease loop), and the sum
---           of allocator-idle bytes (the device's fragmentation)
+--           decision whose sample is newer needs no lease loop), and the
+--           device's fragmentation: the sum of its leases' and ghosts'
+--           allocator-idle bytes plus the idle excess of idle registered
+--           workers there (renew_leases.lua)
 --   class   "prio cap dev_cap rate_per_ms burst reserve_above max_ms
 --            max_contended_ms no_gpu max_frag" (-1 = none)
 --   pool    "margin ttl_ms placement max_age_ms waiter_ttl_ms aging_per_ms

@@ -17,7 +17,8 @@
 --                      n:<class> (live leases), d:<class>:<uuid> and
 --                      d::<uuid> (live leases per device), seq (lease ids),
 --                      next_exp (a lower bound of the earliest lease expiry),
---                      m:<uuid> (memory sums of the device's leases)
+--                      m:<uuid> (memory sums of the device's leases;
+--                      idle includes idle workers' excess)
 --   P exp        zset  "<uuid>\t<id>" -> expiry ms, live leases only
 --   P waiters    hash  waiter id -> waiter record
 --   P samples    hash  uuid -> sample record (the freshest one seen)

@@ -1,7 +1,7 @@
 -- renew_leases.lua: extend the leases one process holds, in one call.
 --
--- KEYS = [state, exp, waiters, workers, workerinfo]
--- ARGV = [prefix, clock_ms, owner, info, host, gpus, n,
+-- KEYS = [state, exp, waiters, workers, workerinfo, idlemem, idleseen]
+-- ARGV = [prefix, clock_ms, owner, info, host, gpus, excess, n,
 --         (uuid, id, actual, actual_age_ms, idle) * n]
 --   actual < 0 leaves the reported actual VRAM (and idle, the bytes its
 --   allocator holds unused) as they were. owner "" renews
@@ -11,6 +11,10 @@
 --   gpus: the host's last snapshot (JSON: devices with utilisation, faults,
 --   quarantined devices), stored as gpus[host] = "<now> <json>" so status and
 --   metrics see every host's GPUs from anywhere; "" stores nothing.
+--   excess: the worker's idle excess, "<uuid> <bytes> <uuid> <bytes> ..."
+--   (what NVML shows for its pid on each device above its warm baseline
+--   while it holds no lease); "" none; "-" leaves it as it was. Ignored
+--   without an owner.
 -- -> {now, (status, expires_ms) * n}; status 1 renewed; 0 gone (expired,
 --    reaped or released: never recreated, the id is a fencing token); 2 past
 --    its class's max duration (not renewed: it ends at expires_ms).
@@ -19,12 +23,23 @@
 -- duration is the class's max_ms, or max_contended_ms while a live waiter
 -- wants memory on the lease's device; whatever memory the holder keeps after
 -- its lease ends counts as unmanaged through the samples.
+--
+-- Idle excess (P idlemem hash: owner -> "<uuid> <bytes> ..."; P idleseen
+-- zset: owner -> last beat ms, for owners with an entry) is part of each
+-- device's fragmentation: the idle field of its memory record m:<uuid> is
+-- the sum over leases and ghosts of their allocator-idle bytes plus the sum
+-- of the workers' idle excess there, kept by deltas so that admit_job reads
+-- one field. An entry counts while its worker beats, like a lease: one TTL
+-- after its last beat any renewal takes it out (a dead worker's memory is
+-- freed by the driver); remove_worker.lua takes it out on close.
 
 local state_key = KEYS[1]
 local exp_key = KEYS[2]
 local waiters_key = KEYS[3]
 local workers_key = KEYS[4]
 local workerinfo_key = KEYS[5]
+local idlemem_key = KEYS[6]
+local idleseen_key = KEYS[7]
 
 local prefix = ARGV[1]
 local clock_ms = tonumber(ARGV[2])
@@ -32,7 +47,8 @@ local owner = ARGV[3]
 local info = ARGV[4]
 local host = ARGV[5]
 local gpus = ARGV[6]
-local n = tonumber(ARGV[7])
+local excess = ARGV[7]
+local n = tonumber(ARGV[8])
 
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp')
 local last = tonumber(st[1]) or 0
@@ -64,24 +80,84 @@ local function class_contended_ms(cls)
   return contended_ms[cls]
 end
 
+-- The devices' memory sums change with each reported actual and idle
+-- excess; read once, written once.
+local memory = {}
+local function memory_of(uuid)
+  local m = memory[uuid]
+  if m == nil then
+    local r0, a0, t0, f0 = parse_memory(redis.call('HGET', state_key, 'm:' .. uuid))
+    m = {r0, a0, t0, f0}
+    memory[uuid] = m
+  end
+  return m
+end
+
+-- Add `sign` times each "<uuid> <bytes>" of `entry` to its device's idle sum.
+local function count_excess(entry, sign, deltas)
+  for uuid, bytes in string.gmatch(entry, '(%S+) (%d+)') do
+    deltas[uuid] = (deltas[uuid] or 0) + sign * tonumber(bytes)
+  end
+end
+
+local function apply(deltas)
+  for uuid, delta in pairs(deltas) do
+    if delta ~= 0 then
+      local m = memory_of(uuid)
+      m[4] = m[4] + delta
+    end
+  end
+end
+
+local function drop_excess(who)
+  local old = redis.call('HGET', idlemem_key, who)
+  if old then
+    local deltas = {}
+    count_excess(old, -1, deltas)
+    apply(deltas)
+    redis.call('HDEL', idlemem_key, who)
+  end
+  redis.call('ZREM', idleseen_key, who)
+end
+
 if gpus ~= '' then
   redis.call('HSET', prefix .. 'gpus', host, now .. ' ' .. gpus)
 end
 if owner ~= '' then
   redis.call('ZADD', workers_key, now, owner)
   redis.call('HSET', workerinfo_key, owner, info)
+  if excess ~= '-' then
+    local old = redis.call('HGET', idlemem_key, owner)
+    if excess == '' then
+      if old then drop_excess(owner) end
+    else
+      if old ~= excess then
+        local deltas = {}
+        if old then count_excess(old, -1, deltas) end
+        count_excess(excess, 1, deltas)
+        apply(deltas)
+        redis.call('HSET', idlemem_key, owner, excess)
+      end
+      redis.call('ZADD', idleseen_key, now, owner)
+    end
+  elseif redis.call('ZSCORE', idleseen_key, owner) then
+    -- Unmeasured this time: the last figure stands while the worker beats.
+    redis.call('ZADD', idleseen_key, now, owner)
+  end
   local silent = redis.call('ZRANGEBYSCORE', workers_key, '-inf', now - 10 * ttl, 'LIMIT', 0, 16)
   for i = 1, #silent do
     redis.call('ZREM', workers_key, silent[i])
     redis.call('HDEL', workerinfo_key, silent[i])
+    drop_excess(silent[i])
   end
 end
+-- An idle worker silent for one TTL (dead, or cut off) no longer counts.
+local stale = redis.call('ZRANGEBYSCORE', idleseen_key, '-inf', now - ttl, 'LIMIT', 0, 16)
+for i = 1, #stale do drop_excess(stale[i]) end
 
--- The devices' memory sums change with each reported actual; written once.
-local memory = {}
 local out = {now}
 for i = 0, n - 1 do
-  local base = 8 + 5 * i
+  local base = 9 + 5 * i
   local uuid, id = ARGV[base], ARGV[base + 1]
   local actual = tonumber(ARGV[base + 2])
   local dkey = prefix .. 'dev:' .. uuid
@@ -92,12 +168,7 @@ for i = 0, n - 1 do
   if raw then
     local rec = parse_lease(raw)
     if actual >= 0 then
-      local m = memory[uuid]
-      if m == nil then
-        local r0, a0, t0, f0 = parse_memory(redis.call('HGET', state_key, 'm:' .. uuid))
-        m = {r0, a0, t0, f0}
-        memory[uuid] = m
-      end
+      local m = memory_of(uuid)
       local at = now - tonumber(ARGV[base + 3])
       local idle = tonumber(ARGV[base + 4])
       if idle < 0 then idle = rec.f end

@@ -236,6 +236,11 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
         "Memory held by allocators but unused, over total (absent while not measured).",
         labels=dev_labels,
     )
+    g_idle = GaugeMetricFamily(
+        "gpugate_gpu_memory_idle_workers_bytes",
+        "Memory idle registered workers hold above their warm baseline (part of fragmentation).",
+        labels=dev_labels,
+    )
     g_quar = GaugeMetricFamily(
         "gpugate_gpu_quarantined",
         "1 if the device is quarantined (absent while not measured).",
@@ -257,10 +262,11 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
             g_util.add_metric(labels, d.utilization)
         if d.fragmentation is not None:
             g_frag.add_metric(labels, d.fragmentation)
+        g_idle.add_metric(labels, d.idle_workers)
         if d.quarantined is not None:
             g_quar.add_metric(labels, int(d.quarantined))
     yield from (g_total, g_used, g_free, g_reserved, g_unmanaged, g_avail, g_age, g_leases)
-    yield from (g_util, g_frag, g_quar)
+    yield from (g_util, g_frag, g_idle, g_quar)
 
     cls_labels = ["pool", "class"]
     leases = GaugeMetricFamily("gpugate_leases", "Live leases of the class.", labels=cls_labels)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from .._exceptions import ConfigError
 from .._units import parse_size
-from ._sample import DeviceSample, Snapshot, hostname
+from ._sample import DeviceSample, GpuProcess, Snapshot, hostname
 
 
 class SimulatedSampler:
@@ -23,7 +23,8 @@ class SimulatedSampler:
     ``totals`` gives one size per device (``"80GiB"`` or bytes). Usage starts
     at 0 and changes with :meth:`set_used`, :meth:`allocate`/:meth:`free`, or a
     timeline given to :meth:`script` (offsets in seconds from the call).
-    Thread-safe.
+    Compute processes (what NVML lists per device) are set with
+    :meth:`set_process`; none by default. Thread-safe.
     """
 
     backend = "simulated"
@@ -37,6 +38,7 @@ class SimulatedSampler:
         self._name = name
         self._totals = [parse_size(t, key=f"totals[{i}]") for i, t in enumerate(totals)]
         self._used = [0] * len(self._totals)
+        self._procs: list[dict[int, int]] = [{} for _ in self._totals]
         self._lost: set[int] = set()
         self._timeline: list[tuple[float, int, int]] = []
         self._host = hostname()
@@ -85,6 +87,22 @@ class SimulatedSampler:
         with self._lock:
             self._used[index] = max(0, self._used[index] - b)
 
+    def set_process(self, index: int, pid: int, used: str | int | None) -> None:
+        """List process ``pid`` on device ``index`` using ``used`` bytes, as NVML's
+        process list would; ``None`` takes it off the list.
+
+        Only the list changes: the device's ``used`` is what :meth:`set_used`
+        and friends made it, so a test says both what the driver counts and
+        whose it is.
+        """
+        self._check(index)
+        b = None if used is None else parse_size(used, key="used")
+        with self._lock:
+            if b is None:
+                self._procs[index].pop(pid, None)
+            else:
+                self._procs[index][pid] = b
+
     def lose(self, index: int) -> None:
         """Make device ``index`` vanish from samples, as a lost GPU does."""
         self._check(index)
@@ -120,6 +138,7 @@ class SimulatedSampler:
                     used=self._used[i],
                     name="Simulated GPU",
                     utilization=None,
+                    processes=tuple(GpuProcess(pid, b) for pid, b in self._procs[i].items()),
                 )
                 for i, total in enumerate(self._totals)
                 if i not in self._lost

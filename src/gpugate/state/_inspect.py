@@ -132,8 +132,10 @@ class DeviceView:
     holds for leases (``Σ max(estimate, actual)``, ghosts included until a
     later sample); ``unmanaged`` what the device uses beyond the leases'
     measured actuals (notebooks, contexts, foreign processes).
-    ``fragmentation`` is the share of its memory its jobs' allocators hold
-    unused (what they report; ``None`` when no lease reported any).
+    ``fragmentation`` is the share of its memory held but unused: what its
+    jobs' allocators report holding unused, plus ``idle_workers``, the bytes
+    idle registered workers hold there above their warm baseline (NVML's
+    per-process figures); ``None`` when neither was reported.
     Utilisation, quarantine, host and name come from the snapshot its host's
     gates publish with every heartbeat (``None`` when none has).
     """
@@ -151,6 +153,7 @@ class DeviceView:
     quarantined: bool | None = None
     host: str | None = None
     name: str = ""
+    idle_workers: int = 0
 
     @property
     def free(self) -> int:
@@ -402,6 +405,8 @@ class WorkerView:
     (a lease's expiry minus the TTL) or its last DEFER (a waiter's expiry minus
     the waiter TTL), whichever is later. ``info`` is what a registered worker
     says of itself: version, fast path, sampler, policy version, leases.
+    ``idle_memory`` is its idle excess per device uuid (bytes above its warm
+    baseline while it holds no lease), as the pool counts it.
     """
 
     owner: str
@@ -413,6 +418,7 @@ class WorkerView:
     last_seen_ms: int
     registered: bool = False
     info: Mapping[str, Any] = field(default_factory=dict)
+    idle_memory: Mapping[str, int] = field(default_factory=dict)
 
     def alive(self, now_ms: int, ttl_ms: int) -> bool:
         """Seen within one lease TTL."""
@@ -536,10 +542,12 @@ def read_pool(
             second.hgetall(keys.decisions(minute))
         second.zrange(keys.workers, 0, -1, withscores=True)
         second.hgetall(keys.workerinfo)
+        second.hgetall(keys.idle_memory)
         replies = second.execute()
-        dev_hashes, dec_hashes = replies[: len(uuids)], replies[len(uuids) : -2]
-        registry = {_s(m): int(score) for m, score in replies[-2]}
-        registry_info = {_s(k): _s(v) for k, v in replies[-1].items()}
+        dev_hashes, dec_hashes = replies[: len(uuids)], replies[len(uuids) : -3]
+        registry = {_s(m): int(score) for m, score in replies[-3]}
+        registry_info = {_s(k): _s(v) for k, v in replies[-2].items()}
+        idle = _idle_memory(replies[-1])
     except _REDIS_DOWN as exc:
         raise BackendError(f"Redis at {url or 'the given client'} is unreachable: {exc}") from exc
     except redis.RedisError as exc:
@@ -557,7 +565,14 @@ def read_pool(
             if lease is not None:
                 leases.append(lease)
     leases.sort(key=lambda lease: int(lease.id) if lease.id.isdigit() else 0)
-    devices = [_device(uuid, samples.get(uuid), leases, hosts.get(uuid)) for uuid in uuids]
+    idle_by_device: dict[str, int] = {}
+    for per_device in idle.values():
+        for uuid, b in per_device.items():
+            idle_by_device[uuid] = idle_by_device.get(uuid, 0) + b
+    devices = [
+        _device(uuid, samples.get(uuid), leases, hosts.get(uuid), idle_by_device.get(uuid, 0))
+        for uuid in uuids
+    ]
     waiters = [
         w
         for w in (_waiter(_s(k), _s(v)) for k, v in waiters_raw.items())
@@ -583,7 +598,9 @@ def read_pool(
         leases=leases,
         waiters=waiters,
         overrides=overrides,
-        workers=_workers(leases, waiters, now_ms, ttl_ms, waiter_ttl_ms, registry, registry_info),
+        workers=_workers(
+            leases, waiters, now_ms, ttl_ms, waiter_ttl_ms, registry, registry_info, idle
+        ),
         lease_seq=_int(state.get("seq")),
         counters=counters,
     )
@@ -655,9 +672,21 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
         for d in view.devices:
             if d.fragmentation is not None and d.fragmentation > strictest:
                 kept_off = ", ".join(sorted(n for n, b in bounds.items() if d.fragmentation > b))
+                idle = ""
+                if d.idle_workers and d.total:
+                    holders = sorted(
+                        (w for w in view.workers if w.idle_memory.get(d.uuid)),
+                        key=lambda w: -w.idle_memory[d.uuid],
+                    )
+                    named = ", ".join(f"{w.host}:{w.pid}" for w in holders[:3])
+                    more = f" and {len(holders) - 3} more" if len(holders) > 3 else ""
+                    idle = (
+                        f" ({d.idle_workers / d.total:.0%} held by idle workers above their "
+                        f"warm baseline: {named}{more})"
+                    )
                 notes.append(
-                    f"GPU {_short_uuid(d.uuid)} is {d.fragmentation:.0%} fragmented, above the "
-                    f"max_fragmentation of {kept_off}: recycle its workers' allocator caches "
+                    f"GPU {_short_uuid(d.uuid)} is {d.fragmentation:.0%} fragmented{idle}, above "
+                    f"the max_fragmentation of {kept_off}: recycle its workers' allocator caches "
                     "(torch.cuda.empty_cache() or a staggered restart)"
                 )
     for o in view.overrides:
@@ -781,8 +810,23 @@ def _host_gpus(raw: Mapping[Any, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _idle_memory(raw: Mapping[Any, Any]) -> dict[str, dict[str, int]]:
+    """``P idlemem``: worker -> ``<uuid> <bytes> ...``, parsed."""
+    out: dict[str, dict[str, int]] = {}
+    for owner, value in raw.items():
+        parts = _s(value).split()
+        out[_s(owner)] = {
+            uuid: int(b) for uuid, b in zip(parts[::2], parts[1::2], strict=False) if b.isdigit()
+        }
+    return out
+
+
 def _device(
-    uuid: str, sample: str | None, leases: list[LeaseView], seen: Mapping[str, Any] | None = None
+    uuid: str,
+    sample: str | None,
+    leases: list[LeaseView],
+    seen: Mapping[str, Any] | None = None,
+    idle_workers: int = 0,
 ) -> DeviceView:
     total = used = taken = 0
     if sample:
@@ -806,10 +850,11 @@ def _device(
         leases=sum(1 for lease in mine if lease.released_ms == 0),
         ghosts=sum(1 for lease in counted if lease.released_ms > 0),
         fragmentation=(
-            sum(lease.idle for lease in counted) / total
-            if total and any(lease.actual_at_ms for lease in counted)
+            (sum(lease.idle for lease in counted) + idle_workers) / total
+            if total and (idle_workers or any(lease.actual_at_ms for lease in counted))
             else None
         ),
+        idle_workers=idle_workers,
         utilization=None if seen is None else seen.get("utilization"),
         quarantined=None if seen is None else seen.get("quarantined"),
         host=None if seen is None else seen.get("host"),
@@ -975,6 +1020,7 @@ def _workers(
     waiter_ttl_ms: int,
     registry: Mapping[str, int],
     registry_info: Mapping[str, str],
+    idle: Mapping[str, Mapping[str, int]],
 ) -> list[WorkerView]:
     seen: dict[str, dict[str, int]] = {}
 
@@ -1016,6 +1062,7 @@ def _workers(
                 last_seen_ms=e["last"],
                 registered=owner in registry,
                 info=info,
+                idle_memory=dict(idle.get(owner, {})),
             )
         )
     out.sort(key=lambda w: (w.host, w.pid or 0, w.owner))

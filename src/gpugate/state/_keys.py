@@ -12,7 +12,8 @@ key                 type     meaning
 ``P state``         hash     policy records and version, overrides, counters
                              (``n:<class>``, ``d:<class>:<uuid>``,
                              ``d::<uuid>``), per-device memory sums
-                             (``m:<uuid>``), lease sequence ``seq``, script
+                             (``m:<uuid>``; its idle field is the device's
+                             fragmentation), lease sequence ``seq``, script
                              clock ``clock``, outcome counters
 ``P exp``           zset     live leases ``<uuid>\\t<id>`` scored by expiry (ms)
 ``P waiters``       hash     waiter id -> waiter record (class, priority,
@@ -29,6 +30,12 @@ key                 type     meaning
                              heartbeat (ms); silent for 10 TTLs: pruned
 ``P workerinfo``    hash     worker -> JSON (host, pid, version, fast path,
                              sampler, policy version, leases held)
+``P idlemem``       hash     worker -> ``<uuid> <bytes> ...``: its idle excess
+                             per device (NVML's figure for its pid above its
+                             warm baseline while it holds no lease), summed
+                             into the idle field of ``m:<uuid>``
+``P idleseen``      zset     worker with an ``idlemem`` entry -> last
+                             heartbeat (ms); one TTL silent: the entry goes
 ``P gpus``          hash     host -> ``<ms> <JSON>``: its last GPU snapshot
                              (utilisation, faults, quarantined devices), sent
                              with each heartbeat
@@ -53,6 +60,8 @@ class PoolKeys:
         "exp",
         "ghosts",
         "gpus",
+        "idle_memory",
+        "idle_seen",
         "pool",
         "prefix",
         "samples",
@@ -79,6 +88,8 @@ class PoolKeys:
         self.buckets = self.prefix + "buckets"
         self.workers = self.prefix + "workers"
         self.workerinfo = self.prefix + "workerinfo"
+        self.idle_memory = self.prefix + "idlemem"
+        self.idle_seen = self.prefix + "idleseen"
         self.ghosts = self.prefix + "ghosts"
         self.gpus = self.prefix + "gpus"
         self.wake = self.prefix + "wake"

@@ -18,7 +18,14 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-SCRIPT_NAMES = ("admit_job", "publish_policy", "release_lease", "renew_leases", "set_override")
+SCRIPT_NAMES = (
+    "admit_job",
+    "publish_policy",
+    "release_lease",
+    "remove_worker",
+    "renew_leases",
+    "set_override",
+)
 
 
 @cache
@@ -57,6 +64,7 @@ class Scripts:
     admit_job: LuaScript
     publish_policy: LuaScript
     release_lease: LuaScript
+    remove_worker: LuaScript
     renew_leases: LuaScript
     set_override: LuaScript
 
