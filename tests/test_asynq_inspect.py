@@ -34,6 +34,7 @@ from asynq_support import (
     server_ms,
     step,
 )
+from conftest import empty_database
 from gpugate import ConfigError
 from gpugate.asynq import (
     AsynqKeys,
@@ -68,25 +69,11 @@ LUA = Path(__file__).parents[1] / "src" / "gpugate" / "lua"
 # -- fixtures ---------------------------------------------------------------------
 
 
-@pytest.fixture(params=["7", "6.2"], ids=["redis7", "redis62"])
-def server(request: pytest.FixtureRequest) -> RedisProcess:
-    """Each test here runs on the newest Redis found and on Redis 6.2."""
-    name = "redis_server" if request.param == "7" else "redis_server_62"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
-
-
 @pytest.fixture
-def client(server: RedisProcess) -> Iterator[redis.Redis]:
-    """gpugate's client on an empty database of its own (Asynq's keys are global)."""
-    base, _, _db = server.url.rpartition("/")
-    c = connect(f"{base}/{ASYNQ_DB}")
-    assert isinstance(c, redis.Redis)
-    c.flushdb()
-    try:
+def client(redis_both: RedisProcess) -> Iterator[redis.Redis]:
+    """gpugate's client on an empty database of its own, on each Redis version."""
+    with empty_database(redis_both, ASYNQ_DB) as c:
         yield c
-    finally:
-        c.flushdb()
-        c.close()
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:

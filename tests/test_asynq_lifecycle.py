@@ -38,6 +38,7 @@ from asynq_support import (
     load,
     raw,
 )
+from conftest import empty_database
 from gpugate import BackendError
 from gpugate.asynq import AsynqKeys, TaskMessage, decode_task_message, encode_task_message
 from gpugate.asynq._broker import (
@@ -61,7 +62,6 @@ from gpugate.asynq._broker import (
     write_result,
 )
 from gpugate.asynq._keys import utc_day
-from gpugate.state._connect import connect
 from gpugate.state._server import RedisProcess
 
 # Asynq's keys are global to a Redis database: these tests keep to one
@@ -105,25 +105,11 @@ def active_task(client: redis.Redis, msg: TaskMessage, *, lease_until_s: float) 
     client.hset(K.task(msg.id), mapping={"msg": encode_task_message(msg), "state": "active"})
 
 
-@pytest.fixture(params=["7", "6.2"], ids=["redis7", "redis62"])
-def server(request: pytest.FixtureRequest) -> RedisProcess:
-    """Each test here runs on the newest Redis found and on Redis 6.2."""
-    name = "redis_server" if request.param == "7" else "redis_server_62"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
-
-
 @pytest.fixture
-def client(server: RedisProcess) -> Iterator[redis.Redis]:
-    """gpugate's client on an empty database of its own (Asynq's keys are global)."""
-    base, _, _db = server.url.rpartition("/")
-    c = connect(f"{base}/{ASYNQ_DB}")
-    assert isinstance(c, redis.Redis)
-    c.flushdb()
-    try:
+def client(redis_both: RedisProcess) -> Iterator[redis.Redis]:
+    """gpugate's client on an empty database of its own, on each Redis version."""
+    with empty_database(redis_both, ASYNQ_DB) as c:
         yield c
-    finally:
-        c.flushdb()
-        c.close()
 
 
 class TestTakingATask:

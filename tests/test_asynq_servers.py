@@ -12,12 +12,10 @@ Redis tests run on the newest Redis found and on Redis 6.2.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import time
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +26,8 @@ from hypothesis import strategies as st
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
+from asynq_support import load, raw, step
+from conftest import empty_database
 from gpugate import BackendError, ConfigError, UsageError
 from gpugate.asynq._keys import ALL_SERVERS, ALL_WORKERS, encode, server_info_key, workers_key
 from gpugate.asynq._proto import (
@@ -66,20 +66,6 @@ UNIX_NS = st.integers(min_value=-(2**63) * NS, max_value=(2**63 - 1) * NS + NS -
 
 
 # -- the captures -----------------------------------------------------------------
-
-
-@cache
-def scenario(name: str) -> dict[str, Any]:
-    with open(FIXTURES / f"{name}.json", encoding="utf-8") as f:
-        return json.load(f)  # type: ignore[no-any-return]
-
-
-def step(name: str, index: int) -> dict[str, Any]:
-    return scenario(name)["steps"][index]  # type: ignore[no-any-return]
-
-
-def raw(v: dict[str, str]) -> bytes:
-    return base64.b64decode(v["b64"])
 
 
 def unix_ns(stamp: dict[str, Any] | None) -> int | None:
@@ -155,45 +141,11 @@ def captured_server(name: str, index: int) -> tuple[ServerInfo, list[WorkerInfo]
 # -- the test Redis ----------------------------------------------------------------
 
 
-@pytest.fixture(params=["7", "6.2"], ids=["redis7", "redis62"])
-def server(request: pytest.FixtureRequest) -> RedisProcess:
-    """Each Redis test here runs on the newest Redis found and on Redis 6.2."""
-    name = "redis_server" if request.param == "7" else "redis_server_62"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
-
-
 @pytest.fixture
-def client(server: RedisProcess) -> Iterator[redis.Redis]:
-    """gpugate's client on an empty database of its own (Asynq's keys are global)."""
-    base, _, _db = server.url.rpartition("/")
-    c = connect(f"{base}/{SERVERS_DB}")
-    assert isinstance(c, redis.Redis)
-    c.flushdb()
-    try:
+def client(redis_both: RedisProcess) -> Iterator[redis.Redis]:
+    """gpugate's client on an empty database of its own, on each Redis version."""
+    with empty_database(redis_both, SERVERS_DB) as c:
         yield c
-    finally:
-        c.flushdb()
-        c.close()
-
-
-def load(client: redis.Redis, st_: dict[str, Any]) -> None:
-    """Restore a captured keyspace: every key with its type, value and TTL."""
-    pipe = client.pipeline(transaction=True)
-    for name, entry in st_["keys"].items():
-        key, kind, value = name.encode(), entry["type"], entry["value"]
-        if kind == "string":
-            pipe.set(key, raw(value))
-        elif kind == "list":
-            pipe.rpush(key, *(raw(v) for v in value))
-        elif kind == "set":
-            pipe.sadd(key, *(raw(v) for v in value))
-        elif kind == "hash":
-            pipe.hset(key, mapping={k.encode(): raw(v) for k, v in value.items()})
-        elif kind == "zset":
-            pipe.zadd(key, {raw(m["member"]): float(m["score"]) for m in value})
-        if entry["ttl_ms"] > 0:
-            pipe.pexpire(key, entry["ttl_ms"])
-    pipe.execute()
 
 
 def is_registry_key(name: str) -> bool:

@@ -33,6 +33,7 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from asynq_support import assert_state, at, captured, expected, load
+from conftest import empty_database
 from gpugate import ConfigError, Gate, Policy, SimulatedSampler, UsageError
 from gpugate.asynq import (
     AsynqKeys,
@@ -171,14 +172,9 @@ def asynq_url(redis_server: RedisProcess) -> str:
 
 
 @pytest.fixture
-def asynq(asynq_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(asynq_url)
-    c.flushdb()
-    try:
+def asynq(redis_server: RedisProcess) -> Iterator[redis.Redis]:
+    with empty_database(redis_server, ASYNQ_DB) as c:
         yield c
-    finally:
-        c.flushdb()
-        c.close()
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ from .._version import __version__
 from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import Sampler, Snapshot, default_sampler
-from ..state._connect import connect, mask_url, resolve_redis_url
+from ..state._connect import REDIS_DOWN, connect, mask_url, resolve_redis_url
 from ..state._keys import PoolKeys
 from ..state._scripts import Scripts
 from ..state._wire import publish_args
@@ -60,14 +60,6 @@ _ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample"})
 
 # What "Redis is unreachable" looks like, on a single server and on a cluster
 # (CLUSTERDOWN, no node reachable, a slot not covered).
-_REDIS_DOWN = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.RedisClusterException,
-)
-
 _live_gates: weakref.WeakSet[Gate] = weakref.WeakSet()
 _live_gates_lock = threading.Lock()
 _gate_seq = itertools.count()
@@ -1005,7 +997,7 @@ class Gate:
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             raise BackendError(f"Redis at {self.redis_url} is unreachable: {exc}") from exc
 
     def _wake_listener(self) -> WakeListener:

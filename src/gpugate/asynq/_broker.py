@@ -41,7 +41,7 @@ import redis
 import structlog
 
 from .._exceptions import BackendError, UsageError
-from ..state._connect import Client
+from ..state._connect import REDIS_DOWN, Client
 from ..state._scripts import LuaScript
 from ._keys import AsynqKeys, encode, utc_day
 from ._proto import TaskMessage, decode_task_message, encode_task_message
@@ -88,14 +88,6 @@ _MAX_INT64 = (1 << 63) - 1
 # Asynq's forwarder moves at most this many tasks a script (forwardCmd).
 _FORWARD_BATCH = 100
 
-_REDIS_DOWN = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.RedisClusterException,
-)
-
 _scripts: weakref.WeakKeyDictionary[Client, dict[str, LuaScript]] = weakref.WeakKeyDictionary()
 
 
@@ -141,7 +133,7 @@ def _run(
     """
     try:
         return _script(client, name)(keys=[encode(k) for k in keys], args=args)
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(f"Redis is unreachable; cannot {what}: {exc}") from exc
     except redis.ResponseError as exc:
         if not_found and str(exc).startswith("NOT FOUND"):
@@ -509,7 +501,7 @@ def write_result(client: Client, queue: str, task_id: str, data: bytes) -> int:
     key = AsynqKeys(queue).task(task_id)
     try:
         client.hset(encode(key), "result", data)
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(
             f"Redis is unreachable; cannot write the result of {key}: {exc}"
         ) from exc

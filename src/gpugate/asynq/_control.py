@@ -31,21 +31,13 @@ import structlog
 
 from .._exceptions import BackendError, ConfigError
 from .._units import parse_duration
-from ..state._connect import Client
+from ..state._connect import REDIS_DOWN, Client
 from ..state._scripts import LuaScript
 from ._keys import AsynqKeys, encode
 
 __all__ = ["PauseResult", "UnpauseResult", "pause_queue", "unpause_queue"]
 
 log = structlog.get_logger(__name__)
-
-_REDIS_DOWN = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.RedisClusterException,
-)
 
 
 def _s(v: object) -> str:
@@ -95,7 +87,7 @@ def _run(
 ) -> list[object]:
     try:
         return LuaScript(client, name)(keys=keys, args=args)  # type: ignore[no-any-return]
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(f"Redis is unreachable; Asynq queue {queue!r} unchanged: {exc}") from exc
     except redis.ResponseError as exc:
         raise BackendError(

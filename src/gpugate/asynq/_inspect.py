@@ -40,7 +40,7 @@ import redis
 
 from .._exceptions import BackendError
 from .._units import format_duration
-from ..state._connect import Client
+from ..state._connect import REDIS_DOWN, Client
 from ..state._scripts import LuaScript
 from ._keys import ALL_QUEUES, AsynqKeys, encode
 
@@ -55,14 +55,6 @@ __all__ = [
     "read_queues",
     "throughput",
 ]
-
-_REDIS_DOWN = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.RedisClusterException,
-)
 
 DAY_S = 86_400
 # Early in a UTC day today's counters say little: below this many seconds
@@ -214,7 +206,7 @@ def _owned(marker_v: str, marker_until: int, paused_value: str | None, pttl: int
 def _call(fn: LuaScript, queue: str, keys: Sequence[bytes], args: Sequence[object]) -> list[object]:
     try:
         return fn(keys=keys, args=args)  # type: ignore[no-any-return]
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(
             f"Redis is unreachable while reading Asynq queue {queue!r}: {exc}"
         ) from exc
@@ -229,7 +221,7 @@ def list_queues(client: Client) -> list[str]:
     """The queues in ``asynq:queues`` (every queue a client has enqueued to), sorted."""
     try:
         members = client.smembers(ALL_QUEUES)
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(f"Redis is unreachable while listing Asynq queues: {exc}") from exc
     except redis.ResponseError as exc:
         raise BackendError(
@@ -281,7 +273,7 @@ def read_queue(
         try:
             # Bytes, so that a name that is not UTF-8 is found (the stubs say str).
             registered = bool(client.sismember(ALL_QUEUES, encode(queue)))  # type: ignore[arg-type]
-        except _REDIS_DOWN as exc:
+        except REDIS_DOWN as exc:
             raise BackendError(f"Redis is unreachable while reading Asynq queues: {exc}") from exc
     return _stats(queue, registered, raw)
 

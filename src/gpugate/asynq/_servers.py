@@ -54,7 +54,7 @@ import redis.cluster
 import structlog
 
 from .._exceptions import BackendError, ConfigError, UsageError
-from ..state._connect import Client
+from ..state._connect import REDIS_DOWN, Client
 from ._keys import ALL_SERVERS, ALL_WORKERS, encode, server_info_key, workers_key
 from ._proto import (
     ServerInfo,
@@ -75,14 +75,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-_REDIS_DOWN = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.RedisClusterException,
-)
 
 # Asynq's heartbeater writes every 5 s with a TTL of two beats, so one late
 # beat does not make the server vanish from the listings.
@@ -141,7 +133,7 @@ def write_server_state(
             pipe.hset(wkey, mapping=entries)  # type: ignore[arg-type]
             pipe.pexpire(wkey, ttl_ms)
         pipe.execute()
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(
             f"Redis is unreachable; Asynq server {_name(*server)} not announced: {exc}"
         ) from exc
@@ -165,7 +157,7 @@ def clear_server_state(client: Client, host: str, pid: int, server_id: str) -> N
         client.zrem(ALL_SERVERS, skey)
         client.zrem(ALL_WORKERS, wkey)
         client.delete(skey, wkey)
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(
             f"Redis is unreachable; Asynq server {_name(host, pid, server_id)} still listed: {exc}"
         ) from exc
@@ -222,7 +214,7 @@ def _members(client: Client, zset: str) -> list[bytes]:
         # The stubs of redis-py versions disagree on this reply's type.
         members: Any = client.zrange(zset, 0, -1)
         return [bytes(m) for m in members]
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(f"Redis is unreachable while listing {zset}: {exc}") from exc
     except redis.ResponseError as exc:
         raise BackendError(
@@ -239,11 +231,11 @@ def _read_each(client: Client, command: str, keys: list[bytes]) -> list[Any]:
         getattr(pipe, command)(key)
     try:
         replies: list[Any] = pipe.execute(raise_on_error=False)
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(f"Redis is unreachable while listing Asynq servers: {exc}") from exc
     out: list[Any] = []
     for key, reply in zip(keys, replies, strict=True):
-        if isinstance(reply, _REDIS_DOWN):
+        if isinstance(reply, REDIS_DOWN):
             raise BackendError(f"Redis is unreachable while listing Asynq servers: {reply}")
         if isinstance(reply, Exception):
             # Asynq's listing skips what it cannot read; so does this one.

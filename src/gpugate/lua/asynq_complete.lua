@@ -38,15 +38,8 @@ if redis.call('ZADD', completed_key, expire_at_s, task_id) ~= 1 then
   return redis.error_reply('INTERNAL')
 end
 redis.call('HSET', task_key, 'msg', msg, 'state', 'completed')
-if redis.call('INCR', processed_day_key) == 1 then
-  redis.call('EXPIREAT', processed_day_key, stats_expire_at_s)
-end
--- Compared as Lua numbers (doubles), as Asynq compares them.
-if tonumber(redis.call('GET', processed_total_key)) == tonumber(max_int64) then
-  redis.call('SET', processed_total_key, 1)
-else
-  redis.call('INCR', processed_total_key)
-end
+count_day(processed_day_key, stats_expire_at_s)
+count_totals(processed_total_key, nil, max_int64)
 if unique_key and redis.call('GET', unique_key) == task_id then
   redis.call('DEL', unique_key)
 end

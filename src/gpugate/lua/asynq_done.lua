@@ -34,15 +34,8 @@ local max_int64 = ARGV[3]
 if redis.call('LREM', active_key, 0, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 if redis.call('ZREM', lease_key, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 if redis.call('DEL', task_key) == 0 then return redis.error_reply('NOT FOUND') end
-if redis.call('INCR', processed_day_key) == 1 then
-  redis.call('EXPIREAT', processed_day_key, stats_expire_at_s)
-end
--- Compared as Lua numbers (doubles), as Asynq compares them.
-if tonumber(redis.call('GET', processed_total_key)) == tonumber(max_int64) then
-  redis.call('SET', processed_total_key, 1)
-else
-  redis.call('INCR', processed_total_key)
-end
+count_day(processed_day_key, stats_expire_at_s)
+count_totals(processed_total_key, nil, max_int64)
 if unique_key and redis.call('GET', unique_key) == task_id then
   redis.call('DEL', unique_key)
 end

@@ -45,19 +45,8 @@ if redis.call('ZREM', lease_key, task_id) == 0 then return redis.error_reply('NO
 redis.call('ZADD', retry_key, retry_at_s, task_id)
 redis.call('HSET', task_key, 'msg', msg, 'state', 'retry')
 if is_failure then
-  if redis.call('INCR', processed_day_key) == 1 then
-    redis.call('EXPIREAT', processed_day_key, stats_expire_at_s)
-  end
-  if redis.call('INCR', failed_day_key) == 1 then
-    redis.call('EXPIREAT', failed_day_key, stats_expire_at_s)
-  end
-  -- Compared as Lua numbers (doubles), as Asynq compares them.
-  if tonumber(redis.call('GET', processed_total_key)) == tonumber(max_int64) then
-    redis.call('SET', processed_total_key, 1)
-    redis.call('SET', failed_total_key, 1)
-  else
-    redis.call('INCR', processed_total_key)
-    redis.call('INCR', failed_total_key)
-  end
+  count_day(processed_day_key, stats_expire_at_s)
+  count_day(failed_day_key, stats_expire_at_s)
+  count_totals(processed_total_key, failed_total_key, max_int64)
 end
 return redis.status_reply('OK')

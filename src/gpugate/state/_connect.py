@@ -39,12 +39,22 @@ from redis.retry import Retry
 
 from .._exceptions import BackendError
 
-__all__ = ["Client", "connect", "mask_url", "resolve_redis_url"]
+__all__ = ["REDIS_DOWN", "Client", "connect", "mask_url", "resolve_redis_url"]
 
 log = structlog.get_logger(__name__)
 
 Client: TypeAlias = "redis.Redis | RedisCluster"
 """What :func:`connect` returns: a client of one Redis, or of a Redis Cluster."""
+
+# The errors that mean "Redis cannot be reached now" (as opposed to a bad
+# command or data): every caller turns them into BackendError.
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
+)
 
 REDIS_URL_ENVS = ("GPUGATE_REDIS_URL", "REDIS_URL")
 MAX_RETRIES = 3

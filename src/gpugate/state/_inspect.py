@@ -39,7 +39,7 @@ import redis
 from .._exceptions import BackendError, ConfigError
 from .._units import format_duration
 from ..policy import Policy
-from ._connect import Client, mask_url
+from ._connect import REDIS_DOWN, Client, mask_url
 from ._keys import PoolKeys
 
 __all__ = [
@@ -56,14 +56,6 @@ __all__ = [
     "assess",
     "read_pool",
 ]
-
-_REDIS_DOWN = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.RedisClusterException,
-)
 
 # Verdict thresholds: the highest class is interactive work, so a short wait
 # already hurts; lower classes are meant to wait, until they wait for long.
@@ -548,7 +540,7 @@ def read_pool(
         registry = {_s(m): int(score) for m, score in replies[-3]}
         registry_info = {_s(k): _s(v) for k, v in replies[-2].items()}
         idle = _idle_memory(replies[-1])
-    except _REDIS_DOWN as exc:
+    except REDIS_DOWN as exc:
         raise BackendError(f"Redis at {url or 'the given client'} is unreachable: {exc}") from exc
     except redis.RedisError as exc:
         raise BackendError(f"reading pool {pool!r} from {url or 'Redis'} failed: {exc}") from exc

@@ -30,11 +30,14 @@ SCRIPT_NAMES = (
 
 @cache
 def script_source(name: str) -> str:
-    """The full text of script ``name`` as sent to Redis (prelude included)."""
+    """The full text of script ``name`` as sent to Redis (prelude included;
+    the ``asynq_`` scripts also get ``_asynq.lua``)."""
     lua = resources.files("gpugate") / "lua"
-    prelude = (lua / "_prelude.lua").read_text(encoding="utf-8")
-    body = (lua / f"{name}.lua").read_text(encoding="utf-8")
-    return prelude + "\n" + body
+    parts = ["_prelude.lua"]
+    if name.startswith("asynq_"):
+        parts.append("_asynq.lua")  # helpers of the Asynq lifecycle scripts
+    parts.append(f"{name}.lua")
+    return "\n".join((lua / part).read_text(encoding="utf-8") for part in parts)
 
 
 class LuaScript:
