@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import random
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final, Literal
@@ -42,9 +41,9 @@ import structlog
 
 from .._exceptions import BackendError, UsageError
 from ..state._connect import REDIS_DOWN, Client
-from ..state._scripts import LuaScript
-from ._keys import AsynqKeys, encode, utc_day
+from ._keys import AsynqKeys, decode, encode, utc_day
 from ._proto import TaskMessage, decode_task_message, encode_task_message
+from ._run import run_script
 
 __all__ = [
     "ARCHIVE_MAX_AGE_S",
@@ -88,8 +87,6 @@ _MAX_INT64 = (1 << 63) - 1
 # Asynq's forwarder moves at most this many tasks a script (forwardCmd).
 _FORWARD_BATCH = 100
 
-_scripts: weakref.WeakKeyDictionary[Client, dict[str, LuaScript]] = weakref.WeakKeyDictionary()
-
 
 @dataclass(frozen=True, slots=True)
 class Peek:
@@ -101,47 +98,6 @@ class Peek:
     queue: str
     task_id: str
     message: TaskMessage
-
-
-def _script(client: Client, name: str) -> LuaScript:
-    """Script ``name`` on ``client``, built once per client."""
-    per_client = _scripts.get(client)
-    if per_client is None:
-        per_client = _scripts.setdefault(client, {})
-    script = per_client.get(name)
-    if script is None:
-        script = per_client[name] = LuaScript(client, name)
-    return script
-
-
-def _s(v: object) -> str:
-    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
-
-
-def _run(
-    client: Client,
-    name: str,
-    what: str,
-    keys: Sequence[str],
-    args: Sequence[object],
-    *,
-    not_found: bool = False,
-) -> object:
-    """Run script ``name``; ``what`` says what it does, for errors.
-
-    With ``not_found``, Asynq's ``NOT FOUND`` reply comes back as None.
-    """
-    try:
-        return _script(client, name)(keys=[encode(k) for k in keys], args=args)
-    except REDIS_DOWN as exc:
-        raise BackendError(f"Redis is unreachable; cannot {what}: {exc}") from exc
-    except redis.ResponseError as exc:
-        if not_found and str(exc).startswith("NOT FOUND"):
-            return None
-        raise BackendError(
-            f"cannot {what}: {exc}; the queue's keys (asynq:{{<queue>}}:*) should hold "
-            "what Asynq writes there"
-        ) from exc
 
 
 def _whole_s(t: float) -> int:
@@ -164,7 +120,7 @@ def peek(client: Client, queue: str) -> Peek | Literal["paused"] | None:
     task hash or its ``msg`` does not decode (nothing Asynq writes).
     """
     keys = AsynqKeys(queue)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_peek",
         f"read the oldest pending task of Asynq queue {queue!r}",
@@ -172,12 +128,12 @@ def peek(client: Client, queue: str) -> Peek | Literal["paused"] | None:
         [encode(keys.task_prefix)],
     )
     assert isinstance(reply, list)
-    outcome = _s(reply[0])
+    outcome = decode(reply[0])
     if outcome == "paused":
         return PAUSED
     if outcome == "empty":
         return None
-    task_id = _s(reply[1])
+    task_id = decode(reply[1])
     if not reply[2]:
         raise BackendError(
             f"task {task_id!r} is the oldest pending task of Asynq queue {queue!r} but "
@@ -197,7 +153,7 @@ def claim(client: Client, queue: str, task_id: str, *, lease_until_s: int) -> Ta
     when nothing was taken (paused meanwhile, or another worker took it).
     """
     keys = AsynqKeys(queue)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_claim",
         f"take task {task_id!r} of Asynq queue {queue!r}",
@@ -205,7 +161,7 @@ def claim(client: Client, queue: str, task_id: str, *, lease_until_s: int) -> Ta
         [_id(task_id), int(lease_until_s), encode(keys.task_prefix)],
     )
     assert isinstance(reply, list)
-    if _s(reply[0]) != "claimed":
+    if decode(reply[0]) != "claimed":
         return None
     if not reply[1]:
         # Asynq's dequeue leaves such an id active and leased too; its
@@ -227,7 +183,7 @@ def extend_leases(
     if not task_ids:
         return []
     keys = AsynqKeys(queue)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_extend_lease",
         f"extend the leases of {len(task_ids)} tasks of Asynq queue {queue!r}",
@@ -235,7 +191,7 @@ def extend_leases(
         [int(lease_until_s), *(_id(t) for t in task_ids)],
     )
     assert isinstance(reply, list)
-    return [_s(t) for t in reply]
+    return [decode(t) for t in reply]
 
 
 # -- ending an attempt --------------------------------------------------------------
@@ -259,7 +215,7 @@ def done(client: Client, msg: TaskMessage, *, now_s: float) -> bool:
     ]
     if msg.unique_key:
         script_keys.append(msg.unique_key)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_done",
         f"mark task {msg.id!r} of Asynq queue {msg.queue!r} done",
@@ -291,7 +247,7 @@ def mark_complete(client: Client, msg: TaskMessage, *, now_s: float) -> bool:
     ]
     if msg.unique_key:
         script_keys.append(msg.unique_key)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_complete",
         f"mark task {msg.id!r} of Asynq queue {msg.queue!r} completed",
@@ -327,7 +283,7 @@ def retry(
         last_failed_at=now,
     )
     day = utc_day(now_s)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_retry",
         f"move task {msg.id!r} of Asynq queue {msg.queue!r} to retry",
@@ -367,7 +323,7 @@ def archive(client: Client, msg: TaskMessage, *, error: str, now_s: float) -> bo
     now = _whole_s(now_s)
     modified = replace(msg, error_msg=error, last_failed_at=now)
     day = utc_day(now_s)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_archive",
         f"archive task {msg.id!r} of Asynq queue {msg.queue!r}",
@@ -405,7 +361,7 @@ def requeue(client: Client, msg: TaskMessage) -> bool:
     is the oldest). False when the task was no longer active and leased.
     """
     keys = AsynqKeys(msg.queue)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_requeue",
         f"requeue task {msg.id!r} of Asynq queue {msg.queue!r}",
@@ -434,7 +390,7 @@ def forward(client: Client, queue: str, *, now_s: float) -> int:
     moved = 0
     for source in (keys.scheduled, keys.retry):
         while True:
-            n = _run(
+            n = run_script(
                 client,
                 "asynq_forward",
                 f"forward the due tasks of {source}",
@@ -457,7 +413,7 @@ def lease_expired(client: Client, queue: str, *, cutoff_s: float) -> list[TaskMe
     a task hash is skipped, as in Asynq.
     """
     keys = AsynqKeys(queue)
-    reply = _run(
+    reply = run_script(
         client,
         "asynq_lease_expired",
         f"list the lease-expired tasks of Asynq queue {queue!r}",
@@ -479,7 +435,7 @@ def delete_expired_completed(client: Client, queue: str, *, now_s: float, batch:
     keys = AsynqKeys(queue)
     deleted = 0
     while True:
-        n = _run(
+        n = run_script(
             client,
             "asynq_delete_expired_completed",
             f"delete the expired completed tasks of Asynq queue {queue!r}",

@@ -22,26 +22,22 @@ the ownership check and the write see the same key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import redis
 import structlog
 
-from .._exceptions import BackendError, ConfigError
+from .._exceptions import ConfigError
 from .._units import parse_duration
-from ..state._connect import REDIS_DOWN, Client
-from ..state._scripts import LuaScript
-from ._keys import AsynqKeys, encode
+from ..state._connect import Client
+from ._keys import AsynqKeys, decode
+from ._run import run_script
 
 __all__ = ["PauseResult", "UnpauseResult", "pause_queue", "unpause_queue"]
 
 log = structlog.get_logger(__name__)
 
-
-def _s(v: object) -> str:
-    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+_PAUSED_HINT = "asynq:{{{queue}}}:paused should be a string, as Asynq writes it"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,20 +78,6 @@ class UnpauseResult:
     was_gpugates: bool
 
 
-def _run(
-    client: Client, name: str, queue: str, keys: Sequence[bytes], args: Sequence[object]
-) -> list[object]:
-    try:
-        return LuaScript(client, name)(keys=keys, args=args)  # type: ignore[no-any-return]
-    except REDIS_DOWN as exc:
-        raise BackendError(f"Redis is unreachable; Asynq queue {queue!r} unchanged: {exc}") from exc
-    except redis.ResponseError as exc:
-        raise BackendError(
-            f"cannot change the pause of Asynq queue {queue!r}: {exc}; "
-            f"asynq:{{{queue}}}:paused should be a string, as Asynq writes it"
-        ) from exc
-
-
 def pause_queue(
     client: Client,
     queue: str,
@@ -126,19 +108,20 @@ def pause_queue(
             key="duration",
             value=duration,
         )
-    outcome, value, until_ms, now = _run(
+    outcome, value, until_ms, now = run_script(
         client,
         "asynq_pause_queue",
-        queue,
-        [encode(keys.paused), encode(keys.pause_marker)],
+        f"pause Asynq queue {queue!r}",
+        [keys.paused, keys.pause_marker],
         [now_ms or 0, for_ms, who, reason, pool, cls],
+        hint=_PAUSED_HINT.format(queue=queue),
     )
     result = PauseResult(
         queue=queue,
-        outcome=_s(outcome),  # type: ignore[arg-type]
-        paused_at_s=int(_s(value)),
-        until_ms=int(until_ms),  # type: ignore[call-overload]
-        now_ms=int(now),  # type: ignore[call-overload]
+        outcome=decode(outcome),  # type: ignore[arg-type]
+        paused_at_s=int(decode(value)),
+        until_ms=int(until_ms),
+        now_ms=int(now),
     )
     log.info(
         "asynq_queue_paused" if result.owned else "asynq_queue_already_paused",
@@ -160,16 +143,17 @@ def unpause_queue(client: Client, queue: str, *, only_own: bool = False) -> Unpa
     (``not_paused``), unlike in Asynq.
     """
     keys = AsynqKeys(queue)
-    outcome, was_ours, _value = _run(
+    outcome, was_ours, _value = run_script(
         client,
         "asynq_unpause_queue",
-        queue,
-        [encode(keys.paused), encode(keys.pause_marker)],
+        f"unpause Asynq queue {queue!r}",
+        [keys.paused, keys.pause_marker],
         ["1" if only_own else "0"],
+        hint=_PAUSED_HINT.format(queue=queue),
     )
     result = UnpauseResult(
         queue=queue,
-        outcome=_s(outcome),  # type: ignore[arg-type]
+        outcome=decode(outcome),  # type: ignore[arg-type]
         was_gpugates=bool(was_ours),
     )
     if result.outcome == "unpaused":

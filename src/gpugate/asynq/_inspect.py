@@ -32,7 +32,7 @@ an error; memory usage (``MEMORY USAGE`` sampling) is not read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,8 +41,8 @@ import redis
 from .._exceptions import BackendError
 from .._units import format_duration
 from ..state._connect import REDIS_DOWN, Client
-from ..state._scripts import LuaScript
-from ._keys import ALL_QUEUES, AsynqKeys, encode
+from ._keys import ALL_QUEUES, AsynqKeys, decode, encode
+from ._run import run_script
 
 __all__ = [
     "QueuePause",
@@ -67,13 +67,6 @@ MIN_SPAN_S = 1.0
 LATENCY_LIMIT_S = 600.0
 
 
-def _s(v: object) -> str:
-    """A reply as text (queue names that are not UTF-8 keep their bytes, escaped)."""
-    if v is None:
-        return ""
-    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
-
-
 def _int(v: object) -> int:
     """A reply as an integer; 0 for none or for text that is not one."""
     if v is None:
@@ -81,7 +74,7 @@ def _int(v: object) -> int:
     if isinstance(v, int):
         return v
     try:
-        return int(_s(v))
+        return int(decode(v))
     except ValueError:
         return 0
 
@@ -203,20 +196,6 @@ def _owned(marker_v: str, marker_until: int, paused_value: str | None, pttl: int
     return pttl > 0 if marker_until > 0 else pttl == -1
 
 
-def _call(fn: LuaScript, queue: str, keys: Sequence[bytes], args: Sequence[object]) -> list[object]:
-    try:
-        return fn(keys=keys, args=args)  # type: ignore[no-any-return]
-    except REDIS_DOWN as exc:
-        raise BackendError(
-            f"Redis is unreachable while reading Asynq queue {queue!r}: {exc}"
-        ) from exc
-    except redis.ResponseError as exc:
-        raise BackendError(
-            f"cannot read Asynq queue {queue!r}: {exc}; its keys (asynq:{{{queue}}}:*) "
-            "should hold what Asynq writes there"
-        ) from exc
-
-
 def list_queues(client: Client) -> list[str]:
     """The queues in ``asynq:queues`` (every queue a client has enqueued to), sorted."""
     try:
@@ -228,7 +207,7 @@ def list_queues(client: Client) -> list[str]:
             f"{ALL_QUEUES} is not the set of queues Asynq keeps ({exc}); is this Asynq's Redis?"
         ) from exc
     # A blank member names no queue Asynq could serve; skip it rather than fail.
-    return sorted(name for name in (_s(m) for m in members) if name.strip())
+    return sorted(name for name in (decode(m) for m in members) if name.strip())
 
 
 def read_queue(
@@ -247,27 +226,25 @@ def read_queue(
     when Redis cannot be read.
     """
     keys = AsynqKeys(queue)
-    script = LuaScript(client, "asynq_read_queue")
-    raw = _call(
-        script,
-        queue,
+    raw = run_script(
+        client,
+        "asynq_read_queue",
+        f"read Asynq queue {queue!r}",
         [
-            encode(k)
-            for k in (
-                keys.pending,
-                keys.active,
-                keys.scheduled,
-                keys.retry,
-                keys.archived,
-                keys.completed,
-                keys.processed_total,
-                keys.failed_total,
-                keys.paused,
-                keys.groups,
-                keys.pause_marker,
-            )
+            keys.pending,
+            keys.active,
+            keys.scheduled,
+            keys.retry,
+            keys.archived,
+            keys.completed,
+            keys.processed_total,
+            keys.failed_total,
+            keys.paused,
+            keys.groups,
+            keys.pause_marker,
         ],
         [encode(keys.prefix), now_ms or 0],
+        hint=f"its keys (asynq:{{{queue}}}:*) should hold what Asynq writes there",
     )
     if registered is None:
         try:
@@ -319,26 +296,26 @@ def _stats(queue: str, registered: bool, raw: list[object]) -> QueueStats:
         m_pool,
         m_cls,
     ) = raw
-    paused_raw = None if paused_value is None else _s(paused_value)
+    paused_raw = None if paused_value is None else decode(paused_value)
     ttl = _int(pttl)
-    marker_v, marker_until = _s(m_v), _int(m_until)
+    marker_v, marker_until = decode(m_v), _int(m_until)
     pause = None
     if _owned(marker_v, marker_until, paused_raw, ttl):
         pause = QueuePause(
             queue=queue,
             until_ms=marker_until,
-            who=_s(m_who),
-            why=_s(m_why),
+            who=decode(m_who),
+            why=decode(m_why),
             at_ms=_int(m_at),
-            pool=_s(m_pool),
-            cls=_s(m_cls),
+            pool=decode(m_pool),
+            cls=decode(m_cls),
             paused_at_s=_int(paused_raw),
         )
     return QueueStats(
         queue=queue,
         registered=registered,
         now_ms=_int(now),
-        day=_s(day),
+        day=decode(day),
         pending=_int(pending),
         active=_int(active),
         scheduled=_int(scheduled),

@@ -58,6 +58,7 @@ __all__ = [
     "CANCEL_CHANNEL",
     "AsynqKeys",
     "check_queue_name",
+    "decode",
     "encode",
     "server_info_key",
     "utc_day",
@@ -103,6 +104,16 @@ def encode(key: str) -> bytes:
     name that is not UTF-8 names the same keys again.
     """
     return key.encode("utf-8", "surrogateescape")
+
+
+def decode(value: object) -> str:
+    """A Redis reply as text, the inverse of :func:`encode` (None reads as "").
+
+    Bytes that are not UTF-8 (a queue name, say) keep their bytes, escaped.
+    """
+    if value is None:
+        return ""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def utc_day(unix_s: float) -> str:
