@@ -109,9 +109,6 @@ class _Handler:
 class _Failure(Exception):
     """An attempt that failed without a handler exception (deadline, cancel, no handler)."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
-
 
 class _Running:
     """One task this worker holds: its Asynq state and its gate admission."""
@@ -131,19 +128,36 @@ class _Running:
     )
 
     def __init__(
-        self, msg: TaskMessage, handler: _Handler, ticket: Ticket, task: Task, lease_until: int
+        self,
+        msg: TaskMessage,
+        handler: _Handler,
+        ticket: Ticket,
+        task: Task,
+        lease_until: int,
+        started: float,
     ) -> None:
         self.msg = msg
         self.handler = handler
         self.ticket = ticket
         self.task = task
         self.lease_until = lease_until
-        self.started = time.time()
+        self.started = started
         self.lock = threading.Lock()
         self.settled = False
         self.lost = False
         self.timer: threading.Timer | None = None
         self.async_future: Any = None
+
+    def end_once(self) -> bool:
+        """True for the one caller that ends this attempt (its handler, the
+        deadline, a cancel or the shutdown); the deadline timer stops."""
+        with self.lock:
+            if self.settled:
+                return False
+            self.settled = True
+        if self.timer is not None:
+            self.timer.cancel()
+        return True
 
 
 class AsynqWorker:
@@ -229,7 +243,7 @@ class AsynqWorker:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.server_id = str(uuid.uuid4())
-        self._started_ns = time.time_ns()
+        self._started_ns = int(self._clock() * 1e9)
         self._running: dict[str, _Running] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -465,7 +479,7 @@ class AsynqWorker:
             write_result=lambda data: broker.write_result(self.client, queue, msg.id, data),
             clock=self._clock,
         )
-        run = _Running(msg, handler, ticket, task, lease_until)
+        run = _Running(msg, handler, ticket, task, lease_until, now)
         with self._cond:
             self._running[msg.id] = run
         if deadline <= now:
@@ -523,12 +537,8 @@ class AsynqWorker:
 
     def _settle(self, run: _Running, error: BaseException | None) -> None:
         """Write the attempt's end to Asynq's state, once (done, retry or archive)."""
-        with run.lock:
-            if run.settled:
-                return
-            run.settled = True
-        if run.timer is not None:
-            run.timer.cancel()
+        if not run.end_once():
+            return
         if run.lost:
             log.warning(
                 "asynq_task_lease_lost",
@@ -801,12 +811,8 @@ class AsynqWorker:
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
             left = list(self._running.values())
         for run in left:
-            with run.lock:
-                if run.settled:
-                    continue
-                run.settled = True
-            if run.timer is not None:
-                run.timer.cancel()
+            if not run.end_once():
+                continue
             self._cancel(run, "shutdown")
             if run.lost:
                 continue
