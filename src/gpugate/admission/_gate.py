@@ -746,14 +746,9 @@ class Gate:
         """Flag a job whose allocator alone holds more idle memory than the pool's
         strictest ``max_fragmentation`` allows a whole device: its worker should
         recycle its cache."""
-        bounds = [
-            c.max_fragmentation
-            for c in self.effective_policy.classes.values()
-            if c.max_fragmentation is not None
-        ]
-        if not bounds or not any(r is not None and r[1] > 0 for r in reports):
+        bound = self.effective_policy.strictest_max_fragmentation()
+        if bound is None or not any(r is not None and r[1] > 0 for r in reports):
             return
-        bound = min(bounds)
         for lease, report in zip(leases, reports, strict=True):
             if report is None or report[1] <= 0:
                 continue
@@ -832,14 +827,9 @@ class Gate:
     def _check_idle_recycle(self, excess: dict[str, int], snap: Snapshot) -> None:
         """Recommend a recycle, once per device until it drops, when this idle
         process alone is above the pool's strictest ``max_fragmentation``."""
-        bounds = [
-            c.max_fragmentation
-            for c in self.effective_policy.classes.values()
-            if c.max_fragmentation is not None
-        ]
+        bound = self.effective_policy.strictest_max_fragmentation()
         over: dict[str, tuple[int, int]] = {}
-        if bounds:
-            bound = min(bounds)
+        if bound is not None:
             for uuid, idle in excess.items():
                 device = snap.by_uuid(uuid)
                 if device is not None and device.total and idle > bound * device.total:
@@ -855,7 +845,7 @@ class Gate:
                 device=uuid,
                 idle_bytes=idle,
                 idle_ratio=round(idle / total, 3),
-                bound=min(bounds),
+                bound=bound,
                 fix="torch.cuda.empty_cache() while idle, or restart this worker, staggered",
             )
             for cb in self._on_recycle:

@@ -380,6 +380,15 @@ class Policy:
         """Every Asynq queue of the policy's classes -> its class, in class order."""
         return {q: name for name, c in self.classes.items() for q in c.queues}
 
+    def strictest_max_fragmentation(self) -> float | None:
+        """The lowest ``max_fragmentation`` of the classes (``None`` if none sets one):
+        the share of a device's memory one allocator may hold unused before
+        its worker is told to recycle."""
+        bounds = [
+            c.max_fragmentation for c in self.classes.values() if c.max_fragmentation is not None
+        ]
+        return min(bounds) if bounds else None
+
     def reserve_above(self, name: str) -> int:
         """Return the bytes a request of class *name* may not use on any device.
 
