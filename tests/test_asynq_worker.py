@@ -558,9 +558,11 @@ class TestAsynqServerParity:
 
 
 class TestCancellation:
-    def test_a_cancel_from_asynqmon_stops_the_handler_and_retries_the_task(
-        self, gate: Gate, asynq: redis.Redis, asynq_url: str
-    ) -> None:
+    @staticmethod
+    def worker_waiting_to_be_cancelled(
+        gate: Gate, asynq_url: str
+    ) -> tuple[AsynqWorker, threading.Event, threading.Event]:
+        """A worker whose "slow" handler waits until cancelled: (worker, started, stopped)."""
         started, stopped = threading.Event(), threading.Event()
         worker = make_worker(gate, asynq_url)
 
@@ -570,6 +572,12 @@ class TestCancellation:
             if task.wait_cancelled(30):
                 stopped.set()
 
+        return worker, started, stopped
+
+    def test_a_cancel_from_asynqmon_stops_the_handler_and_retries_the_task(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        worker, started, stopped = self.worker_waiting_to_be_cancelled(gate, asynq_url)
         tid = enqueue(asynq, "ocr:bulk", "slow", b"")
         with serving(worker):
             wait_until(started.is_set)
@@ -582,15 +590,7 @@ class TestCancellation:
     def test_a_lease_taken_back_by_another_server_cancels_and_writes_nothing(
         self, gate: Gate, asynq: redis.Redis, asynq_url: str
     ) -> None:
-        started, stopped = threading.Event(), threading.Event()
-        worker = make_worker(gate, asynq_url)
-
-        @worker.handle("slow", vram="1GiB")
-        def slow(task: Task) -> None:
-            started.set()
-            if task.wait_cancelled(30):
-                stopped.set()
-
+        worker, started, stopped = self.worker_waiting_to_be_cancelled(gate, asynq_url)
         tid = enqueue(asynq, "ocr:bulk", "slow", b"")
         with serving(worker):
             wait_until(started.is_set)
