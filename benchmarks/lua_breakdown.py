@@ -30,14 +30,15 @@ from gpugate.state._server import RedisProcess
 CUTS: list[tuple[str, str | None, str]] = [
     ("no-op script, same KEYS/ARGV", None, ""),
     ("prelude + ARGV locals", r"^local n_samples", "after"),
-    ("+ HMGET state", r"^local st = redis\.call", "after"),
-    ("+ TIME (script_now)", r"^local now = script_now", "after"),
+    ("+ HMGET state", r"^now = script_now", "before"),
+    ("+ TIME (script_now)", r"^now = script_now", "after"),
     ("+ parse pool/class records", r"^burst, reserve_above", "after"),
-    ("+ reap expired (ZRANGEBYSCORE)", r"^if reap_expired", "block"),
+    ("+ reap check (next_exp bound)", r"^if reaped > 0", "block"),
     ("+ closures, overrides", r"^-- Candidate devices", "before"),
     ("+ samples (HMGET, loop, HSET)", r"^if #fresher > 0", "after"),
     ("+ GPU presence, never-fits", r"^-- Class cap", "before"),
-    ("whole script: DEFER cap (waiter HGET + HSET)", "", ""),
+    ("+ cap test + DEFER (waiter HGET + HSET)", r"^if reply\[1\] then", "before"),
+    ("whole script: + answer count (HINCRBY)", "", ""),
 ]
 CALLS = 400
 
@@ -83,7 +84,7 @@ def main(rounds: int) -> None:
                 source = script_source("admit_job")
             else:
                 at = _cut_at(body, pattern, where)
-                source = prelude + "\n" + "\n".join([*body[:at], "do return 1 end", *body[at:]])
+                source = prelude + "\n" + "\n".join([*body[:at], "do return {} end", *body[at:]])
             scripts[label] = client.register_script(source)
         usec: dict[str, list[float]] = {label: [] for label in scripts}
         labels = list(scripts)

@@ -134,6 +134,27 @@ class TestPlacement:
         assert (d.outcome, d.reason) == (Outcome.DEFER, "vram")
         assert d.retry_after > 0
 
+    def test_each_decision_sends_the_sample_of_its_moment(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # The gate reuses the arguments it packed from an unchanged sample; a
+        # change of use must reach the next decision, in both directions. (A
+        # stored sample of the same millisecond would win over the caller's:
+        # the sleeps make each sample newer than the last.)
+        sampler = SimulatedSampler(["80GiB"])
+        gate = make_gate(policy(), sampler)
+        sampler.set_used(0, "70GiB")
+        assert gate.try_admit("batch", vram="20GiB").reason == "vram"
+        time.sleep(0.005)
+        sampler.set_used(0, "0")
+        d = gate.try_admit("batch", vram="20GiB")
+        assert d.outcome is Outcome.ADMIT
+        assert d.lease is not None
+        d.lease.release()
+        time.sleep(0.005)
+        sampler.set_used(0, "75GiB")
+        assert gate.try_admit("batch", vram="20GiB").reason == "vram"
+
     def test_reserves_of_higher_classes_are_kept_free_for_them(
         self, make_gate: Callable[..., Gate]
     ) -> None:

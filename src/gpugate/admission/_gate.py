@@ -56,6 +56,9 @@ log = structlog.get_logger(__name__)
 
 # Reasons whose retry_after is an estimate: they get jitter so that waiters
 # polling the same pool do not come back in lockstep.
+# admit_job.lua's ARGV: 9 fixed arguments, then (uuid, total, used, age_ms)
+# per device; the first device's age is argument 12 (0-based).
+_SAMPLE_AGE_ARG = 12
 _ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample"})
 
 # What "Redis is unreachable" looks like, on a single server and on a cluster
@@ -161,6 +164,8 @@ class Gate:
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()
         self._recent_defer: dict[tuple[str, int, str], float] = {}
+        # The sample arguments last packed, and the devices tuple they describe.
+        self._packed: tuple[object, list[str]] = ((), [])
         self._local_open: dict[str, int] = {}
         self._local_seq = 0
         self._log_throttle = Throttle(10.0)
@@ -429,8 +434,16 @@ class Gate:
                 local=True,
             )
         devices = snap.devices
-        # Each device's own age: a reading standing in for a failing device is older.
-        now_mono = time.monotonic()
+        packed_for, packed = self._packed
+        if packed_for is not devices:
+            # A sampler hands out the same devices tuple until they change.
+            packed = _speedups.pack_samples(
+                [d.uuid for d in devices],
+                [d.total for d in devices],
+                [d.used for d in devices],
+                [0] * len(devices),
+            )
+            self._packed = (devices, packed)
         args = [
             self._keys.prefix,
             self._clock_ms() if self._clock_ms is not None else 0,
@@ -441,13 +454,12 @@ class Gate:
             device or "",
             tenant or "",
             len(devices),
-            *_speedups.pack_samples(
-                [d.uuid for d in devices],
-                [d.total for d in devices],
-                [d.used for d in devices],
-                [int(snap.device_age_s(d, now_mono) * 1000) for d in devices],
-            ),
+            *packed,
         ]
+        # Each device's own age: a reading standing in for a failing device is older.
+        now_mono = time.monotonic()
+        for i, d in enumerate(devices):
+            args[_SAMPLE_AGE_ARG + 4 * i] = int(snap.device_age_s(d, now_mono) * 1000)
         try:
             reply = self._run_admit(self._admit_keys, args)
         except BackendError as exc:
@@ -1035,6 +1047,7 @@ class Gate:
                 )
         if self._wake is not None:
             self._wake.stop()
+        self._scripts.close()
         self._client.close()
 
     def __enter__(self) -> Gate:

@@ -42,6 +42,10 @@ class SimulatedSampler:
         self._lost: set[int] = set()
         self._timeline: list[tuple[float, int, int]] = []
         self._host = hostname()
+        # The devices as last sampled, rebuilt only after a change: a decision
+        # samples every time, and callers (the gate) may reuse what they
+        # derived from the same tuple.
+        self._devices: tuple[DeviceSample, ...] | None = None
 
     @property
     def uuids(self) -> list[str]:
@@ -66,12 +70,14 @@ class SimulatedSampler:
         b = parse_size(used, key="used")
         with self._lock:
             self._used[index] = min(b, self._totals[index])
+            self._devices = None
 
     def set_total(self, index: int, total: str | int) -> None:
         """Change device ``index``'s total memory (e.g. a MIG reconfiguration)."""
         self._check(index)
         with self._lock:
             self._totals[index] = parse_size(total, key="total")
+            self._devices = None
 
     def allocate(self, index: int, size: str | int) -> None:
         """Add ``size`` bytes to device ``index``'s use, as a job allocating would."""
@@ -79,6 +85,7 @@ class SimulatedSampler:
         b = parse_size(size, key="size")
         with self._lock:
             self._used[index] = min(self._totals[index], self._used[index] + b)
+            self._devices = None
 
     def free(self, index: int, size: str | int) -> None:
         """Take ``size`` bytes off device ``index``'s use."""
@@ -86,6 +93,7 @@ class SimulatedSampler:
         b = parse_size(size, key="size")
         with self._lock:
             self._used[index] = max(0, self._used[index] - b)
+            self._devices = None
 
     def set_process(self, index: int, pid: int, used: str | int | None) -> None:
         """List process ``pid`` on device ``index`` using ``used`` bytes, as NVML's
@@ -102,17 +110,20 @@ class SimulatedSampler:
                 self._procs[index].pop(pid, None)
             else:
                 self._procs[index][pid] = b
+            self._devices = None
 
     def lose(self, index: int) -> None:
         """Make device ``index`` vanish from samples, as a lost GPU does."""
         self._check(index)
         with self._lock:
             self._lost.add(index)
+            self._devices = None
 
     def restore(self, index: int) -> None:
         """Bring back a device taken away by :meth:`lose`."""
         with self._lock:
             self._lost.discard(index)
+            self._devices = None
 
     def script(self, events: Iterable[tuple[float, int, str | int]]) -> None:
         """Schedule ``(offset_s, index, used)`` changes, applied as time passes."""
@@ -130,17 +141,20 @@ class SimulatedSampler:
             while self._timeline and self._timeline[0][0] <= now:
                 _, index, used = self._timeline.pop(0)
                 self._used[index] = min(used, self._totals[index])
-            devices = tuple(
-                DeviceSample(
-                    uuid=self.uuid(i),
-                    index=i,
-                    total=total,
-                    used=self._used[i],
-                    name="Simulated GPU",
-                    utilization=None,
-                    processes=tuple(GpuProcess(pid, b) for pid, b in self._procs[i].items()),
+                self._devices = None
+            devices = self._devices
+            if devices is None:
+                devices = self._devices = tuple(
+                    DeviceSample(
+                        uuid=self.uuid(i),
+                        index=i,
+                        total=total,
+                        used=self._used[i],
+                        name="Simulated GPU",
+                        utilization=None,
+                        processes=tuple(GpuProcess(pid, b) for pid, b in self._procs[i].items()),
+                    )
+                    for i, total in enumerate(self._totals)
+                    if i not in self._lost
                 )
-                for i, total in enumerate(self._totals)
-                if i not in self._lost
-            )
         return Snapshot(devices=devices, taken_mono=now, host=self._host, backend=self.backend)

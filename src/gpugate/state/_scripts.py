@@ -1,22 +1,37 @@
 """The Lua scripts, loaded once per client.
 
 Each operation is one ``.lua`` file under ``gpugate/lua``; ``_prelude.lua``
-(helpers every script shares) is prepended to each. A script runs by EVALSHA
-straight on the client (redis-py's ``Script`` wrapper costs 10-20 µs a call
-in imports and copies) and is loaded again after a server restart or
-failover (NOSCRIPT).
+(helpers every script shares) is prepended to each. A script is loaded again
+after a server restart or failover (NOSCRIPT).
+
+How a script call reaches Redis: on a client of one Redis (not a Cluster),
+the scripts of one :class:`Scripts` share a *lane*, one connection taken from
+the client's pool and kept, on which a call is packed, sent and read
+directly. redis-py's command path (pool checkout and return, retry wrapper,
+observability hooks, about 140 Python calls in redis-py 8) costs as much as
+the round trip itself: 68 against 29 µs for a no-op EVALSHA on the
+benchmark machine (benchmarks/RESULTS.md §11). The lane is used by one
+thread at a time; a call that finds it busy, and any call on a Cluster,
+takes the client's own path. When the lane's connection fails (it is then
+closed), the call is made again on the client's path, which reconnects and
+retries as :func:`gpugate.state._connect.connect` configured it, as redis-py
+would have retried the call anyway.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
 
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 SCRIPT_NAMES = (
     "admit_job",
@@ -40,18 +55,64 @@ def script_source(name: str) -> str:
     return "\n".join((lua / part).read_text(encoding="utf-8") for part in parts)
 
 
+class _Lane:
+    """One connection of a client's pool, kept for script calls (see the module
+    docstring). Fork-safe: a child process takes a connection of its own."""
+
+    __slots__ = ("_conn", "_pid", "_pool", "lock")
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._conn: Any = None
+        self._pid = os.getpid()
+        self.lock = threading.Lock()
+
+    def evalsha(self, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """EVALSHA on the lane's connection; the caller holds :attr:`lock`."""
+        conn = self._conn
+        if conn is None or self._pid != os.getpid():
+            # The pool counts it in use until close() or the client's own close.
+            conn = self._conn = self._pool.get_connection()
+            self._pid = os.getpid()
+        conn.send_packed_command(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args))
+        return conn.read_response()
+
+    def close(self) -> None:
+        """Give the connection back to the pool."""
+        with self.lock:
+            conn, self._conn = self._conn, None
+            if conn is not None and self._pid == os.getpid():
+                self._pool.release(conn)
+
+
+# A lane call that fails with one of these leaves its connection closed and
+# is made again on the client's path (which retries them).
+_LANE_RETRY = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
+
+
 class LuaScript:
     """One script on one client: ``script(keys=[...], args=[...])`` runs it."""
 
-    __slots__ = ("_client", "name", "sha", "source")
+    __slots__ = ("_client", "_lane", "name", "sha", "source")
 
-    def __init__(self, client: redis.Redis | redis.RedisCluster, name: str) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, name: str, lane: _Lane | None = None
+    ) -> None:
         self._client = client
+        self._lane = lane
         self.name = name
         self.source = script_source(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     def __call__(self, *, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        lane = self._lane
+        if lane is not None and lane.lock.acquire(blocking=False):
+            try:
+                return lane.evalsha(self.sha, keys, args)
+            except _LANE_RETRY:
+                pass  # NOSCRIPT, or a failed connection (closed by redis-py): the client's path
+            finally:
+                lane.lock.release()
         try:
             return self._client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -60,9 +121,9 @@ class LuaScript:
 
 
 class Scripts:
-    """Every gpugate script on one client."""
+    """Every gpugate script on one client, sharing one lane on a plain Redis."""
 
-    __slots__ = SCRIPT_NAMES
+    __slots__ = ("_lane", *SCRIPT_NAMES)
 
     admit_job: LuaScript
     publish_policy: LuaScript
@@ -72,5 +133,11 @@ class Scripts:
     set_override: LuaScript
 
     def __init__(self, client: redis.Redis | redis.RedisCluster) -> None:
+        self._lane = _Lane(client) if isinstance(client, redis.Redis) else None
         for name in SCRIPT_NAMES:
-            setattr(self, name, LuaScript(client, name))
+            setattr(self, name, LuaScript(client, name, self._lane))
+
+    def close(self) -> None:
+        """Give the lane's connection back to the client's pool."""
+        if self._lane is not None:
+            self._lane.close()

@@ -1,0 +1,138 @@
+"""The scripts' lane: one kept connection, and the client's own path whenever it cannot serve.
+
+Against the session's real redis-server: a script call on the lane gives what
+the client's path gives; a busy lane, a failed connection, a flushed script
+cache, a forked child and a closed lane all still get the answer.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from gpugate.state._connect import connect
+from gpugate.state._scripts import Scripts
+
+KEYS = ["gpugate:{lane}:state", "gpugate:{lane}:exp", "gpugate:{lane}:buckets"]
+
+
+@pytest.fixture
+def scripts(redis_url: str) -> Iterator[tuple[redis.Redis, Scripts]]:
+    client = connect(redis_url)
+    assert isinstance(client, redis.Redis)
+    client.delete(*KEYS)
+    found = Scripts(client)
+    yield client, found
+    found.close()
+    client.delete(*KEYS)
+    client.close()
+
+
+def _unknown_release(s: Scripts) -> object:
+    # release_lease.lua on a lease that does not exist: a harmless call with a known answer.
+    return s.release_lease(keys=KEYS, args=["gpugate:{lane}:", 0, "nodev", "1", "ok", 0])
+
+
+def _client_ids(client: redis.Redis) -> set[int]:
+    return {c["id"] for c in client.client_list()}
+
+
+def test_lane_answers_as_the_client_path_does(scripts: tuple[redis.Redis, Scripts]) -> None:
+    _client, s = scripts
+    on_lane = _unknown_release(s)
+    lane = s._lane
+    assert lane is not None
+    with lane.lock:  # a busy lane: the call takes the client's path
+        off_lane = _unknown_release(s)
+    assert on_lane == off_lane
+
+
+def test_lane_keeps_one_connection(scripts: tuple[redis.Redis, Scripts]) -> None:
+    client, s = scripts
+    _unknown_release(s)
+    before = _client_ids(client)
+    for _ in range(20):
+        _unknown_release(s)
+    assert _client_ids(client) == before
+
+
+def test_a_killed_lane_connection_falls_back_and_reconnects(
+    scripts: tuple[redis.Redis, Scripts],
+) -> None:
+    client, s = scripts
+    expected = _unknown_release(s)
+    lane_conn = s._lane._conn  # type: ignore[union-attr]
+    assert lane_conn is not None
+    # The server closes every other client's connection, the lane's included.
+    mine = client.client_id()
+    for c in client.client_list():
+        if c["id"] != mine:
+            client.client_kill_filter(_id=c["id"])
+    assert _unknown_release(s) == expected  # served by the client's path after the failure
+    assert _unknown_release(s) == expected  # and the lane reconnects
+
+
+def test_noscript_after_a_flush(scripts: tuple[redis.Redis, Scripts]) -> None:
+    client, s = scripts
+    expected = _unknown_release(s)
+    client.script_flush()
+    assert _unknown_release(s) == expected
+
+
+def test_concurrent_callers_all_get_answers(scripts: tuple[redis.Redis, Scripts]) -> None:
+    _client, s = scripts
+    expected = _unknown_release(s)
+    answers: list[object] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        for _ in range(50):
+            got = _unknown_release(s)
+            with lock:
+                answers.append(got)
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [expected] * 300
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_takes_a_connection_of_its_own(
+    scripts: tuple[redis.Redis, Scripts],
+) -> None:
+    _client, s = scripts
+    expected = _unknown_release(s)
+    parent_conn = s._lane._conn  # type: ignore[union-attr]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            ok = _unknown_release(s) == expected and s._lane._conn is not parent_conn  # type: ignore[union-attr]
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == b"1"
+    # The parent's lane still works on its own connection.
+    assert _unknown_release(s) == expected
+    assert s._lane._conn is parent_conn  # type: ignore[union-attr]
+
+
+def test_close_gives_the_connection_back(scripts: tuple[redis.Redis, Scripts]) -> None:
+    client, s = scripts
+    expected = _unknown_release(s)
+    pool = client.connection_pool
+    in_use = len(pool._in_use_connections)  # type: ignore[attr-defined]
+    s.close()
+    assert len(pool._in_use_connections) == in_use - 1  # type: ignore[attr-defined]
+    assert _unknown_release(s) == expected  # a closed lane takes a connection again
