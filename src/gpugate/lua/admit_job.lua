@@ -32,9 +32,6 @@
 -- class cap; per-device caps; higher-priority waiters; VRAM, fragmentation
 -- (the class's max_fragmentation) and placement;
 -- token bucket; lease. Every DEFER refreshes the request's waiter entry.
--- A class at its cap is answered before the stored samples are read when
--- the caller's own samples already pass the presence and never-fits checks
--- (such a DEFER does not refresh the stored samples).
 
 local state_key = KEYS[1]
 local exp_key = KEYS[2]
@@ -53,13 +50,6 @@ local tenant = ARGV[8]
 local n_samples = tonumber(ARGV[9])
 
 local now
-
--- The caller's devices (those it may use).
-local mine = {}
-for i = 0, n_samples - 1 do
-  local uuid = ARGV[10 + 4 * i]
-  if want_device == '' or want_device == uuid then mine[uuid] = true end
-end
 
 local function decide()
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'c:' .. cls, 'pause:' .. cls, 'cap:' .. cls, 'n:' .. cls,
@@ -126,21 +116,6 @@ if st[5] then
   if (until_ms == 0 or until_ms > now) and (cap < 0 or n < cap) then cap = n end
 end
 
--- A class at its cap (configured, lowered by a runtime override) defers
--- before the stored samples are read, when the caller's own samples show a
--- fresh device this request could ever fit on; otherwise the full checks
--- below decide, in their order.
-local n_cls = tonumber(st[6]) or 0
-if cap >= 0 and n_cls >= cap then
-  for i = 0, n_samples - 1 do
-    local base = 10 + 4 * i
-    if mine[ARGV[base]] and tonumber(ARGV[base + 3]) <= max_age
-        and tonumber(ARGV[base + 1]) - margin - reserve_above >= vram then
-      return defer('cap', estimate, '', '-', 'class at its cap of ' .. cap)
-    end
-  end
-end
-
 -- Candidate devices: the caller's, each with the freshest sample known.
 local cand = {}
 local fresher = {}
@@ -153,7 +128,7 @@ end
 for i = 0, n_samples - 1 do
   local base = 10 + 4 * i
   local uuid = ARGV[base]
-  if mine[uuid] then
+  if want_device == '' or want_device == uuid then
     local total = tonumber(ARGV[base + 1])
     local used = tonumber(ARGV[base + 2])
     local ts = now - tonumber(ARGV[base + 3])
@@ -201,8 +176,8 @@ if not fits_ever then
   return {'reject', 'too_large', 0, '', '', 0, 'larger than any device can hold for this class', -1}
 end
 
--- Class cap across the pool.
-if cap >= 0 and n_cls >= cap then
+-- Class cap across the pool (configured, lowered by a runtime override).
+if cap >= 0 and (tonumber(st[6]) or 0) >= cap then
   return defer('cap', estimate, '', '-', 'class at its cap of ' .. cap)
 end
 
@@ -378,7 +353,7 @@ local rec = {e = vram, a = 0, at = 0, r = 0, c = cls, s = now, m = deadline, o =
              t = tenant ~= '' and tenant or '-'}
 redis.call('HSET', prefix .. 'dev:' .. best.uuid, id, format_lease(rec))
 redis.call('ZADD', exp_key, now + ttl, best.uuid .. '\t' .. id)
-redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, n_cls + 1,
+redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st[6]) or 0) + 1,
            'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1,
            'm:' .. best.uuid, format_memory(best.m_res + vram, best.m_act, best.m_at, best.m_idle))
 if now + ttl < next_exp then redis.call('HSET', state_key, 'next_exp', now + ttl) end
