@@ -54,11 +54,12 @@ from ._wake import WakeListener
 
 log = structlog.get_logger(__name__)
 
-# Reasons whose retry_after is an estimate: they get jitter so that waiters
-# polling the same pool do not come back in lockstep.
 # admit_job.lua's ARGV: 9 fixed arguments, then (uuid, total, used, age_ms)
 # per device; the first device's age is argument 12 (0-based).
 _SAMPLE_AGE_ARG = 12
+
+# Reasons whose retry_after is an estimate: they get jitter so that waiters
+# polling the same pool do not come back in lockstep.
 _ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample"})
 
 # What "Redis is unreachable" looks like, on a single server and on a cluster

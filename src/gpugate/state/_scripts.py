@@ -85,8 +85,9 @@ class _Lane:
                 self._pool.release(conn)
 
 
-# A lane call that fails with one of these leaves its connection closed and
-# is made again on the client's path (which retries them).
+# A lane call that fails with one of these is made again on the client's
+# path: NOSCRIPT (the client's path loads the script), or a failed connection
+# (redis-py has closed it; the client's path retries).
 _LANE_RETRY = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
 
 
