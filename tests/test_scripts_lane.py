@@ -136,3 +136,55 @@ def test_close_gives_the_connection_back(scripts: tuple[redis.Redis, Scripts]) -
     s.close()
     assert len(pool._in_use_connections) == in_use - 1  # type: ignore[attr-defined]
     assert _unknown_release(s) == expected  # a closed lane takes a connection again
+
+
+# Arguments of every type gpugate sends: text (not only ASCII), bytes, ints of any size, floats.
+_ODD_ARGS = ["gpugate:{lane}:", "é ✓", b"\xff\x00", 0, -3, 2**70, 1.5, 0.1, 1e20, ""]
+
+
+def test_the_lane_sends_the_bytes_redis_py_would(
+    scripts: tuple[redis.Redis, Scripts], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _client, s = scripts
+    lane = s._lane
+    assert lane is not None
+    assert lane._pack is not None  # hiredis and the default encoding: the lane packs itself
+    _unknown_release(s)
+    conn = lane._conn
+    sent: list[bytes] = []
+    real_send = conn.send_packed_command
+
+    def spy(command: list[bytes], check_health: bool = True) -> None:
+        sent.append(b"".join(command))
+        real_send(command, check_health)
+
+    monkeypatch.setattr(conn, "send_packed_command", spy)
+    with pytest.raises(redis.ResponseError):  # the script itself cannot make sense of them
+        s.release_lease(keys=KEYS, args=_ODD_ARGS)
+    sha = s.release_lease.sha
+    assert sent == [b"".join(conn.pack_command("EVALSHA", sha, len(KEYS), *KEYS, *_ODD_ARGS))]
+
+
+def test_an_argument_redis_cannot_take_is_refused_as_redis_py_refuses_it(
+    scripts: tuple[redis.Redis, Scripts],
+) -> None:
+    _client, s = scripts
+    expected = _unknown_release(s)
+    with pytest.raises(redis.DataError):
+        s.release_lease(keys=KEYS, args=["gpugate:{lane}:", 0, "nodev", "1", "ok", True])
+    assert _unknown_release(s) == expected  # nothing was sent: the lane is still in step
+
+
+def test_another_encoding_is_packed_by_redis_py(
+    scripts: tuple[redis.Redis, Scripts], redis_url: str
+) -> None:
+    _client, default = scripts
+    client = redis.Redis.from_url(redis_url, encoding="latin-1")
+    s = Scripts(client)
+    try:
+        assert s._lane is not None
+        assert s._lane._pack is None
+        assert _unknown_release(s) == _unknown_release(default)
+    finally:
+        s.close()
+        client.close()

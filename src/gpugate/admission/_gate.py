@@ -66,6 +66,10 @@ _ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample"})
 # (CLUSTERDOWN, no node reachable, a slot not covered).
 _live_gates: weakref.WeakSet[Gate] = weakref.WeakSet()
 _live_gates_lock = threading.Lock()
+# How many gates were ever added to _live_gates: a gate's cached list of the
+# process's gates is rebuilt when it changes (closed and collected gates are
+# skipped when the list is read).
+_live_gates_added = 0
 _gate_seq = itertools.count()
 
 RecycleCallback = Callable[[str, int], None]
@@ -175,8 +179,12 @@ class Gate:
         self._register = register
         self._started_ms = int(time.time() * 1000)
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
+        self._peers: tuple[weakref.ref[Gate], ...] = ()
+        self._peers_seen = -1
         with _live_gates_lock:
+            global _live_gates_added
             _live_gates.add(self)
+            _live_gates_added += 1
         if self.embedded:
             log.info(
                 "embedded_redis",
@@ -802,13 +810,19 @@ class Gate:
 
     def _process_gates(self) -> list[Gate]:
         """The open gates of this process that measure the same pid (this one included)."""
-        with _live_gates_lock:
-            gates = list(_live_gates)
-        return [
-            g
-            for g in gates
-            if g._pid == self._pid and g._gpu_pid == self._gpu_pid and not g._closed
-        ]
+        if self._peers_seen != _live_gates_added:
+            with _live_gates_lock:
+                self._peers_seen = _live_gates_added
+                gates = list(_live_gates)
+            self._peers = tuple(
+                weakref.ref(g) for g in gates if g._pid == self._pid and g._gpu_pid == self._gpu_pid
+            )
+        peers = []
+        for ref in self._peers:
+            g = ref()
+            if g is not None and not g._closed:
+                peers.append(g)
+        return peers
 
     def _process_idle(self) -> bool:
         """No gate of this process holds a lease: whatever its pid holds is idle memory."""

@@ -301,16 +301,25 @@ for _, d in ipairs(slotted) do
   end
   if closest == nil or avail > closest_avail then closest, closest_avail = d, avail end
 end
-local dirty = {}
-for _, d in ipairs(slotted) do
-  if d.m_dirty then
-    dirty[#dirty + 1] = 'm:' .. d.uuid
-    dirty[#dirty + 1] = format_memory(d.m_res, d.m_act, d.m_at, d.m_idle)
+-- Memory sums changed above (ghosts ended, latest_at moved) are written
+-- back: with the lease's own state write on an ADMIT, else before the DEFER.
+local function dirty_fields(skip)
+  local fields = {}
+  for _, d in ipairs(slotted) do
+    if d.m_dirty and d ~= skip then
+      fields[#fields + 1] = 'm:' .. d.uuid
+      fields[#fields + 1] = format_memory(d.m_res, d.m_act, d.m_at, d.m_idle)
+    end
   end
+  return fields
 end
-if #dirty > 0 then redis.call('HSET', state_key, unpack(dirty)) end
+local function write_dirty()
+  local fields = dirty_fields(nil)
+  if #fields > 0 then redis.call('HSET', state_key, unpack(fields)) end
+end
 
 if best == nil then
+  write_dirty()
   if held_back then
     local r = defer('priority', estimate, closest.uuid, 'vram', 'a higher-priority request waits for this memory')
     r[8] = closest_avail
@@ -337,6 +346,7 @@ if rate > 0 then
     if now > updated then tokens = math.min(burst, tokens + (now - updated) * rate) end
   end
   if tokens < 1 then
+    write_dirty()
     local r = defer('rate', math.ceil((1 - tokens) / rate), best.uuid, '-', 'token bucket empty')
     r[8] = best_avail
     return r
@@ -353,10 +363,15 @@ local rec = {e = vram, a = 0, at = 0, r = 0, c = cls, s = now, m = deadline, o =
              t = tenant ~= '' and tenant or '-'}
 redis.call('HSET', prefix .. 'dev:' .. best.uuid, id, format_lease(rec))
 redis.call('ZADD', exp_key, now + ttl, best.uuid .. '\t' .. id)
+local more = dirty_fields(best)
+if now + ttl < next_exp then
+  more[#more + 1] = 'next_exp'
+  more[#more + 1] = now + ttl
+end
 redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st[6]) or 0) + 1,
            'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1,
-           'm:' .. best.uuid, format_memory(best.m_res + vram, best.m_act, best.m_at, best.m_idle))
-if now + ttl < next_exp then redis.call('HSET', state_key, 'next_exp', now + ttl) end
+           'm:' .. best.uuid, format_memory(best.m_res + vram, best.m_act, best.m_at, best.m_idle),
+           unpack(more))
 if waiting then redis.call('HDEL', waiters_key, waiter_id) end
 return {'admit', 'ok', 0, best.uuid, id, now + ttl, '', best_avail}
 end

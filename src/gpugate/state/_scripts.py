@@ -15,15 +15,19 @@ thread at a time; a call that finds it busy, and any call on a Cluster,
 takes the client's own path. When the lane's connection fails (it is then
 closed), the call is made again on the client's path, which reconnects and
 retries as :func:`gpugate.state._connect.connect` configured it, as redis-py
-would have retried the call anyway.
+would have retried the call anyway. With hiredis installed and the client's
+default encoding (UTF-8, strict), the lane packs a call with
+``hiredis.pack_command`` itself: the same bytes as redis-py's packer, in a
+third of its time (redis-py checks and copies every argument first).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -32,6 +36,12 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is a dependency
+    _hiredis_pack = None
 
 SCRIPT_NAMES = (
     "admit_job",
@@ -59,13 +69,16 @@ class _Lane:
     """One connection of a client's pool, kept for script calls (see the module
     docstring). Fork-safe: a child process takes a connection of its own."""
 
-    __slots__ = ("_conn", "_pid", "_pool", "lock")
+    __slots__ = ("_conn", "_pack", "_pid", "_pool", "lock")
 
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._conn: Any = None
         self._pid = os.getpid()
         self.lock = threading.Lock()
+        encoder = client.get_encoder()
+        utf8 = codecs.lookup(encoder.encoding).name == "utf-8"
+        self._pack = _hiredis_pack if utf8 and encoder.encoding_errors == "strict" else None
 
     def evalsha(self, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """EVALSHA on the lane's connection; the caller holds :attr:`lock`."""
@@ -74,7 +87,17 @@ class _Lane:
             # The pool counts it in use until close() or the client's own close.
             conn = self._conn = self._pool.get_connection()
             self._pid = os.getpid()
-        conn.send_packed_command(conn.pack_command("EVALSHA", sha, len(keys), *keys, *args))
+        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        packed: Any = None
+        pack = self._pack
+        if pack is not None:
+            try:
+                packed = [pack(command)]  # one buffer, as redis-py's packer gives
+            except TypeError:
+                packed = None  # an argument hiredis does not take: redis-py's packer says why
+        if packed is None:
+            packed = conn.pack_command(*command)
+        conn.send_packed_command(packed)
         return conn.read_response()
 
     def close(self) -> None:
