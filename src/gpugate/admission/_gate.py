@@ -516,10 +516,13 @@ class Gate:
         return decision
 
     def _run_admit(self, keys: Sequence[str], args: list[Any]) -> list[Any]:
+        script = self._scripts.admit_job
         for attempt in (0, 1):
+            self.stats["round_trips"] += 1
             try:
-                self.stats["round_trips"] += 1
-                return self._call(self._scripts.admit_job, keys=keys, args=args)  # type: ignore[no-any-return]
+                return script(keys=keys, args=args)  # type: ignore[no-any-return]
+            except REDIS_DOWN as exc:
+                raise self._unreachable(exc) from exc
             except redis.ResponseError as exc:
                 msg = str(exc)
                 if "nopolicy" in msg and attempt == 0:
@@ -1015,7 +1018,10 @@ class Gate:
         try:
             return fn(*args, **kwargs)
         except REDIS_DOWN as exc:
-            raise BackendError(f"Redis at {self.redis_url} is unreachable: {exc}") from exc
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: BaseException) -> BackendError:
+        return BackendError(f"Redis at {self.redis_url} is unreachable: {exc}")
 
     def _wake_listener(self) -> WakeListener:
         with self._lock:
