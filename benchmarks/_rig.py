@@ -88,6 +88,28 @@ def fill(gate: Gate, leases: int, used_bytes_per_device: int) -> list[Lease]:
     return held
 
 
+def decision_arguments(gate: Gate, cls: str = "capped") -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV the gate sends for one ``try_admit(cls, 1)``.
+
+    A lease that decision takes is released at once.
+    """
+    seen: list[tuple[list[str], list[Any]]] = []
+    real = gate._scripts.admit_job
+
+    def capture(keys: list[str], args: list[Any]) -> Any:
+        seen.append((list(keys), list(args)))
+        return real(keys=keys, args=args)
+
+    gate._scripts.admit_job = capture  # type: ignore[assignment]
+    try:
+        d = gate.try_admit(cls, 1)
+        if d.lease is not None:
+            d.lease.release()
+    finally:
+        gate._scripts.admit_job = real
+    return seen[0]
+
+
 def evalsha_stats(client: redis.Redis) -> tuple[int, int]:
     """``(calls, usec)`` of EVALSHA since the last ``CONFIG RESETSTAT``.
 

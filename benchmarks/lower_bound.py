@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _rig import SERVER_CPU, make_gate, percentile, pin_all_threads
+from _rig import SERVER_CPU, decision_arguments, make_gate, percentile, pin_all_threads
 from gpugate import Lease
 from gpugate.state._server import RedisProcess
 
@@ -67,25 +67,6 @@ BATCH = 25
 WARMUP_CALLS = 2
 
 
-def _arguments(gate: Any, cls: str) -> tuple[list[str], list[Any]]:
-    """The KEYS and ARGV the gate sends for one decision of ``cls``."""
-    seen: list[tuple[list[str], list[Any]]] = []
-    real = gate._scripts.admit_job
-
-    def capture(keys: list[str], args: list[Any]) -> Any:
-        seen.append((list(keys), list(args)))
-        return real(keys=keys, args=args)
-
-    gate._scripts.admit_job = capture
-    try:
-        d = gate.try_admit(cls, 1)
-        if d.lease is not None:
-            d.lease.release()
-    finally:
-        gate._scripts.admit_job = real
-    return seen[0]
-
-
 def main(rounds: int) -> None:
     with RedisProcess().start() as server:
         assert server.pid is not None
@@ -95,8 +76,8 @@ def main(rounds: int) -> None:
         client = gate._client
         lane = gate._scripts._lane
         assert lane is not None, "the lane serves plain Redis clients only"
-        defer_keys, defer_args = _arguments(gate, "capped")
-        admit_keys, admit_args = _arguments(gate, "batch")
+        defer_keys, defer_args = decision_arguments(gate, "capped")
+        admit_keys, admit_args = decision_arguments(gate, "batch")
         noop = client.register_script("return 1")
         noop()
         shas = {

@@ -18,9 +18,8 @@ import os
 import re
 import sys
 from importlib import resources
-from typing import Any
 
-from _rig import SERVER_CPU, evalsha_stats, make_gate, pin_all_threads
+from _rig import SERVER_CPU, decision_arguments, evalsha_stats, make_gate, pin_all_threads
 from gpugate.state._scripts import script_source
 from gpugate.state._server import RedisProcess
 
@@ -64,17 +63,8 @@ def main(rounds: int) -> None:
         pin_all_threads(server.pid, {SERVER_CPU})
         os.sched_setaffinity(0, {SERVER_CPU})
         gate = make_gate(server.url, "lua-breakdown")
-        seen: list[tuple[list[str], list[Any]]] = []
-        real = gate._scripts.admit_job
-
-        def capture(keys: list[str], args: list[Any]) -> Any:
-            seen.append((keys, args))
-            return real(keys=keys, args=args)
-
-        gate._scripts.admit_job = capture  # type: ignore[assignment]
         assert gate.try_admit("capped", 1).reason == "cap"
-        gate._scripts.admit_job = real
-        keys, args = seen[0]
+        keys, args = decision_arguments(gate)
         client = gate._client
         scripts = {}
         for label, pattern, where in CUTS:

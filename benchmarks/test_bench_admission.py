@@ -36,6 +36,7 @@ from _rig import (
     SUMMARY,
     GiB,
     cpu_pinned,
+    decision_arguments,
     evalsha_stats,
     fill,
     make_gate,
@@ -142,23 +143,6 @@ class LatencyRig:
         return self.vram_gate.try_admit("batch", VRAM_REQUEST)
 
 
-def _decision_arguments(gate: Gate) -> tuple[list[str], list[Any]]:
-    """The KEYS and ARGV of one capped-class decision, as the gate sends them."""
-    seen: list[tuple[list[str], list[Any]]] = []
-    script = gate._scripts.admit_job
-
-    def capture(keys: list[str], args: list[Any]) -> Any:
-        seen.append((keys, args))
-        return script(keys=keys, args=args)
-
-    gate._scripts.admit_job = capture  # type: ignore[assignment]
-    try:
-        gate.try_admit("capped", 1)
-    finally:
-        gate._scripts.admit_job = script
-    return seen[0]
-
-
 def _check_outcomes(rig: LatencyRig) -> None:
     assert rig.noop() == rig.noop_args() == rig.noop_args_evalsha() == 1
     assert rig.defer_cap().reason == "cap"
@@ -240,7 +224,7 @@ def rig(redis_server: RedisProcess) -> Iterator[LatencyRig]:
     held = fill(filler, 2 * VRAM_LEASES_PER_DEVICE, VRAM_RESERVED)
     stats = redis.Redis.from_url(redis_server.url)
     noop = gate._client.register_script(NOOP_LUA)
-    keys, args = _decision_arguments(gate)
+    keys, args = decision_arguments(gate)
     rig = LatencyRig(
         gate,
         vram_gate,
@@ -394,7 +378,7 @@ def canned_gate(redis_server: RedisProcess) -> Iterator[tuple[Gate, Any]]:
     """A gate whose admit_job script is replaced by the reply it gave once (no round trip)."""
     gate = make_gate(redis_server.url, _pool("client"))
     script = gate._scripts.admit_job
-    keys, args = _decision_arguments(gate)
+    keys, args = decision_arguments(gate)
     reply = script(keys=keys, args=args)
     gate._scripts.admit_job = lambda keys, args: reply  # type: ignore[assignment]
     try:
