@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from gpugate import Gate, Lease, Outcome, Policy, SimulatedSampler
+
+T = TypeVar("T")
 
 GiB = 1 << 30
 DEVICE_TOTAL = 80 * GiB
@@ -108,6 +110,13 @@ def decision_arguments(gate: Gate, cls: str = "capped") -> tuple[list[str], list
     finally:
         gate._scripts.admit_job = real
     return seen[0]
+
+
+def in_turns(items: Sequence[T], rounds: int) -> Iterator[T]:
+    """``items`` once per round, each round starting one item later (so no item is always first)."""
+    for r in range(rounds):
+        k = r % len(items)
+        yield from [*items[k:], *items[:k]]
 
 
 def evalsha_stats(client: redis.Redis) -> tuple[int, int]:

@@ -33,7 +33,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _rig import SERVER_CPU, decision_arguments, make_gate, percentile, pin_all_threads
+from _rig import (
+    SERVER_CPU,
+    decision_arguments,
+    in_turns,
+    make_gate,
+    percentile,
+    pin_all_threads,
+)
 from gpugate import Lease
 from gpugate.state._server import RedisProcess
 
@@ -115,18 +122,16 @@ def main(rounds: int) -> None:
         assert on_lane(shas["admit"], admit_keys, admit_args)()[0] == b"admit"
         times: dict[str, list[int]] = {name: [] for name in variants}
         names = list(variants)
-        for r in range(rounds):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                call = variants[name]
-                for i in range(BATCH):
-                    t0 = time.perf_counter_ns()
-                    call()
-                    elapsed = time.perf_counter_ns() - t0
-                    if i >= WARMUP_CALLS:
-                        times[name].append(elapsed)
-                while held:
-                    held.pop().release()
+        for name in in_turns(names, rounds):
+            call = variants[name]
+            for i in range(BATCH):
+                t0 = time.perf_counter_ns()
+                call()
+                elapsed = time.perf_counter_ns() - t0
+                if i >= WARMUP_CALLS:
+                    times[name].append(elapsed)
+            while held:
+                held.pop().release()
         gate.close()
     p50 = {name: percentile(sorted(v), 0.5) / 1000 for name, v in times.items()}
     floor = p50[names[0]]

@@ -19,7 +19,14 @@ import re
 import sys
 from importlib import resources
 
-from _rig import SERVER_CPU, decision_arguments, evalsha_stats, make_gate, pin_all_threads
+from _rig import (
+    SERVER_CPU,
+    decision_arguments,
+    evalsha_stats,
+    in_turns,
+    make_gate,
+    pin_all_threads,
+)
 from gpugate.state._scripts import script_source
 from gpugate.state._server import RedisProcess
 
@@ -78,15 +85,13 @@ def main(rounds: int) -> None:
             scripts[label] = client.register_script(source)
         usec: dict[str, list[float]] = {label: [] for label in scripts}
         labels = list(scripts)
-        for r in range(rounds):
-            k = r % len(labels)
-            for label in labels[k:] + labels[:k]:
-                script = scripts[label]
-                c0, u0 = evalsha_stats(client)
-                for _ in range(CALLS):
-                    script(keys=keys, args=args)
-                c1, u1 = evalsha_stats(client)
-                usec[label].append((u1 - u0) / (c1 - c0))
+        for label in in_turns(labels, rounds):
+            script = scripts[label]
+            c0, u0 = evalsha_stats(client)
+            for _ in range(CALLS):
+                script(keys=keys, args=args)
+            c1, u1 = evalsha_stats(client)
+            usec[label].append((u1 - u0) / (c1 - c0))
         gate.close()
     previous = None
     print(f"server µs per call, median of {rounds} rounds of {CALLS} calls (min in brackets)")

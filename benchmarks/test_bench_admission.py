@@ -39,6 +39,7 @@ from _rig import (
     decision_arguments,
     evalsha_stats,
     fill,
+    in_turns,
     make_gate,
     percentile,
     throughput_worker,
@@ -185,29 +186,25 @@ def _interleave(rig: LatencyRig) -> dict[str, Samples]:
     rig.gate._scripts.admit_job = spy  # type: ignore[assignment]
     rig.vram_gate._scripts.admit_job = vram_spy  # type: ignore[assignment]
     try:
-        for r in range(ROUNDS):
-            k = r % len(calls)
-            for group in calls[k:] + calls[:k]:
-                for i in range(BATCH):
-                    for name, call, timer in group:
-                        t0 = time.perf_counter_ns()
-                        call()
-                        elapsed = time.perf_counter_ns() - t0
-                        if i >= WARMUP_CALLS:
-                            s[name].total_ns.append(elapsed)
-                            if timer is not None:
-                                s[name].script_ns.append(timer.last_ns)
+        for group in in_turns(calls, ROUNDS):
+            for i in range(BATCH):
+                for name, call, timer in group:
+                    t0 = time.perf_counter_ns()
+                    call()
+                    elapsed = time.perf_counter_ns() - t0
+                    if i >= WARMUP_CALLS:
+                        s[name].total_ns.append(elapsed)
+                        if timer is not None:
+                            s[name].script_ns.append(timer.last_ns)
         # The server's time: counter deltas around batches, again in turns.
-        for r in range(SERVER_BATCHES):
-            k = r % len(calls)
-            for group in calls[k:] + calls[:k]:
-                for _ in range(SERVER_BATCH):
-                    for name, call, _timer in group:
-                        c0, u0 = evalsha_stats(rig.stats)
-                        call()
-                        c1, u1 = evalsha_stats(rig.stats)
-                        s[name].server_calls += c1 - c0
-                        s[name].server_usec += u1 - u0
+        for group in in_turns(calls, SERVER_BATCHES):
+            for _ in range(SERVER_BATCH):
+                for name, call, _timer in group:
+                    c0, u0 = evalsha_stats(rig.stats)
+                    call()
+                    c1, u1 = evalsha_stats(rig.stats)
+                    s[name].server_calls += c1 - c0
+                    s[name].server_usec += u1 - u0
     finally:
         rig.gate._scripts.admit_job = spy.script  # type: ignore[assignment]
         rig.vram_gate._scripts.admit_job = vram_spy.script  # type: ignore[assignment]
