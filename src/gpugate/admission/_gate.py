@@ -181,8 +181,8 @@ class Gate:
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
         self._peers: tuple[weakref.ref[Gate], ...] = ()
         self._peers_seen = -1
+        global _live_gates_added
         with _live_gates_lock:
-            global _live_gates_added
             _live_gates.add(self)
             _live_gates_added += 1
         if self.embedded:

@@ -88,14 +88,11 @@ class _Lane:
             conn = self._conn = self._pool.get_connection()
             self._pid = os.getpid()
         command = ("EVALSHA", sha, len(keys), *keys, *args)
-        packed: Any = None
         pack = self._pack
-        if pack is not None:
-            try:
-                packed = [pack(command)]  # one buffer, as redis-py's packer gives
-            except TypeError:
-                packed = None  # an argument hiredis does not take: redis-py's packer says why
-        if packed is None:
+        try:
+            # One buffer, as redis-py's packer gives.
+            packed = [pack(command)] if pack is not None else conn.pack_command(*command)
+        except TypeError:  # an argument hiredis does not take: redis-py's packer says why
             packed = conn.pack_command(*command)
         conn.send_packed_command(packed)
         return conn.read_response()
