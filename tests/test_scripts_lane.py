@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from gpugate.state._connect import connect
-from gpugate.state._scripts import Scripts
+from gpugate.state._scripts import Scripts, _Lane
 
 KEYS = ["gpugate:{lane}:state", "gpugate:{lane}:exp", "gpugate:{lane}:buckets"]
 
@@ -142,6 +143,21 @@ def test_close_gives_the_connection_back(scripts: tuple[redis.Redis, Scripts]) -
 _ODD_ARGS = ["gpugate:{lane}:", "é ✓", b"\xff\x00", 0, -3, 2**70, 1.5, 0.1, 1e20, ""]
 
 
+class _SpySocket:
+    """The lane connection's socket, recording what is sent on it."""
+
+    def __init__(self, sock: object) -> None:
+        self._sock = sock
+        self.sent: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+        self._sock.sendall(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
 def test_the_lane_sends_the_bytes_redis_py_would(
     scripts: tuple[redis.Redis, Scripts], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,18 +167,88 @@ def test_the_lane_sends_the_bytes_redis_py_would(
     assert lane._pack is not None  # hiredis and the default encoding: the lane packs itself
     _unknown_release(s)
     conn = lane._conn
-    sent: list[bytes] = []
-    real_send = conn.send_packed_command
-
-    def spy(command: list[bytes], check_health: bool = True) -> None:
-        sent.append(b"".join(command))
-        real_send(command, check_health)
-
-    monkeypatch.setattr(conn, "send_packed_command", spy)
+    assert lane._reader is not None  # and does the I/O itself
+    spy = _SpySocket(conn._sock)
+    monkeypatch.setattr(conn, "_sock", spy)
     with pytest.raises(redis.ResponseError):  # the script itself cannot make sense of them
         s.release_lease(keys=KEYS, args=_ODD_ARGS)
     sha = s.release_lease.sha
-    assert sent == [b"".join(conn.pack_command("EVALSHA", sha, len(KEYS), *KEYS, *_ODD_ARGS))]
+    assert spy.sent == [b"".join(conn.pack_command("EVALSHA", sha, len(KEYS), *KEYS, *_ODD_ARGS))]
+
+
+def test_an_error_reply_raises_what_the_client_path_raises(
+    scripts: tuple[redis.Redis, Scripts],
+) -> None:
+    _client, s = scripts
+    lane = s._lane
+    assert lane is not None
+
+    def error() -> Exception:
+        try:
+            s.release_lease(keys=KEYS, args=_ODD_ARGS)
+        except redis.RedisError as exc:
+            return exc
+        raise AssertionError("the script accepted arguments it cannot use")
+
+    on_lane = error()
+    with lane.lock:  # a busy lane: the client's path
+        off_lane = error()
+    assert (type(on_lane), str(on_lane)) == (type(off_lane), str(off_lane))
+    assert _unknown_release(s) == _unknown_release(s)  # the lane is still in step
+
+
+def test_a_due_health_check_is_left_to_redis_py(
+    scripts: tuple[redis.Redis, Scripts], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _client, s = scripts
+    expected = _unknown_release(s)
+    lane = s._lane
+    assert lane is not None
+    conn = lane._conn
+    assert conn.health_check_interval  # gpugate's clients check idle connections
+    pings: list[bool] = []
+    real_ping = conn._send_ping
+
+    def ping() -> None:
+        pings.append(True)
+        real_ping()
+
+    monkeypatch.setattr(conn, "_send_ping", ping)
+    conn.next_health_check = 0  # due
+    assert _unknown_release(s) == expected
+    assert pings == [True]  # redis-py checked the connection first
+    assert _unknown_release(s) == expected
+    assert pings == [True]  # and the next call is the lane's own again
+
+
+_SLOW_LUA = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat
+  local n = redis.call('TIME')
+until n[1] * 1000000 + n[2] - start > tonumber(ARGV[1])
+return 'slow'
+"""
+
+
+def test_a_timed_out_call_never_hands_its_reply_to_the_next(redis_url: str) -> None:
+    """A reply that comes after its call gave up is dropped with the connection."""
+    client = connect(redis_url, socket_timeout_s=0.2)
+    assert isinstance(client, redis.Redis)
+    slow = client.script_load(_SLOW_LUA)
+    fast = client.script_load("return ARGV[1]")
+    lane = _Lane(client)
+    try:
+        assert lane.evalsha(fast, [], ["warm"]) == b"warm"
+        assert lane._reader is not None
+        with pytest.raises(redis.TimeoutError):
+            lane.evalsha(slow, [], [600_000])  # 0.6 s of work against a 0.2 s timeout
+        time.sleep(1.0)  # the server is done with it and has sent 'slow' to a closed socket
+        assert lane.evalsha(fast, [], ["next"]) == b"next"
+        assert lane.evalsha(fast, [], ["again"]) == b"again"
+    finally:
+        lane.close()
+        client.close()
 
 
 def test_an_argument_redis_cannot_take_is_refused_as_redis_py_refuses_it(
