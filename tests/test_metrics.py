@@ -226,6 +226,53 @@ class TestInstruments:
             == 1
         )
 
+    def test_decisions_are_exposed_as_a_prometheus_counter_and_histogram_would_be(
+        self,
+    ) -> None:
+        from prometheus_client import Counter, Histogram
+
+        from gpugate import Outcome
+        from gpugate.metrics._instruments import _LATENCY_BUCKETS
+
+        seen = [
+            ("batch", Outcome.ADMIT, "ok", 3e-5),
+            ("batch", Outcome.DEFER, "cap", 1e-4),  # on a bucket's bound: counted in it
+            ("batch", Outcome.DEFER, "cap", 0.7),
+            ("interactive", Outcome.REJECT, "too_large", 9.0),  # past the last bound: +Inf
+        ]
+        ours = CollectorRegistry()
+        m = Metrics(ours)
+        reference = CollectorRegistry()
+        counter = Counter(
+            "gpugate_decisions", "d", ["class", "outcome", "reason"], registry=reference
+        )
+        hist = Histogram(
+            "gpugate_decision_duration_seconds",
+            "s",
+            ["class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reference,
+        )
+        for cls, outcome, reason, seconds in seen:
+            m.decisions.record(cls, outcome, reason, seconds)
+            counter.labels(cls, outcome.value, reason).inc()
+            hist.labels(cls).observe(seconds)
+
+        def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[Any, ...], float]]:
+            return {
+                (s.name, tuple(sorted(s.labels.items())), s.value)
+                for family in registry.collect()
+                for s in family.samples
+                if not s.name.endswith("_created")
+            }
+
+        assert samples(ours) == samples(reference)
+        assert len(samples(ours)) == 3 + 2 * (len(_LATENCY_BUCKETS) + 3)
+        body = generate_latest(ours).decode()
+        assert 'gpugate_decisions_total{class="batch",outcome="defer",reason="cap"} 2.0' in body
+        assert "gpugate_decisions_created" in body
+        assert 'gpugate_decision_duration_seconds_bucket{class="batch",le="0.0001"} 2.0' in body
+
 
 class TestEndpoint:
     """/metrics over HTTP: in a worker, and standalone (gpugate metrics)."""

@@ -45,7 +45,7 @@ from ..state._connect import REDIS_DOWN, connect, mask_url, resolve_redis_url
 from ..state._keys import PoolKeys
 from ..state._scripts import Scripts
 from ..state._wire import publish_args
-from ._decision import Decision, Outcome, Reason
+from ._decision import Decision, Outcome, Reason, make_decision
 from ._heartbeat import Heartbeat
 from ._idle import idle_memory
 from ._lease import Lease, LeaseRegistry
@@ -174,7 +174,6 @@ class Gate:
         self._local_open: dict[str, int] = {}
         self._local_seq = 0
         self._log_throttle = Throttle(10.0)
-        self._metric_children: dict[tuple[str, Outcome, str], tuple[Any, Any]] = {}
         self._closed = False
         self._register = register
         self._started_ms = int(time.time() * 1000)
@@ -383,18 +382,7 @@ class Gate:
         started = time.perf_counter()
         d = self._decide_once(cls, vram, waiter, device, tenant, precheck)
         elapsed = time.perf_counter() - started
-        # labels() costs microseconds; the bound children are cached per key.
-        key = (cls, d.outcome, d.reason)
-        children = self._metric_children.get(key)
-        if children is None:
-            m = self.metrics
-            children = (
-                m.decision_seconds.labels(cls),
-                m.decisions.labels(cls, d.outcome.value, d.reason),
-            )
-            self._metric_children[key] = children
-        children[0].observe(elapsed)
-        children[1].inc()
+        self.metrics.decisions.record(cls, d.outcome, d.reason, elapsed)
         if d.outcome is not Outcome.ADMIT or d.reason != Reason.OK:
             dropped = self._log_throttle.allow((cls, d.outcome, d.reason))
             if dropped is not None:
@@ -501,19 +489,20 @@ class Gate:
             self._hold(lease)
         elif out is Outcome.DEFER and precheck:
             self._recent_defer[(cls, vram, device or "")] = time.monotonic()
-        decision = Decision(
+        admitted = out is Outcome.ADMIT
+        return make_decision(
             out,
             reason,
-            retry_after=retry if out is Outcome.DEFER else 0.0,
-            device=index if out is Outcome.ADMIT else None,
-            device_uuid=d_uuid if out is Outcome.ADMIT else None,
-            lease=lease,
-            detail=_word(detail_b),
-            cls=cls,
-            vram=vram,
-            available=None if available == -1 else available,
+            retry if out is Outcome.DEFER else 0.0,
+            index if admitted else None,
+            d_uuid if admitted else None,
+            lease,
+            _word(detail_b),
+            cls,
+            vram,
+            None if available == -1 else available,
+            False,
         )
-        return decision
 
     def _run_admit(self, keys: Sequence[str], args: list[Any]) -> list[Any]:
         script = self._scripts.admit_job
