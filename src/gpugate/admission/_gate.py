@@ -26,7 +26,7 @@ from typing import Any
 import redis
 import structlog
 
-from .. import _speedups
+from .. import _process, _speedups
 from .._exceptions import (
     AdmissionRejected,
     AdmissionTimeout,
@@ -154,7 +154,7 @@ class Gate:
         self.sampler: Sampler = sampler if sampler is not None else default_sampler()
         self._clock_ms = _clock_ms
         self.metrics = metrics if metrics is not None else default_metrics()
-        self._pid = os.getpid()
+        self._pid = _process.pid
         # The pid NVML lists this process under (tests and simulation give others).
         self._gpu_pid = _gpu_pid if _gpu_pid is not None else self._pid
         self._idle = idle_memory(self._gpu_pid)
@@ -170,7 +170,7 @@ class Gate:
         self._beat_lock = threading.Lock()
         self._recent_defer: dict[tuple[str, int, str], float] = {}
         # The sample arguments last packed, and the devices tuple they describe.
-        self._packed: tuple[object, list[str]] = ((), [])
+        self._packed: tuple[object, list[Any], list[int]] = ((), [], [])
         self._local_open: dict[str, int] = {}
         self._local_seq = 0
         self._log_throttle = Throttle(10.0)
@@ -419,7 +419,19 @@ class Gate:
                 vram=vram,
                 local=True,
             )
-        if precheck and snap.devices and self._local_defer_ok(cls, vram, device, snap):
+        devices = snap.devices
+        packed_for, packed, frees = self._packed
+        if packed_for is not devices:
+            # A sampler hands out the same devices tuple until they change.
+            packed = _speedups.pack_samples(
+                [d.uuid for d in devices],
+                [d.total for d in devices],
+                [d.used for d in devices],
+                [0] * len(devices),
+            )
+            frees = [d.free for d in devices]
+            self._packed = (devices, packed, frees)
+        if precheck and devices and self._local_defer_ok(cls, vram, device, snap, frees):
             self.stats["local_defers"] += 1
             return Decision(
                 Outcome.DEFER,
@@ -430,17 +442,6 @@ class Gate:
                 vram=vram,
                 local=True,
             )
-        devices = snap.devices
-        packed_for, packed = self._packed
-        if packed_for is not devices:
-            # A sampler hands out the same devices tuple until they change.
-            packed = _speedups.pack_samples(
-                [d.uuid for d in devices],
-                [d.total for d in devices],
-                [d.used for d in devices],
-                [0] * len(devices),
-            )
-            self._packed = (devices, packed)
         args = [
             self._keys.prefix,
             self._clock_ms() if self._clock_ms is not None else 0,
@@ -454,9 +455,7 @@ class Gate:
             *packed,
         ]
         # Each device's own age: a reading standing in for a failing device is older.
-        now_mono = time.monotonic()
-        for i, d in enumerate(devices):
-            args[_SAMPLE_AGE_ARG + 4 * i] = int(snap.device_age_s(d, now_mono) * 1000)
+        args[_SAMPLE_AGE_ARG::4] = snap.device_ages_ms(time.monotonic())
         try:
             reply = self._run_admit(self._admit_keys, args)
         except BackendError as exc:
@@ -528,15 +527,21 @@ class Gate:
                 ) from exc
         raise BackendError(f"pool {self.pool!r} has no policy and publishing one failed")
 
-    def _local_defer_ok(self, cls: str, vram: int, device: str | None, snap: Snapshot) -> bool:
+    def _local_defer_ok(
+        self, cls: str, vram: int, device: str | None, snap: Snapshot, frees: list[int]
+    ) -> bool:
         """The fast path may answer DEFER itself: nothing fits locally and the
-        waiter entry in Redis is fresh enough that priority still sees it."""
+        waiter entry in Redis is fresh enough that priority still sees it.
+        ``frees``: each device's free bytes, in the snapshot's order."""
         last = self._recent_defer.get((cls, vram, device or ""))
-        if last is None or time.monotonic() - last > self.effective_policy.pool.waiter_ttl_s / 3:
+        if last is None:
             return False
-        devices = [d for d in snap.devices if device is None or d.uuid == device]
-        margin = self.effective_policy.pool.safety_margin
-        return not _speedups.precheck_fits([d.free for d in devices], vram, margin)
+        pool = self.effective_policy.pool
+        if time.monotonic() - last > pool.waiter_ttl_s / 3:
+            return False
+        if device is not None:
+            frees = [d.free for d in snap.devices if d.uuid == device]
+        return not _speedups.precheck_fits(frees, vram, pool.safety_margin)
 
     def _estimate_s(self) -> float:
         """The scripts' estimated retry: a third of a lease TTL, capped."""
@@ -545,7 +550,7 @@ class Gate:
 
     def _jitter(self, seconds: float) -> float:
         cap = self.effective_policy.pool.retry_max_s
-        return min(cap, seconds * random.uniform(0.5, 1.5))
+        return min(cap, seconds * (0.5 + random.random()))  # ±50 %, uniform
 
     def _backend_down(self, cls: str, vram: int, snap: Snapshot, exc: BackendError) -> Decision:
         try:
@@ -628,7 +633,7 @@ class Gate:
                 vram_bytes=lease.vram,
                 fix="raise the class's VRAM estimate or the pool's safety_margin",
             )
-        if os.getpid() != self._pid:
+        if _process.pid != self._pid:
             return False  # the parent's lease; the parent releases it
         try:
             return self._release(lease.device_uuid, lease.id, outcome, refund=refund)
@@ -1025,7 +1030,7 @@ class Gate:
             self._call(self._client.hdel, self._keys.waiters, waiter)
 
     def _check_usable(self) -> None:
-        if os.getpid() != self._pid:
+        if _process.pid != self._pid:
             raise UsageError(
                 "this Gate was made in a parent process; make a new Gate in the child after fork"
             )
@@ -1035,7 +1040,7 @@ class Gate:
     def close(self) -> None:
         """Release every lease this gate holds, leave the worker registry (its
         idle memory stops counting towards fragmentation) and stop its threads."""
-        if self._closed or os.getpid() != self._pid:
+        if self._closed or _process.pid != self._pid:
             return
         self._closed = True
         for lease in self._leases.live():

@@ -101,6 +101,14 @@ class Snapshot:
         taken = self.taken_mono if device.taken_mono is None else device.taken_mono
         return max(0.0, (time.monotonic() if now_mono is None else now_mono) - taken)
 
+    def device_ages_ms(self, now_mono: float) -> list[int]:
+        """Every device's :meth:`device_age_s`, in whole milliseconds, in order."""
+        taken = self.taken_mono
+        return [
+            int(max(0.0, now_mono - (taken if d.taken_mono is None else d.taken_mono)) * 1000)
+            for d in self.devices
+        ]
+
     @property
     def quarantined(self) -> frozenset[str]:
         """The uuids of the quarantined devices: nothing is admitted there."""

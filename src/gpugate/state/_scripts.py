@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import os
 import socket
 import threading
 import time
@@ -47,6 +46,8 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .. import _process
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -94,7 +95,7 @@ class _Lane:
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._conn: Any = None
-        self._pid = os.getpid()
+        self._pid = _process.pid
         self.lock = threading.Lock()
         encoder = client.get_encoder()
         utf8 = codecs.lookup(encoder.encoding).name == "utf-8"
@@ -108,10 +109,10 @@ class _Lane:
     def _take(self) -> Any:
         """The lane's connection (taken from the pool in this process)."""
         conn = self._conn
-        if conn is None or self._pid != os.getpid():
+        if conn is None or self._pid != _process.pid:
             # The pool counts it in use until close() or the client's own close.
             conn = self._conn = self._pool.get_connection()
-            self._pid = os.getpid()
+            self._pid = _process.pid
             parser: Any = getattr(conn, "_parser", None)
             resp2 = getattr(conn, "protocol", None) in (2, "2")
             if (
@@ -180,7 +181,7 @@ class _Lane:
         """Give the connection back to the pool."""
         with self.lock:
             conn, self._conn = self._conn, None
-            if conn is not None and self._pid == os.getpid():
+            if conn is not None and self._pid == _process.pid:
                 self._pool.release(conn)
 
 
