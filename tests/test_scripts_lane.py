@@ -134,8 +134,11 @@ def test_close_gives_the_connection_back(scripts: tuple[redis.Redis, Scripts]) -
     expected = _unknown_release(s)
     pool = client.connection_pool
     in_use = len(pool._in_use_connections)  # type: ignore[attr-defined]
+    conn = s._lane._conn  # type: ignore[union-attr]
+    assert conn._sock.gettimeout() is None  # kernel timeouts while on the lane
     s.close()
     assert len(pool._in_use_connections) == in_use - 1  # type: ignore[attr-defined]
+    assert conn._sock.gettimeout() == 2.0  # handed back with redis-py's own timeout
     assert _unknown_release(s) == expected  # a closed lane takes a connection again
 
 
@@ -215,8 +218,17 @@ def test_a_due_health_check_is_left_to_redis_py(
 
     monkeypatch.setattr(conn, "_send_ping", ping)
     conn.next_health_check = 0  # due
+    timeouts: list[float | None] = []
+    real_check = conn.check_health
+
+    def check() -> None:
+        timeouts.append(conn._sock.gettimeout())
+        real_check()
+
+    monkeypatch.setattr(conn, "check_health", check)
     assert _unknown_release(s) == expected
     assert pings == [True]  # redis-py checked the connection first
+    assert timeouts == [2.0]  # on the socket as redis-py set it up
     assert _unknown_release(s) == expected
     assert pings == [True]  # and the next call is the lane's own again
 
@@ -241,6 +253,7 @@ def test_a_timed_out_call_never_hands_its_reply_to_the_next(redis_url: str) -> N
     try:
         assert lane.evalsha(fast, [], ["warm"]) == b"warm"
         assert lane._reader is not None
+        assert lane._tuned is lane._conn._sock  # the 0.2 s bound is the kernel's (SO_RCVTIMEO)
         with pytest.raises(redis.TimeoutError):
             lane.evalsha(slow, [], [600_000])  # 0.6 s of work against a 0.2 s timeout
         time.sleep(1.0)  # the server is done with it and has sent 'slow' to a closed socket

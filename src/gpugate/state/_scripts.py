@@ -33,8 +33,10 @@ no reply is ever read by the wrong call.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +59,7 @@ except ImportError:  # pragma: no cover - hiredis is a dependency
     _hiredis_pack = None
 
 _READ_SIZE = 65536
+_KERNEL_TIMEOUTS = hasattr(socket, "SO_RCVTIMEO") and hasattr(socket, "SO_SNDTIMEO")
 # hiredis answers "no whole reply yet" with this (False is a RESP3 value).
 _MORE = object()
 # A RESP3 push message (hiredis 3.2+): never asked for on the lane, skipped if one comes.
@@ -89,7 +92,8 @@ class _Lane:
     docstring). Fork-safe: a child process takes a connection of its own."""
 
     __slots__ = (
-        "_buf", "_conn", "_direct", "_pack", "_parse_error", "_pid", "_pool", "_reader", "lock",
+        "_buf", "_conn", "_direct", "_pack", "_parse_error", "_pid", "_pool", "_reader",
+        "_tuned", "_tuned_timeout", "lock",
     )  # fmt: skip
 
     def __init__(self, client: redis.Redis) -> None:
@@ -105,6 +109,9 @@ class _Lane:
         self._reader: Any = None
         self._parse_error: Callable[[str], Exception] = redis.ResponseError
         self._buf = bytearray(_READ_SIZE)
+        # The socket switched to kernel timeouts (see _tune), and redis-py's timeout for it.
+        self._tuned: socket.socket | None = None
+        self._tuned_timeout: float | None = None
 
     def _take(self) -> Any:
         """The lane's connection (taken from the pool in this process)."""
@@ -113,6 +120,7 @@ class _Lane:
             # The pool counts it in use until close() or the client's own close.
             conn = self._conn = self._pool.get_connection()
             self._pid = _process.pid
+            self._tuned = None  # a parent's socket is left as it is (its mode is shared)
             parser: Any = getattr(conn, "_parser", None)
             resp2 = getattr(conn, "protocol", None) in (2, "2")
             if (
@@ -141,12 +149,44 @@ class _Lane:
                 sock = conn._sock
                 # Connecting and a due health check are redis-py's to do.
                 due = conn.health_check_interval and time.monotonic() >= conn.next_health_check
-                if self._reader is not None and sock is not None and not due:
+                direct = self._reader is not None and sock is not None and not due
+                if direct and (sock is self._tuned or self._tune(sock)):
                     return self._round_trip(conn, sock, packed)
+                self._untune()
                 conn.send_packed_command([packed])  # one buffer, as redis-py's packer gives
                 return conn.read_response()
+        self._untune()
         conn.send_packed_command(conn.pack_command(*command))
         return conn.read_response()
+
+    def _tune(self, sock: socket.socket) -> bool:
+        """Give ``sock`` kernel timeouts (SO_RCVTIMEO, SO_SNDTIMEO) in place of
+        Python's: a socket with a Python timeout polls before every send and
+        every receive, two system calls more per call (2 µs on the benchmark
+        machine). Same bound on each send and each receive. False (nothing
+        changed) where the platform or the timeout does not allow it."""
+        self._untune()
+        timeout = sock.gettimeout()
+        if timeout is not None:
+            if not _KERNEL_TIMEOUTS or timeout < 0.001:
+                return False
+            whole = int(timeout)
+            tv = struct.pack("ll", whole, int((timeout - whole) * 1_000_000))
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+                sock.settimeout(None)
+            except OSError:
+                return False
+        self._tuned, self._tuned_timeout = sock, timeout
+        return True
+
+    def _untune(self) -> None:
+        """Hand the tuned socket back to redis-py as redis-py set it."""
+        sock, self._tuned = self._tuned, None
+        if sock is not None and self._tuned_timeout is not None:
+            with contextlib.suppress(OSError):  # closed: redis-py reconnects
+                sock.settimeout(self._tuned_timeout)
 
     def _round_trip(self, conn: Any, sock: socket.socket, packed: bytes) -> Any:
         """Send one packed call on the socket and read its reply."""
@@ -164,9 +204,11 @@ class _Lane:
                     reply = reader.gets()
         except BaseException as exc:
             # Whatever was sent or read of this call is lost with the connection.
+            self._tuned = None
             conn.disconnect()
             self._reader = _new_reader(self._parse_error)
-            if isinstance(exc, socket.timeout):
+            # A kernel timeout surfaces as EAGAIN (BlockingIOError).
+            if isinstance(exc, (socket.timeout, BlockingIOError)):
                 raise RedisTimeoutError(f"Timeout on the script lane: {exc}") from exc
             if isinstance(exc, OSError):
                 raise RedisConnectionError(f"Error on the script lane: {exc}") from exc
@@ -182,6 +224,7 @@ class _Lane:
         with self.lock:
             conn, self._conn = self._conn, None
             if conn is not None and self._pid == _process.pid:
+                self._untune()
                 self._pool.release(conn)
 
 
