@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from gpugate.state import _scripts
 from gpugate.state._connect import connect
 from gpugate.state._scripts import Scripts, _Lane
 
@@ -243,8 +244,13 @@ return 'slow'
 """
 
 
-def test_a_timed_out_call_never_hands_its_reply_to_the_next(redis_url: str) -> None:
-    """A reply that comes after its call gave up is dropped with the connection."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-timeouts", "python-timeouts"])
+def test_a_timed_out_call_never_hands_its_reply_to_the_next(
+    redis_url: str, kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply that comes after its call gave up is dropped with the connection,
+    whether the kernel (SO_RCVTIMEO) or Python bounds the wait."""
+    monkeypatch.setattr(_scripts, "_KERNEL_TIMEOUTS", kernel)
     client = connect(redis_url, socket_timeout_s=0.2)
     assert isinstance(client, redis.Redis)
     slow = client.script_load(_SLOW_LUA)
@@ -253,7 +259,8 @@ def test_a_timed_out_call_never_hands_its_reply_to_the_next(redis_url: str) -> N
     try:
         assert lane.evalsha(fast, [], ["warm"]) == b"warm"
         assert lane._reader is not None
-        assert lane._tuned is lane._conn._sock  # the 0.2 s bound is the kernel's (SO_RCVTIMEO)
+        assert lane._tuned is lane._conn._sock
+        assert lane._conn._sock.gettimeout() == (None if kernel else 0.2)
         with pytest.raises(redis.TimeoutError):
             lane.evalsha(slow, [], [600_000])  # 0.6 s of work against a 0.2 s timeout
         time.sleep(1.0)  # the server is done with it and has sent 'slow' to a closed socket

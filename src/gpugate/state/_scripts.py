@@ -36,6 +36,7 @@ import codecs
 import contextlib
 import hashlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -109,7 +110,8 @@ class _Lane:
         self._reader: Any = None
         self._parse_error: Callable[[str], Exception] = redis.ResponseError
         self._buf = bytearray(_READ_SIZE)
-        # The socket switched to kernel timeouts (see _tune), and redis-py's timeout for it.
+        # The socket the lane has made its own (see _tune), and redis-py's
+        # timeout to give back to it (None: nothing was changed).
         self._tuned: socket.socket | None = None
         self._tuned_timeout: float | None = None
 
@@ -149,8 +151,9 @@ class _Lane:
                 sock = conn._sock
                 # Connecting and a due health check are redis-py's to do.
                 due = conn.health_check_interval and time.monotonic() >= conn.next_health_check
-                direct = self._reader is not None and sock is not None and not due
-                if direct and (sock is self._tuned or self._tune(sock)):
+                if self._reader is not None and sock is not None and not due:
+                    if sock is not self._tuned:
+                        self._tune(sock)
                     return self._round_trip(conn, sock, packed)
                 self._untune()
                 conn.send_packed_command([packed])  # one buffer, as redis-py's packer gives
@@ -159,30 +162,32 @@ class _Lane:
         conn.send_packed_command(conn.pack_command(*command))
         return conn.read_response()
 
-    def _tune(self, sock: socket.socket) -> bool:
-        """Give ``sock`` kernel timeouts (SO_RCVTIMEO, SO_SNDTIMEO) in place of
-        Python's: a socket with a Python timeout polls before every send and
-        every receive, two system calls more per call (2 µs on the benchmark
-        machine). Same bound on each send and each receive. False (nothing
-        changed) where the platform or the timeout does not allow it."""
+    def _tune(self, sock: socket.socket) -> None:
+        """Make ``sock`` the lane's, with kernel timeouts (SO_RCVTIMEO,
+        SO_SNDTIMEO) in place of Python's where it can: a socket with a Python
+        timeout polls before every send and every receive, two system calls
+        more per call (2 µs on the benchmark machine). The same bound applies
+        to each send and each receive. Where the platform, the timeout or TLS
+        (which reads past a kernel timeout as "want read") rules that out,
+        the socket keeps its Python timeout."""
         self._untune()
         timeout = sock.gettimeout()
-        if timeout is not None:
-            if not _KERNEL_TIMEOUTS or timeout < 0.001:
-                return False
+        restore = None
+        tunable = _KERNEL_TIMEOUTS and not isinstance(sock, ssl.SSLSocket)
+        if timeout is not None and timeout >= 0.001 and tunable:
             whole = int(timeout)
             tv = struct.pack("ll", whole, int((timeout - whole) * 1_000_000))
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
                 sock.settimeout(None)
+                restore = timeout
             except OSError:
-                return False
-        self._tuned, self._tuned_timeout = sock, timeout
-        return True
+                sock.settimeout(timeout)  # as it was: Python's timeout bounds the call
+        self._tuned, self._tuned_timeout = sock, restore
 
     def _untune(self) -> None:
-        """Hand the tuned socket back to redis-py as redis-py set it."""
+        """Hand the lane's socket back to redis-py as redis-py set it."""
         sock, self._tuned = self._tuned, None
         if sock is not None and self._tuned_timeout is not None:
             with contextlib.suppress(OSError):  # closed: redis-py reconnects
