@@ -36,7 +36,6 @@ import codecs
 import contextlib
 import hashlib
 import socket
-import ssl
 import struct
 import threading
 import time
@@ -167,13 +166,14 @@ class _Lane:
         SO_SNDTIMEO) in place of Python's where it can: a socket with a Python
         timeout polls before every send and every receive, two system calls
         more per call (2 µs on the benchmark machine). The same bound applies
-        to each send and each receive. Where the platform, the timeout or TLS
-        (which reads past a kernel timeout as "want read") rules that out,
-        the socket keeps its Python timeout."""
+        to each send and each receive. Where the platform, the timeout or the
+        kind of socket rules that out, the socket keeps its Python timeout."""
         self._untune()
         timeout = sock.gettimeout()
         restore = None
-        tunable = _KERNEL_TIMEOUTS and not isinstance(sock, ssl.SSLSocket)
+        # Only a plain socket: TLS reads past a kernel timeout as "want read",
+        # and a cooperative library's socket (gevent) waits in its own loop.
+        tunable = _KERNEL_TIMEOUTS and type(sock) is socket.socket
         if timeout is not None and timeout >= 0.001 and tunable:
             whole = int(timeout)
             tv = struct.pack("ll", whole, int((timeout - whole) * 1_000_000))
