@@ -95,8 +95,7 @@ def main(rounds: int) -> None:
 
         def on_lane(sha: str, keys: list[str], args: list[Any]) -> Callable[[], Any]:
             def call() -> Any:
-                with lane.lock:
-                    return lane.evalsha(sha, keys, args)
+                return lane.call(sha, keys, args)
 
             return call
 
