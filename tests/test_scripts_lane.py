@@ -8,6 +8,7 @@ cache, a forked child and a closed lane all still get the answer.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -232,6 +233,29 @@ def test_a_due_health_check_is_left_to_redis_py(
     assert timeouts == [2.0]  # on the socket as redis-py set it up
     assert _unknown_release(s) == expected
     assert pings == [True]  # and the next call is the lane's own again
+
+
+def test_a_push_message_on_the_lane_is_skipped(scripts: tuple[redis.Redis, Scripts]) -> None:
+    """A RESP3 push (here a client-tracking invalidation) is not a call's reply."""
+    client, s = scripts
+    expected = _unknown_release(s)
+    lane = s._lane
+    assert lane is not None
+    conn = lane._conn
+    if conn.protocol not in (3, "3") or _scripts._PUSH is None:
+        pytest.skip("needs a RESP3 connection and hiredis 3.2+ (push messages)")
+    key = "gpugate:{lane}:tracked"
+    conn.send_command("CLIENT", "TRACKING", "ON")
+    assert conn.read_response() in (b"OK", "OK")
+    conn.send_command("GET", key)  # tracked from now on
+    conn.read_response()
+    client.set(key, "changed")  # the server pushes an invalidation to the lane's connection
+    deadline = time.monotonic() + 5
+    while not conn._sock.recv(1, socket.MSG_PEEK):  # wait until the push is there
+        assert time.monotonic() < deadline
+    assert _unknown_release(s) == expected
+    assert _unknown_release(s) == expected
+    client.delete(key)
 
 
 _SLOW_LUA = """
