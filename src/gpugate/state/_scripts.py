@@ -156,20 +156,22 @@ class _Lane:
             if conn is None or self._pid != _process.pid:
                 conn = self._take()
             command = ("EVALSHA", sha, len(keys), *keys, *args)
+            packed = None
+            if self._pack is not None:
+                # try/except, not contextlib.suppress: no context manager per call.
+                try:  # noqa: SIM105
+                    packed = self._pack(command)
+                except TypeError:
+                    pass  # an argument hiredis does not take: redis-py's packer says why
             sock = conn._sock
-            pack = self._pack
             # Connecting and a due health check are redis-py's to do.
             if (
-                pack is None
+                packed is None
                 or self._reader is None
                 or sock is None
                 or (conn.health_check_interval and time.monotonic() >= conn.next_health_check)
             ):
-                return self._through_redis_py(conn, command)
-            try:
-                packed = pack(command)
-            except TypeError:  # an argument hiredis does not take: redis-py's packer says why
-                return self._through_redis_py(conn, command)
+                return self._through_redis_py(conn, command, packed)
             if sock is not self._tuned:
                 self._tune(sock)
             return self._round_trip(conn, sock, packed)
@@ -178,14 +180,12 @@ class _Lane:
         finally:
             lock.release()
 
-    def _through_redis_py(self, conn: Any, command: tuple[Any, ...]) -> Any:
-        """The call through redis-py's own send and read, on the lane's connection."""
+    def _through_redis_py(self, conn: Any, command: tuple[Any, ...], packed: bytes | None) -> Any:
+        """The call through redis-py's own send and read, on the lane's connection
+        (``packed``: the lane's packing, else redis-py packs it)."""
         self._untune()
-        packed = None
-        if self._pack is not None:
-            with contextlib.suppress(TypeError):  # redis-py's packer then says why
-                packed = [self._pack(command)]  # one buffer, as redis-py's packer gives
-        conn.send_packed_command(packed if packed is not None else conn.pack_command(*command))
+        # One buffer, as redis-py's packer gives.
+        conn.send_packed_command([packed] if packed is not None else conn.pack_command(*command))
         return conn.read_response()
 
     def _tune(self, sock: socket.socket) -> None:
