@@ -91,13 +91,14 @@ class DecisionRecorder(Collector):
         """The two families as they are now."""
         decisions, durations = self._families()
         with self._lock:
-            counts = sorted(self._counts.items(), key=lambda kv: _label_key(kv[0]))
-            created = dict(self._created)
+            counts = []
+            for key, n in self._counts.items():
+                cls, outcome, reason = key
+                labels = [cls, str(getattr(outcome, "value", outcome)), reason]
+                counts.append((labels, n, self._created[key]))
             hists = [(c, list(h.counts), h.sum) for c, h in sorted(self._durations.items())]
-        for key, n in counts:
-            cls, outcome, reason = key
-            labels = [cls, str(getattr(outcome, "value", outcome)), reason]
-            decisions.add_metric(labels, n, created=created[key])
+        for labels, n, created in sorted(counts):
+            decisions.add_metric(labels, n, created=created)
         for cls, bucket_counts, total in hists:
             cumulative, buckets = 0, []
             for bound, n in zip(self._bounds, bucket_counts, strict=True):
@@ -106,11 +107,6 @@ class DecisionRecorder(Collector):
             durations.add_metric([cls], buckets, total)
         yield decisions
         yield durations
-
-
-def _label_key(key: tuple[str, Hashable, str]) -> tuple[str, str, str]:
-    cls, outcome, reason = key
-    return cls, str(getattr(outcome, "value", outcome)), reason
 
 
 def _le(bound: float) -> str:
