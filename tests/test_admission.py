@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from gpugate import (
     AdmissionRejected,
     AdmissionTimeout,
+    ConfigError,
     Gate,
     NoGpuSampler,
     Outcome,
@@ -171,6 +174,14 @@ class TestPlacement:
         gate = make_gate(policy())
         with pytest.raises(UsageError, match="interactive"):
             gate.try_admit("nope", vram=1)
+        # The same message from a decision and from an override, with a "did you mean".
+        for call in (lambda: gate.try_admit("batchh", vram=1), lambda: gate.pause("batchh")):
+            with pytest.raises(UsageError) as caught:
+                call()
+            assert str(caught.value) == (
+                f'pool "{gate.pool}": unknown class "batchh"; did you mean "batch"? '
+                'this policy defines "interactive", "batch"'
+            )
 
     def test_insisting_on_a_device_places_there_or_defers(
         self, make_gate: Callable[..., Gate]
@@ -353,12 +364,74 @@ class TestOverrides:
         assert gate.try_admit("notebook", vram=1).reason == "paused"
         assert gate.try_admit("interactive", vram=1).outcome is Outcome.ADMIT
 
+    def test_drain_keeps_every_class_that_ties_for_the_highest_priority(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        pol = policy(a={"priority": 100}, b={"priority": 100}, c={"priority": 1})
+        assert pol.highest_classes == ("a", "b")
+        assert pol.highest_class == "a"
+        gate = make_gate(pol)
+        gate.drain(duration="5m")
+        assert gate.try_admit("c", vram=1).reason == "paused"
+        assert gate.try_admit("a", vram=1).outcome is Outcome.ADMIT
+        assert gate.try_admit("b", vram=1).outcome is Outcome.ADMIT
+
     def test_overriding_an_unknown_class_is_a_usage_error(
         self, make_gate: Callable[..., Gate]
     ) -> None:
         gate = make_gate(policy())
         with pytest.raises(UsageError):
             gate.pause("nope")
+
+    @pytest.mark.parametrize("zero", [0, 0.0, "0s", "0ms", "0m0s"])
+    def test_an_override_for_zero_time_is_refused_not_made_permanent(
+        self, make_gate: Callable[..., Gate], zero: float | str
+    ) -> None:
+        # 0 ms is the scripts' "no expiry": "for 0s" must not mean "forever".
+        gate = make_gate(policy())
+        for call in (
+            lambda: gate.pause("batch", duration=zero),
+            lambda: gate.cap("batch", 1, duration=zero),
+            lambda: gate.drain(duration=zero),
+        ):
+            with pytest.raises(ConfigError, match="is zero"):
+                call()
+        assert gate.overrides() == {"pause": {}, "cap": {}}
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+
+    def test_an_override_shorter_than_a_millisecond_lasts_one(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy(), _clock_ms=clock)
+        gate.pause("batch", duration=0.0001)
+        assert gate.try_admit("batch", vram=1).retry_after == 0.001
+        clock.advance(0.001)
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+
+    def test_an_override_records_who_as_user_at_host_by_default(
+        self, make_gate: Callable[..., Gate], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("LOGNAME", "oncall")
+        gate = make_gate(policy())
+        gate.pause("batch", duration="1m")
+        assert gate.overrides()["pause"]["batch"]["who"] == f"oncall@{socket.gethostname()}"
+        gate.pause("batch", duration="1m", who="pager")
+        assert gate.overrides()["pause"]["batch"]["who"] == "pager"
+
+    def test_a_cap_at_or_above_the_policys_warns_that_it_changes_nothing(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 3}))
+        with capture_logs() as logs:
+            gate.cap("batch", 2)
+        assert not [e for e in logs if e["event"] == "cap_changes_nothing"]
+        with capture_logs() as logs:
+            gate.cap("batch", 3)
+        (warned,) = [e for e in logs if e["event"] == "cap_changes_nothing"]
+        assert (warned["log_level"], warned["n"], warned["policy_cap"]) == ("warning", 3, 3)
 
 
 class TestPriority:

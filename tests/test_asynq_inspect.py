@@ -554,10 +554,16 @@ class TestPause:
         assert client.exists("asynq:{default}:paused")
         assert not client.exists("gpugate:asynq:{default}:pause")
 
-    def test_a_pause_shorter_than_a_millisecond_is_refused(self, client: redis.Redis) -> None:
-        with pytest.raises(ConfigError, match="at least 1ms"):
-            pause_queue(client, "default", duration=0)
+    def test_a_zero_pause_is_refused(self, client: redis.Redis) -> None:
+        # 0 ms is the scripts' "no expiry": a pause "for 0s" must not last forever.
+        for zero in (0, "0s", "0ms"):
+            with pytest.raises(ConfigError, match="is zero"):
+                pause_queue(client, "default", duration=zero)
         assert not client.exists("asynq:{default}:paused")
+
+    def test_a_pause_shorter_than_a_millisecond_lasts_one(self, client: redis.Redis) -> None:
+        result = pause_queue(client, "default", duration=0.0004)
+        assert (result.outcome, result.until_ms - result.now_ms) == ("paused", 1)
 
 
 @pytest.fixture(scope="module")

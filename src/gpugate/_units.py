@@ -113,22 +113,51 @@ def parse_size(
 
 
 def parse_duration(
-    value: str | int | float, *, key: str | None = None, source: str | None = None
+    value: str | int | float,
+    *,
+    key: str | None = None,
+    source: str | None = None,
+    positive: bool = False,
 ) -> float:
     """Return the number of seconds *value* stands for.
 
     *value* is a number of seconds (``30``, ``0.5``), or a string of parts each
     made of a number and a unit -- ``ms``, ``s``, ``m`` or ``min``, ``h``, ``d``
     -- largest first: ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``.  A string
-    of digits alone is seconds.  *key* and *source* name where the value came
+    of digits alone is seconds.  With *positive*, zero is refused too (a
+    lifetime or an interval).  *key* and *source* name where the value came
     from in the :class:`~gpugate.ConfigError` raised when it is not a duration.
     """
     try:
         if isinstance(value, str):
-            return _duration_from_text(value)
-        return float(_non_negative(value, "duration", _DURATION_HINT))
+            seconds = _duration_from_text(value)
+        else:
+            seconds = float(_non_negative(value, "duration", _DURATION_HINT))
+        if positive and seconds == 0:
+            raise _Invalid(f"{quote(value)} is zero; it must be longer than that")
+        return seconds
     except _Invalid as err:
         raise ConfigError(str(err), source=source, key=key, value=value) from None
+
+
+def lifetime_ms(duration: str | int | float | None, *, key: str = "duration") -> int:
+    """How long a setting that reverts by itself lasts, in whole milliseconds.
+
+    ``None`` is 0, the scripts' "no expiry" (until lifted). Any other value
+    is a duration longer than zero (zero would read as "no expiry", the
+    opposite of what it says), rounded up so that it never becomes 0.
+    """
+    if duration is None:
+        return 0
+    seconds = parse_duration(duration, key=key)
+    if seconds == 0:
+        raise ConfigError(
+            f"{quote(duration)} is zero: a setting that reverts by itself lasts longer than "
+            "that; leave the duration out for one that lasts until lifted",
+            key=key,
+            value=duration,
+        )
+    return max(1, math.ceil(seconds * 1000))
 
 
 def parse_rate(

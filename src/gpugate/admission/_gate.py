@@ -36,7 +36,7 @@ from .._exceptions import (
     UsageError,
 )
 from .._logging import Throttle
-from .._units import format_size, parse_duration, parse_size
+from .._units import format_size, lifetime_ms, parse_duration, parse_size, quote
 from .._version import __version__
 from ..metrics import Metrics, default_metrics
 from ..policy import Policy
@@ -517,11 +517,7 @@ class Gate:
                     self.sync_policy()
                     continue
                 if "unknown_class" in msg:
-                    known = sorted(self.effective_policy.classes)
-                    raise UsageError(
-                        f"class {args[2]!r} is not in pool {self.pool!r}'s policy; "
-                        f"known classes: {', '.join(known)}"
-                    ) from None
+                    raise self._unknown_class(args[2]) from None
                 raise BackendError(
                     f"the admission script failed on {self.redis_url}: {msg}"
                 ) from exc
@@ -936,10 +932,25 @@ class Gate:
         reason: str = "",
         who: str | None = None,
     ) -> dict[str, Any]:
-        """Lower ``cls``'s pool-wide cap to ``n`` (never raises it) until ``duration`` passes."""
+        """Lower ``cls``'s pool-wide cap to ``n`` until ``duration`` passes.
+
+        A runtime cap never raises the policy's: one at or above it changes
+        nothing, and the gate logs a warning (``cap_changes_nothing``).
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError("a cap is a whole number >= 0", key="n", value=n)
-        return self._override("cap", cls, n, duration, reason, who)
+        reply = self._override("cap", cls, n, duration, reason, who)
+        cp = self.effective_policy.classes.get(cls)
+        configured = None if cp is None else cp.max_concurrent
+        if configured is not None and n >= configured:
+            log.warning(
+                "cap_changes_nothing",
+                cls=cls,
+                n=n,
+                policy_cap=configured,
+                fix="a runtime cap only lowers the policy's; apply a new policy to raise it",
+            )
+        return reply
 
     def uncap(self, cls: str, *, who: str | None = None) -> dict[str, Any]:
         """Remove a runtime cap of ``cls``."""
@@ -953,13 +964,14 @@ class Gate:
         reason: str = "",
         who: str | None = None,
     ) -> dict[str, Any]:
-        """Pause ``cls``, or with no class every class but the highest."""
+        """Pause ``cls``, or with no class every class but the highest (all the
+        classes that share the highest priority keep running)."""
         if cls is not None:
             return self.pause(cls, duration=duration, reason=reason or "drain", who=who)
         policy = self.effective_policy
         result: dict[str, Any] = {}
         for name in policy.classes:
-            if name != policy.highest_class:
+            if name not in policy.highest_classes:
                 result = self.pause(name, duration=duration, reason=reason or "drain", who=who)
         return result
 
@@ -977,8 +989,8 @@ class Gate:
         reason: str,
         who: str | None,
     ) -> dict[str, Any]:
-        for_ms = 0 if duration is None else round(parse_duration(duration, key="duration") * 1000)
-        who = who or f"{os.environ.get('USER', 'unknown')}@{self.owner.split(':')[0]}"
+        for_ms = lifetime_ms(duration)
+        who = who or _process.operator_name()
         try:
             raw = self._call(
                 self._scripts.set_override,
@@ -987,10 +999,7 @@ class Gate:
             )
         except redis.ResponseError as exc:
             if "unknown_class" in str(exc):
-                known = ", ".join(self.effective_policy.classes)
-                raise UsageError(
-                    f"class {cls!r} is not in pool {self.pool!r}'s policy; known: {known}"
-                ) from None
+                raise self._unknown_class(cls) from None
             raise BackendError(str(exc)) from exc
         log.info(
             "override_set",
@@ -1004,6 +1013,14 @@ class Gate:
         return json.loads(raw)  # type: ignore[no-any-return]
 
     # -- plumbing ---------------------------------------------------------------
+
+    def _unknown_class(self, cls: str) -> UsageError:
+        """The error for a class the pool's policy does not define ("did you mean" included)."""
+        try:
+            self.effective_policy.class_policy(cls)
+        except UsageError as exc:
+            return UsageError(f"pool {quote(self.pool)}: {exc}")
+        return UsageError(f"pool {quote(self.pool)}: its policy has no class {quote(cls)}")
 
     def _now_arg(self) -> int:
         return self._clock_ms() if self._clock_ms is not None else 0

@@ -27,8 +27,7 @@ from typing import Literal
 
 import structlog
 
-from .._exceptions import ConfigError
-from .._units import parse_duration
+from .._units import lifetime_ms
 from ..state._connect import Client
 from ._keys import AsynqKeys, decode
 from ._run import run_script
@@ -101,13 +100,7 @@ def pause_queue(
     its second.
     """
     keys = AsynqKeys(queue)
-    for_ms = 0 if duration is None else round(parse_duration(duration, key="duration") * 1000)
-    if duration is not None and for_ms <= 0:
-        raise ConfigError(
-            "a pause lasts at least 1ms; leave the duration out for a pause without expiry",
-            key="duration",
-            value=duration,
-        )
+    for_ms = lifetime_ms(duration)
     outcome, value, until_ms, now = run_script(
         client,
         "asynq_pause_queue",

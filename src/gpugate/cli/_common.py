@@ -7,13 +7,12 @@ holds no pool to look at or to pause).
 
 from __future__ import annotations
 
-import getpass
 import os
-import socket
 import sys
 import time
 from typing import IO, TYPE_CHECKING, Any
 
+from .. import _process
 from .._exceptions import UsageError
 from .._units import format_duration, format_size
 from ..state._connect import REDIS_URL_ENVS, Client, connect, resolve_redis_url
@@ -99,13 +98,7 @@ def open_gate(explicit_url: str | None, pool: str | None) -> Gate:
 
 def who_am_i(explicit: str | None) -> str:
     """Who sets an override: ``--who``, else ``user@host``."""
-    if explicit:
-        return explicit
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    return explicit or _process.operator_name()
 
 
 # -- printing -------------------------------------------------------------------

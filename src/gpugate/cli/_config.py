@@ -39,6 +39,6 @@ def check_config(path: str) -> int:
         parts.append(f"no_gpu {c.no_gpu}")
         if c.queues:
             parts.append(f"Asynq queues {', '.join(c.queues)}")
-        top = " (highest: kept running by `gpugate drain`)" if name == p.highest_class else ""
+        top = " (highest: kept running by `gpugate drain`)" if name in p.highest_classes else ""
         out(f"  class {name}: {', '.join(parts)}{top}")
     return 0

@@ -137,16 +137,21 @@ def run_drain(args: argparse.Namespace) -> int:
             policy.class_policy(args.cls)
             classes = [args.cls]
         else:
-            classes = [name for name in policy.classes if name != policy.highest_class]
+            top = policy.highest_classes
+            classes = [name for name in policy.classes if name not in top]
             if not classes:
+                what = f"one class ({top[0]})" if len(top) == 1 else "only classes of one priority"
                 raise UsageError(
-                    f"pool {gate.pool!r} has one class ({policy.highest_class}); "
-                    "drain keeps the highest class running, so there is nothing to drain; "
+                    f"pool {gate.pool!r} has {what}; drain keeps the highest-priority "
+                    "classes running, so there is nothing to drain; "
                     "use `gpugate pause --all` to stop everything"
                 )
         status = _pause_classes(gate, classes, args, reason=args.reason or "drain")
         if args.cls is None:
-            out(f"{policy.highest_class} (the highest class) keeps running")
+            if len(top) == 1:
+                out(f"{top[0]} (the highest class) keeps running")
+            else:
+                out(f"{', '.join(top)} (the highest priority, {len(top)} classes) keep running")
     return status
 
 

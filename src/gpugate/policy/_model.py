@@ -266,6 +266,7 @@ class Policy:
     pool: PoolSettings
     classes: Mapping[str, ClassPolicy]
     _version: str = dataclasses.field(init=False, repr=False, compare=False)
+    _highest: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.pool, PoolSettings):
@@ -292,6 +293,8 @@ class Policy:
         _check_queues_unshared(ordered)
         _set(self, "classes", types.MappingProxyType(dict(ordered)))
         _set(self, "_version", _digest(self.to_wire()))
+        top = ordered[0][1].priority
+        _set(self, "_highest", tuple(name for name, c in ordered if c.priority == top))
 
     def __hash__(self) -> int:
         return hash((self.pool, tuple(self.classes.values())))
@@ -356,9 +359,18 @@ class Policy:
         return self._version
 
     @property
+    def highest_classes(self) -> tuple[str, ...]:
+        """The classes that share the highest priority (usually one), in order.
+
+        ``drain`` keeps them all running, and status holds them all to the
+        highest class's wait limits.
+        """
+        return self._highest
+
+    @property
     def highest_class(self) -> str:
-        """The name of the class with the highest priority; ties go to the first name."""
-        return next(iter(self.classes))
+        """The first of :attr:`highest_classes` (the only one, unless priorities tie)."""
+        return self._highest[0]
 
     def class_policy(self, name: str) -> ClassPolicy:
         """Return the policy of class *name*.

@@ -635,9 +635,9 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     if stale:
         oldest = max(d.sample_age_s(now) for d in view.devices) if view.devices else 0.0
         degraded.append(f"no fresh GPU sample (newest is {format_duration(round(oldest))} old)")
-    top = view.policy.highest_class
+    top = view.policy.highest_classes
     for name, c in view.classes.items():
-        limit = TOP_CLASS_WAIT_S if name == top else OTHER_CLASS_WAIT_S
+        limit = TOP_CLASS_WAIT_S if name in top else OTHER_CLASS_WAIT_S
         if c.waiters and c.oldest_wait_s >= limit:
             why = max(c.waiting_by_reason, key=lambda r: c.waiting_by_reason[r])
             degraded.append(f"{name} waits {_short(c.oldest_wait_s)} ({why})")

@@ -107,12 +107,12 @@ def read_pool_queues(
         # (asynq:queues) of the wrong type; that must not break a scrape either.
         return QueuesView(error=f"cannot read Asynq's queue registry: {exc}")
     before = previous or {}
-    top = policy.highest_class
+    top = policy.highest_classes
     views = []
     for queue, stats in readings.items():
         cls = owners[queue]
         rate = throughput(stats, before.get(queue))
-        limit = TOP_CLASS_WAIT_S if cls == top else OTHER_CLASS_WAIT_S
+        limit = TOP_CLASS_WAIT_S if cls in top else OTHER_CLASS_WAIT_S
         views.append(
             QueueView(
                 stats=stats,
