@@ -25,6 +25,23 @@ def gpugate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
+def gpugate_into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run gpugate with its stdout a pipe whose reader has gone (`gpugate … | head -1`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "gpugate", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+    finally:
+        os.close(write_end)
+
+
 class TestDemo:
     """The demo runs on the embedded Redis and ends with an OOM-free summary."""
 
@@ -38,6 +55,10 @@ class TestDemo:
         assert "PAUSE  batch" in out
         assert "paused" in out
         assert "OOMs: 0" in out
+        # Plain admits are not printed: an ADMIT line is one that waited first.
+        admits = [line for line in out.splitlines() if " ADMIT " in line]
+        assert admits
+        assert all("after waiting" in line for line in admits), admits
         # The embedded Redis stays up for the host's other processes until stopped.
         assert gpugate("embedded", "status").returncode == 0
         assert gpugate("embedded", "stop").stdout.strip() == "stopped"
@@ -53,6 +74,13 @@ class TestDemo:
         for dev, peak in report.peak_used.items():
             assert peak <= report.totals[dev]
 
+    @pytest.mark.parametrize(("option", "value"), [("--workers", "0"), ("--seconds", "0s")])
+    def test_a_demo_that_would_do_nothing_is_refused(self, option: str, value: str) -> None:
+        result = gpugate("demo", option, value)
+        assert result.returncode == 2
+        assert result.stderr.startswith("gpugate demo: error:")
+        assert value in result.stderr
+
 
 class TestPolicyCommands:
     """policy check/apply/show, and errors that are one line."""
@@ -63,6 +91,36 @@ class TestPolicyCommands:
         result = gpugate("policy", "check", str(f))
         assert result.returncode == 0
         assert "ok" in result.stdout
+
+    def test_policy_check_says_what_config_check_says(self, tmp_path: Path) -> None:
+        f = tmp_path / "gpugate.toml"
+        f.write_text('[classes.batch]\npriority = 10\nrate = "5/s"\n')
+        policy_check = gpugate("policy", "check", str(f))
+        assert policy_check.stdout == gpugate("config", "check", str(f)).stdout
+        assert "pool: lease_ttl" in policy_check.stdout
+        assert "class batch: priority 10, rate 5/s" in policy_check.stdout
+
+    def test_show_on_a_pool_without_a_policy_is_a_one_line_error(
+        self, redis_server: RedisProcess, pool_name: str
+    ) -> None:
+        result = gpugate("--redis-url", redis_server.url, "--pool", pool_name, "policy", "show")
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"gpugate: error: pool {pool_name!r} has no policy yet: "
+            "`gpugate policy apply FILE` sets one\n"
+        )
+
+    def test_output_into_a_closed_pipe_ends_quietly(
+        self, redis_server: RedisProcess, pool_name: str, tmp_path: Path
+    ) -> None:
+        f = tmp_path / "gpugate.toml"
+        f.write_text("[classes.batch]\npriority = 10\n")
+        target = ("--redis-url", redis_server.url, "--pool", pool_name)
+        assert gpugate(*target, "policy", "apply", str(f)).returncode == 0
+        for args in (("policy", "show"), ("status",), ("config", "check", str(f))):
+            result = gpugate_into_a_closed_pipe(*target, *args)
+            # As a command that SIGPIPE ended: 128 + 13, and nothing on stderr.
+            assert (result.returncode, result.stderr) == (141, ""), args
 
     def test_a_bad_file_is_one_line_naming_file_key_and_value(self, tmp_path: Path) -> None:
         f = tmp_path / "gpugate.toml"

@@ -599,6 +599,25 @@ class TestOverrideCommands:
         assert gate.try_admit("notebook", vram="1GiB").admitted
         assert gpugate("resume").out.strip() == f"nothing is paused in pool {gate.pool}"
 
+    def test_drain_keeps_every_class_tied_for_the_highest_priority(
+        self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]
+    ) -> None:
+        tied = {"classes": {"a": {"priority": 100}, "b": {"priority": 100}, "c": {"priority": 1}}}
+        gate = make_gate(policy=tied)
+        run = gpugate("drain", "--for", "10m")
+        assert run.code == 0, run.err
+        assert "a, b (the highest priority, 2 classes) keep running" in run.out
+        assert gate.try_admit("c", vram="1GiB").reason == "paused"
+        assert gate.try_admit("b", vram="1GiB").admitted
+
+    def test_drain_with_every_class_of_one_priority_has_nothing_to_drain(
+        self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]
+    ) -> None:
+        make_gate(policy={"classes": {"a": {"priority": 5}, "b": {"priority": 5}}})
+        line = one_line_error(gpugate("drain"))
+        assert "only classes of one priority" in line
+        assert "pause --all" in line
+
     def test_cap_lowers_the_cap_shows_the_policys_and_uncap_restores_it(
         self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]
     ) -> None:
@@ -640,8 +659,22 @@ class TestOverrideCommands:
             (("cap", "batch", "-1"), "not a whole number"),
             (("cap", "batch"), "required"),
             (("metrics", "--port", "70000"), "not a TCP port"),
+            # 0 would be the scripts' "no expiry": "for 0s" must not mean "forever".
+            (("pause", "batch", "--for", "0s"), '"0s" is zero'),
+            (("cap", "batch", "1", "--for", "0"), '"0" is zero'),
+            (("drain", "--for", "0ms"), '"0ms" is zero'),
+            (("status", "--watch", "0"), '"0" is zero'),
         ],
-        ids=["duration", "negative-cap", "missing-n", "port"],
+        ids=[
+            "duration",
+            "negative-cap",
+            "missing-n",
+            "port",
+            "pause-for-0",
+            "cap-for-0",
+            "drain-for-0",
+            "watch-0",
+        ],
     )
     def test_bad_arguments_are_one_line(
         self, gpugate: Callable[..., Run], args: tuple[str, ...], needle: str
@@ -698,6 +731,9 @@ class TestLeasesCommand:
         assert d.lease.lost
         assert view().classes["batch"].released == {"expired_by_operator": 1}
         assert "no live leases" in gpugate("leases").out
+        # Status counts it, beside the leases that expired unrenewed.
+        (row,) = [line for line in gpugate("status").out.splitlines() if line.startswith("batch ")]
+        assert row.rstrip().endswith("0 +1 by operator"), row
 
     def test_expiring_an_unknown_lease_is_one_line(
         self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]

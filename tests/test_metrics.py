@@ -287,6 +287,13 @@ class TestEndpoint:
         assert 'gpugate_decisions_total{class="batch",outcome="admit",reason="ok"} 1.0' in body
         assert f'gpugate_pool_up{{pool="{gate.pool}"}} 1.0' in body
 
+    def test_a_server_on_every_interface_gives_a_url_a_client_can_use(self, gate: Gate) -> None:
+        with start_metrics_server(0, registry=gate.metrics.registry) as server:
+            assert server.every_interface
+            assert server.url == f"http://127.0.0.1:{server.port}/metrics"
+            body = urllib.request.urlopen(server.url, timeout=10).read().decode()
+        assert "gpugate_decisions_total" in body
+
     def test_gpugate_metrics_serves_the_pool_logs_json_and_stops_on_sigterm(
         self, gate: Gate, redis_url: str, pool_name: str
     ) -> None:

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -20,8 +21,8 @@ from typing import NoReturn
 import structlog
 
 from .. import __version__
-from .._exceptions import ConfigError, GpugateError
-from .._units import parse_duration
+from .._exceptions import ConfigError, GpugateError, UsageError
+from .._units import lifetime_ms, parse_duration
 
 LOG_FORMAT_ENV = "GPUGATE_LOG_FORMAT"
 
@@ -61,10 +62,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _duration(text: str) -> float:
+    """A duration longer than zero (an interval, a run time)."""
     try:
+        return parse_duration(text, positive=True)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _lifetime(text: str) -> float:
+    """How long an override lasts: longer than zero, which would mean "no expiry"."""
+    try:
+        lifetime_ms(text)
         return parse_duration(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    n = _count(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return n
 
 
 def _count(text: str) -> int:
@@ -91,12 +109,28 @@ def _override_options(p: argparse.ArgumentParser, *, duration: bool = True) -> N
         p.add_argument(
             "--for",
             dest="duration",
-            type=_duration,
+            type=_lifetime,
             metavar="DURATION",
             help='revert by itself after this long ("30m", "2h"); without it, until undone',
         )
         p.add_argument("--reason", default="", help="why (shown in status and logs)")
     p.add_argument("--who", help="who sets it (default: user@host)")
+
+
+# Where the pool is: options of gpugate and of each command that reads a pool.
+_WHERE_OPTIONS = (
+    (
+        "--redis-url",
+        "Redis holding the pool (default: $GPUGATE_REDIS_URL, $REDIS_URL, "
+        "else the embedded Redis of this host)",
+    ),
+    ("--pool", "pool name (default: $GPUGATE_POOL or 'default')"),
+    (
+        "--asynq-redis-url",
+        "Redis holding the Asynq queues of the pool's classes "
+        "(default: $GPUGATE_ASYNQ_REDIS_URL, else the pool's Redis)",
+    ),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,23 +146,15 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help=f"log lines as JSON or for people (default: ${LOG_FORMAT_ENV}, else by terminal)",
     )
-    p.add_argument(
-        "--redis-url",
-        help="Redis holding the pool (default: $GPUGATE_REDIS_URL, $REDIS_URL, "
-        "else the embedded Redis of this host)",
-    )
-    p.add_argument("--pool", help="pool name (default: $GPUGATE_POOL or 'default')")
-    p.add_argument(
-        "--asynq-redis-url",
-        help="Redis holding the Asynq queues of the pool's classes "
-        "(default: $GPUGATE_ASYNQ_REDIS_URL, else the pool's Redis)",
-    )
+    for option, text in _WHERE_OPTIONS:
+        p.add_argument(option, help=text)
     # The same options after the command (`gpugate status --pool p`); SUPPRESS
     # keeps a value given before the command when they are not repeated.
     where = _Parser(add_help=False)
-    where.add_argument("--redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    where.add_argument("--pool", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    where.add_argument("--asynq-redis-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for option, text in _WHERE_OPTIONS:
+        where.add_argument(
+            option, default=argparse.SUPPRESS, help=f"{text}; also accepted before the command"
+        )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="workers of two classes compete for two simulated GPUs")
@@ -136,7 +162,10 @@ def _parser() -> argparse.ArgumentParser:
         "--seconds", type=_duration, default=10.0, help="how long to run (default 10s)"
     )
     demo.add_argument(
-        "--workers", type=int, default=6, help="worker threads, half of each class (default 6)"
+        "--workers",
+        type=_positive,
+        default=6,
+        help="worker threads, half of each class (default 6)",
     )
     demo.add_argument("--seed", type=int, default=7, help="random seed of the workload")
 
@@ -190,7 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     _override_options(resume, duration=False)
 
     drain = sub.add_parser(
-        "drain", parents=[where], help="pause every class but the highest (or one CLASS)"
+        "drain",
+        parents=[where],
+        help="pause every class but the highest-priority one(s), or one CLASS",
     )
     drain.add_argument("cls", nargs="?", metavar="CLASS")
     _override_options(drain)
@@ -257,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`gpugate status | head -3`): stop
+        # quietly, with the status of a command that SIGPIPE ended, and keep the
+        # interpreter's last flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as exc:
         # A bug, not a mistake of the user's: still one line, the traceback with -v.
         if args.verbose:
@@ -333,9 +370,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ..policy import Policy
 
         if args.action == "check":
-            p = Policy.from_file(args.file)
-            print(f"{args.file}: ok, version {p.version}, classes {', '.join(p.classes)}")
-            return 0
+            from ._config import check_config
+
+            return check_config(args.file)
         from ..admission import Gate
 
         if args.action == "apply":
@@ -347,8 +384,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         with Gate(args.redis_url, pool=args.pool, register=False) as gate:
             stored = gate.read_pool_policy()
             if stored is None:
-                print(f"pool {gate.pool} has no policy yet: `gpugate policy apply FILE` sets one")
-                return 1
+                raise UsageError(
+                    f"pool {gate.pool!r} has no policy yet: `gpugate policy apply FILE` sets one"
+                )
             print(
                 json.dumps(
                     {"pool": gate.pool, "version": stored.version, "policy": stored.to_dict()},

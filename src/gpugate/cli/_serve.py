@@ -142,7 +142,8 @@ def run_metrics(
         url=server.url,
     )
     # The one line a script (or a person) waits for; the port matters with --port 0.
-    print(f"serving pool {name} on {server.url}", flush=True)
+    where = " (listening on every interface)" if server.every_interface else ""
+    print(f"serving pool {name} on {server.url}{where}", flush=True)
     try:
         while not stop.wait(1.0):
             pass

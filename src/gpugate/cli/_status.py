@@ -214,6 +214,12 @@ def _bar(st: Style, used: int, committed: int, total: int) -> str:
     return "[" + paint("█" * u + "▒" * (c - u)) + st.dim("░" * (BAR_WIDTH - c)) + "]"
 
 
+def _expired_cell(expired: int, by_operator: int) -> str:
+    """Leases whose holder stopped renewing them, and those an operator ended
+    (``gpugate leases --expire``): neither was released by its holder."""
+    return str(expired) + (f" +{by_operator} by operator" if by_operator else "")
+
+
 def _table(rows: list[list[str]]) -> list[str]:
     """Left-aligned columns; cells may hold ANSI codes (widths count visible text)."""
     widths = [max(len(_ANSI.sub("", r[i])) for r in rows) for i in range(len(rows[0]))]
@@ -358,7 +364,7 @@ def render(
                 oldest,
                 str(c.admitted),
                 ended,
-                str(c.expired),
+                _expired_cell(c.expired, c.released.get("expired_by_operator", 0)),
             ]
             if rate is not None:
                 row += [f"{rate.admitted.get(name, 0):.1f}", f"{rate.done.get(name, 0):.1f}"]

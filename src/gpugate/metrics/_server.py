@@ -41,6 +41,10 @@ class _Quiet(WSGIRequestHandler):
         """Scrapes are not worth a log line each."""
 
 
+# Wildcard bind addresses and the loopback address that reaches each.
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
 class MetricsServer:
     """A running endpoint: ``url``, ``port``; :meth:`close` stops it."""
 
@@ -58,9 +62,17 @@ class MetricsServer:
         self._thread.start()
 
     @property
+    def every_interface(self) -> bool:
+        """Whether it listens on every interface (``0.0.0.0``, ``::`` or ``""``)."""
+        return self.addr in _WILDCARDS
+
+    @property
     def url(self) -> str:
-        """Where Prometheus scrapes it."""
-        host = f"[{self.addr}]" if ":" in self.addr else self.addr
+        """A URL that reaches it from this host: on the address it listens on,
+        or on the loopback address when it listens on every interface (a
+        wildcard address is not one a client can connect to)."""
+        addr = _WILDCARDS.get(self.addr, self.addr)
+        host = f"[{addr}]" if ":" in addr else addr
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:

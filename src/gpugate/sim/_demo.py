@@ -5,7 +5,8 @@ would have), all on one pool of a real Redis (the embedded one by default)
 and one :class:`SimulatedSampler`, so a job's memory shows in the samples once
 it "allocates". Midway an operator pauses ``batch`` for a few seconds; the
 pause reverts by itself. The demo prints each decision that is not a plain
-admit and ends with a summary: admissions and deferrals per class and reason,
+admit (a DEFER when its reason changes, an ADMIT that waited, a REJECT) and
+ends with a summary: admissions and deferrals per class and reason,
 the peak memory per GPU, and OOMs (jobs that would not have fit).
 """
 
@@ -118,9 +119,12 @@ class _Demo:
                 waited = time.monotonic() - asked
                 with self.lock:
                     self.report.waited_s.setdefault(cls, []).append(waited)
-                self.log(
-                    name, f"ADMIT  {format_size(vram):>6}  on GPU {d.device} after {waited:.2f}s"
-                )
+                if last_reason is not None:  # a plain admit is not news
+                    self.log(
+                        name,
+                        f"ADMIT  {format_size(vram):>6}  on GPU {d.device}"
+                        f" after waiting {waited:.2f}s",
+                    )
                 self.run_job(d.lease, d.device or 0, vram, rng.uniform(lo, hi))
                 with self.lock:
                     self.report.jobs_done[cls] += 1
@@ -223,5 +227,5 @@ def run_demo(
     for dev_uuid, total in report.totals.items():
         peak = format_size(report.peak_used.get(dev_uuid, 0))
         echo(f"  {dev_uuid:<22} peak {peak:>8} of {format_size(total)}")
-    echo(f"  OOMs: {report.ooms} (a job started where its memory did not fit)")
+    echo(f"  OOMs: {report.ooms} (jobs that started where their memory did not fit)")
     return report
