@@ -23,6 +23,7 @@ from gpugate import (
     NoGpuSampler,
     Outcome,
     Policy,
+    Reason,
     SimulatedSampler,
     UsageError,
 )
@@ -364,6 +365,21 @@ class TestOverrides:
         assert gate.try_admit("notebook", vram=1).reason == "paused"
         assert gate.try_admit("interactive", vram=1).outcome is Outcome.ADMIT
 
+    def test_a_paused_class_keeps_its_reason_when_nothing_fits_locally_either(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # The local pre-check answers only after a memory DEFER: a pause keeps its
+        # exact time left even on a host whose GPUs are full.
+        clock = FakeClock()
+        sampler = SimulatedSampler(["80GiB"])
+        sampler.set_used(0, "80GiB")
+        gate = make_gate(policy(), sampler, _clock_ms=clock)
+        gate.pause("batch", duration="10m")
+        for left in (600.0, 599.0):
+            d = gate.try_admit("batch", vram="1GiB")
+            assert (d.reason, d.retry_after, d.local) == ("paused", left, False)
+            clock.advance(1)
+
     def test_drain_keeps_every_class_that_ties_for_the_highest_priority(
         self, make_gate: Callable[..., Gate]
     ) -> None:
@@ -652,8 +668,116 @@ class TestNoGpu:
             assert d.env == {"CUDA_VISIBLE_DEVICES": ""}
 
 
+class _OneDeviceStale:
+    """A simulated host whose device ``stale`` was last read ``age_s`` ago."""
+
+    backend = "simulated"
+
+    def __init__(self, inner: SimulatedSampler, stale: int, age_s: float) -> None:
+        self.inner, self.stale, self.age_s = inner, stale, age_s
+
+    def sample(self) -> Any:
+        from dataclasses import replace
+
+        snap = self.inner.sample()
+        old = time.monotonic() - self.age_s
+        devices = tuple(
+            replace(d, taken_mono=old) if i == self.stale else d for i, d in enumerate(snap.devices)
+        )
+        return replace(snap, devices=devices)
+
+
+class TestPresence:
+    """Devices without a fresh sample, and requests that insist on one device."""
+
+    def test_a_request_only_a_stale_device_could_hold_defers_instead_of_rejecting(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Capacity does not go stale: the 80 GiB device could hold 40 GiB once it is read again.
+        sampler = _OneDeviceStale(SimulatedSampler(["80GiB", "16GiB"]), stale=0, age_s=5)
+        gate = make_gate(policy(), sampler)
+        d = gate.try_admit("batch", vram="40GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, Reason.STALE_SAMPLE)
+        with pytest.raises(AdmissionTimeout):
+            gate.admit("batch", vram="40GiB", timeout=0.3)
+        assert gate.try_admit("batch", vram="8GiB").device_uuid == sampler.inner.uuid(1)
+        assert gate.try_admit("batch", vram="100GiB").reason == Reason.TOO_LARGE
+
+    @pytest.mark.parametrize("no_gpu", ["defer", "reject", "cpu"])
+    def test_a_pinned_device_without_a_fresh_sample_defers_whatever_no_gpu_says(
+        self, make_gate: Callable[..., Gate], no_gpu: str
+    ) -> None:
+        sampler = _OneDeviceStale(SimulatedSampler(["80GiB", "80GiB"]), stale=0, age_s=5)
+        gate = make_gate(policy(batch={"priority": 10, "no_gpu": no_gpu}), sampler)
+        d = gate.try_admit("batch", vram="1GiB", device=sampler.inner.uuid(0))
+        assert (d.outcome, d.reason) == (Outcome.DEFER, Reason.STALE_SAMPLE)
+        d = gate.try_admit("batch", vram="1GiB", device=sampler.inner.uuid(1))
+        assert d.device_uuid == sampler.inner.uuid(1)
+
+    def test_a_device_this_host_does_not_have_is_a_usage_error(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        sampler = SimulatedSampler(["80GiB", "80GiB"])
+        gate = make_gate(policy(batch={"priority": 10, "no_gpu": "cpu"}), sampler)
+        known = f"its GPUs: {sampler.uuid(0)}, {sampler.uuid(1)}"
+        with pytest.raises(UsageError, match=f"not a GPU of this host; {known}"):
+            gate.try_admit("batch", vram="1GiB", device="GPU-nope")
+        with pytest.raises(UsageError, match="not a GPU of this host"):
+            gate.admit("batch", vram="1GiB", device="GPU-nope", timeout=5)
+        with pytest.raises(UsageError, match="takes a GPU uuid"):
+            gate.try_admit("batch", vram="1GiB", device=0)  # type: ignore[arg-type]
+        # With no GPU visible at all, the class's no_gpu answers as for any request.
+        blind = make_gate(policy(batch={"priority": 10, "no_gpu": "cpu"}), NoGpuSampler())
+        d = blind.try_admit("batch", vram="1GiB", device="GPU-nope")
+        assert (d.outcome, d.reason) == (Outcome.ADMIT, Reason.CPU)
+
+
+class _ManualSampler:
+    """A simulated host read only when the test says so (as a slow background sampler)."""
+
+    backend = "simulated"
+
+    def __init__(self, inner: SimulatedSampler) -> None:
+        self.inner = inner
+        self.snap = inner.sample()
+
+    def refresh(self) -> None:
+        self.snap = self.inner.sample()
+
+    def sample(self) -> Any:
+        return self.snap
+
+
 class TestBlockingAdmit:
     """admit() waits as a waiter, woken by releases; it times out clearly."""
+
+    def test_a_release_that_wakes_a_waiter_frees_its_memory_at_the_next_sample(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # The release wakes the waiter at once, but its memory counts (a ghost) until a
+        # sample taken after it: the waiter decides again at that sample, not after its
+        # timer (>= 5 s here: min(a third of the TTL, jittered, and half the waiter TTL)).
+        pol = policy(
+            {"lease_ttl": "30s", "waiter_ttl": "10s", "retry_max": "30s", "sample_max_age": "1m"}
+        )
+        sampler = _ManualSampler(SimulatedSampler(["80GiB"]))
+        holder = make_gate(pol, sampler)
+        held = holder.try_admit("batch", vram="70GiB")
+        assert held.lease is not None
+
+        def release_then_sample() -> None:
+            time.sleep(0.3)
+            held.lease.release()
+            time.sleep(0.3)
+            sampler.refresh()
+
+        t = threading.Thread(target=release_then_sample)
+        started = time.monotonic()
+        t.start()
+        with make_gate(pol, sampler).admit("batch", vram="20GiB", timeout=20):
+            waited = time.monotonic() - started
+        t.join()
+        assert 0.5 < waited < 3.0, waited
 
     def test_a_release_wakes_a_blocked_waiter(self, make_gate: Callable[..., Gate]) -> None:
         # Timers are far away (TTL 60 s, waiter TTL 60 s): only the wake-up can be this quick.
@@ -963,7 +1087,13 @@ class TestFragmentation:
         sampler.set_used(0, "20GiB")
         clock.advance(1)
         d = gate.try_admit("batch", vram="10GiB")
-        assert (d.outcome, d.reason) == (Outcome.DEFER, "fragmented")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, Reason.FRAGMENTED)
+        # An estimate: jittered (±50 % of a third of the lease TTL) so pollers spread out.
+        retries = {d.retry_after} | {
+            gate._decide("batch", 10 * GiB, "w", None, None, False).retry_after for _ in range(7)
+        }
+        assert len(retries) > 1
+        assert all(5 <= r < 15 for r in retries), retries
         assert gate.try_admit("interactive", vram="10GiB").outcome is Outcome.ADMIT
         client = redis.Redis.from_url(server.url)
         view = read_pool(client, pool_name, now_ms=clock.ms)

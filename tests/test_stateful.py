@@ -382,6 +382,7 @@ class Model:
         cap = self.effective_cap(cls, now)
 
         cand: list[tuple[int, int, int, int]] = []  # device, total, used, ts
+        fits_listed = False  # capacity does not go stale: never-fits looks at every device
         for i in range(len(self.uuids)):
             total, use, ts = DEVICE_TOTAL, used[i], now
             stored = self.samples.get(i)
@@ -392,12 +393,15 @@ class Model:
                     total, use, ts = stored
             if ts >= s_ts + 100:
                 self.samples[i] = (total, use, ts)
+            fits_listed |= total - self.margin - row.reserve_above >= vram
             if now - ts <= self.max_age:
                 cand.append((i, total, use, ts))
         if not cand:
             return defer("stale_sample", None, None, "-")
 
         if not any(total - self.margin - row.reserve_above >= vram for _, total, _, _ in cand):
+            if fits_listed:
+                return defer("stale_sample", None, None, "-")
             return Prediction("reject", "too_large")
         if cap >= 0 and self.count(cls) >= cap:
             return defer("cap", None, None, "-")

@@ -35,6 +35,7 @@ class Reason:
     CAP = "cap"
     PRIORITY = "priority"
     VRAM = "vram"
+    FRAGMENTED = "fragmented"
     RATE = "rate"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BACKEND_OPEN = "backend_open"

@@ -60,7 +60,16 @@ _SAMPLE_AGE_ARG = 12
 
 # Reasons whose retry_after is an estimate: they get jitter so that waiters
 # polling the same pool do not come back in lockstep.
-_ESTIMATED = frozenset({"cap", "priority", "vram", "no_gpu", "stale_sample"})
+_ESTIMATED = frozenset({"cap", "priority", "vram", "fragmented", "no_gpu", "stale_sample"})
+
+# A release frees its memory for the decisions that use a sample taken after
+# it (until then it counts as a ghost): a waiter woken by a release that
+# defers for one of these decides again once its sampler has read the devices
+# at least _SAMPLE_AFTER_WAKE_S after the wake-up (the script's clock is in
+# ms), polling the (local) sampler every _SAMPLE_POLL_S meanwhile.
+_FREED_AT_A_LATER_SAMPLE = frozenset({"vram", "fragmented"})
+_SAMPLE_AFTER_WAKE_S = 0.002
+_SAMPLE_POLL_S = 0.005
 
 # What "Redis is unreachable" looks like, on a single server and on a cluster
 # (CLUSTERDOWN, no node reachable, a slot not covered).
@@ -296,6 +305,8 @@ class Gate:
         released or dropped.
         """
         vram_b = parse_size(vram, key="vram")
+        if device is not None:
+            self._check_device(device)
         waiter = f"{self.owner}|{cls}|{vram_b}|{device or ''}"
         return self._decide(cls, vram_b, waiter, device, tenant, precheck=True)
 
@@ -317,7 +328,10 @@ class Gate:
         both carry the last decision.
         """
         request = _Request(self, cls, vram, timeout)
+        if device is not None:
+            self._check_device(device)
         wake = self._wake_listener()
+        woke_at = None
         while True:
             generation = wake.generation
             d = self._decide(cls, request.vram, request.waiter, device, tenant, precheck=False)
@@ -328,7 +342,15 @@ class Gate:
             except AdmissionTimeout:
                 self._forget_waiter(request.waiter)
                 raise
-            wake.wait(generation, pause)
+            if woke_at is not None and d.reason in _FREED_AT_A_LATER_SAMPLE:
+                # Woken by a release whose memory still counts: decide again
+                # as soon as the sampler has read the devices after it.
+                give_up = time.monotonic() + pause
+                while not self._sampled_after(woke_at) and time.monotonic() < give_up:
+                    time.sleep(_SAMPLE_POLL_S)
+                woke_at = None
+                continue
+            woke_at = time.monotonic() if wake.wait(generation, pause) else None
 
     def admit_async(
         self,
@@ -355,7 +377,10 @@ class Gate:
         tenant: str | None,
     ) -> Ticket:
         request = _Request(self, cls, vram, timeout)
+        if device is not None:
+            await asyncio.to_thread(self._check_device, device)
         wake = self._wake_listener()
+        woke_at = None
         while True:
             generation = wake.generation
             d = await asyncio.to_thread(
@@ -368,7 +393,17 @@ class Gate:
             except AdmissionTimeout:
                 await asyncio.to_thread(self._forget_waiter, request.waiter)
                 raise
-            await wake.wait_async(generation, pause)
+            if woke_at is not None and d.reason in _FREED_AT_A_LATER_SAMPLE:
+                # As in admit(): decide again once the devices were read after the release.
+                give_up = time.monotonic() + pause
+                while time.monotonic() < give_up and not await asyncio.to_thread(
+                    self._sampled_after, woke_at
+                ):
+                    await asyncio.sleep(_SAMPLE_POLL_S)
+                woke_at = None
+                continue
+            woke = await wake.wait_async(generation, pause)
+            woke_at = time.monotonic() if woke else None
 
     def _decide(
         self,
@@ -486,7 +521,8 @@ class Gate:
                 expires_ms=int(expires_ms),
             )
             self._hold(lease)
-        elif out is Outcome.DEFER and precheck:
+        elif out is Outcome.DEFER and precheck and reason == Reason.VRAM:
+            # Only a memory DEFER: the local free memory stands in for its cause.
             self._recent_defer[(cls, vram, device or "")] = time.monotonic()
         admitted = out is Outcome.ADMIT
         return make_decision(
@@ -538,6 +574,24 @@ class Gate:
         if device is not None:
             frees = [d.free for d in snap.devices if d.uuid == device]
         return not _speedups.precheck_fits(frees, vram, pool.safety_margin)
+
+    def _check_device(self, device: object) -> None:
+        """A request may insist on a GPU of this host, named by its uuid.
+
+        Raises :class:`UsageError` for anything else while this host sees
+        GPUs (with none visible, the class's ``no_gpu`` answers).
+        """
+        if not isinstance(device, str):
+            raise UsageError(f"device= takes a GPU uuid (a Decision's device_uuid), not {device!r}")
+        snap = self.sampler.sample()
+        if snap.devices and snap.by_uuid(device) is None and device not in snap.quarantined:
+            known = ", ".join(d.uuid for d in snap.devices)
+            raise UsageError(f"device {device!r} is not a GPU of this host; its GPUs: {known}")
+
+    def _sampled_after(self, woke_at: float) -> bool:
+        """Whether the sampler has read the devices since a wake-up at ``woke_at``
+        (monotonic), by enough that the script's millisecond clock sees it."""
+        return self.sampler.sample().taken_mono >= woke_at + _SAMPLE_AFTER_WAKE_S
 
     def _estimate_s(self) -> float:
         """The scripts' estimated retry: a third of a lease TTL, capped."""

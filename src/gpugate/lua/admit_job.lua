@@ -28,7 +28,10 @@
 --                      minute (minute = ms // 60000), expiring after 16 min
 --   P ghosts     zset  "<uuid>\t<id>" -> release ms, ghosts not yet ended
 --
--- Order: reap expired leases; pause; GPU presence; never fits (REJECT);
+-- Order: reap expired leases; pause; GPU presence (a device the caller
+-- listed but without a fresh sample: DEFER stale_sample; none listed: the
+-- class's no_gpu); never fits (REJECT, judged on the capacity of every
+-- listed device: when only stale ones could hold it, DEFER stale_sample);
 -- class cap; per-device caps; higher-priority waiters; VRAM, fragmentation
 -- (the class's max_fragmentation) and placement;
 -- token bucket; lease. Every DEFER refreshes the request's waiter entry.
@@ -120,6 +123,10 @@ end
 local cand = {}
 local fresher = {}
 local stored = {}
+-- Devices the caller listed (and insisted on, if it did), fresh or not, and
+-- whether one of them could ever hold the request: capacity does not go
+-- stale, so "never fits" looks at them all.
+local listed, fits_listed = 0, false
 if n_samples > 0 then
   local uuids = {}
   for i = 0, n_samples - 1 do uuids[i + 1] = ARGV[10 + 4 * i] end
@@ -146,6 +153,8 @@ for i = 0, n_samples - 1 do
       fresher[#fresher + 1] = uuid
       fresher[#fresher + 1] = total .. ' ' .. used .. ' ' .. ts
     end
+    listed = listed + 1
+    if total - margin - reserve_above >= vram then fits_listed = true end
     if now - ts <= max_age then
       cand[#cand + 1] = {uuid = uuid, total = total, used = used, ts = ts}
     end
@@ -155,7 +164,7 @@ if #fresher > 0 then redis.call('HSET', samples_key, unpack(fresher)) end
 
 -- GPU presence.
 if #cand == 0 then
-  if n_samples > 0 and want_device == '' then
+  if listed > 0 then
     return defer('stale_sample', estimate, '', '-', 'no fresh sample of any device')
   end
   if no_gpu == 'cpu' then
@@ -173,6 +182,9 @@ for _, d in ipairs(cand) do
   if d.total - margin - reserve_above >= vram then fits_ever = true end
 end
 if not fits_ever then
+  if fits_listed then
+    return defer('stale_sample', estimate, '', '-', 'only devices without a fresh sample could hold it')
+  end
   return {'reject', 'too_large', 0, '', '', 0, 'larger than any device can hold for this class', -1}
 end
 
@@ -321,7 +333,7 @@ end
 if best == nil then
   write_dirty()
   if held_back then
-    local r = defer('priority', estimate, closest.uuid, 'vram', 'a higher-priority request waits for this memory')
+    local r = defer('priority', estimate, closest.uuid, 'vram', 'a higher-priority request waits for room on this device')
     r[8] = closest_avail
     return r
   end
