@@ -624,10 +624,19 @@ class TestLeases:
 
     def test_a_dropped_lease_object_releases_its_slot(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
+        labels = {"class": "batch", "outcome": "dropped"}
+
+        def dropped() -> float:
+            got = gate.metrics.registry.get_sample_value("gpugate_job_outcomes_total", labels)
+            return got or 0.0
+
+        before = dropped()
         gate.try_admit("batch", vram=1)  # the decision and its lease are dropped at once
         gc.collect()
         gate.beat_now()
         assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        # The worker's own metrics count it, as the pool's do.
+        assert dropped() == before + 1
 
     def test_a_gate_refuses_to_work_in_a_forked_child(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())

@@ -20,7 +20,8 @@ from gpugate import Gate, Policy, SimulatedSampler
 from gpugate.cli._serve import PoolEvents
 from gpugate.metrics import Metrics, PoolCollector, start_metrics_server
 from gpugate.state._connect import connect
-from gpugate.state._inspect import read_pool
+from gpugate.state._inspect import assess, read_pool
+from gpugate.state._keys import PoolKeys
 
 GiB = 1 << 30
 
@@ -197,6 +198,28 @@ class TestPoolCollector:
             "gpugate_pool_up",
             "gpugate_pool_read_duration_seconds",
         }
+        client.close()
+
+    def test_gpus_that_stopped_reporting_leave_the_count_and_make_the_pool_critical(
+        self, gate: Gate, scrape: Callable[..., CollectorRegistry], pool_name: str, redis_url: str
+    ) -> None:
+        assert gate.try_admit("batch", vram="1GiB").admitted
+        gate.close()  # its host stops: no more decisions, no more heartbeats
+        registry = scrape()
+        assert registry.get_sample_value("gpugate_gpus", {"pool": pool_name}) == 2
+        assert registry.get_sample_value("gpugate_pool_health", {"pool": pool_name}) == 0
+        # Make the last samples five minutes old (past the two-minute window and the TTL).
+        keys = PoolKeys(pool_name)
+        client = connect(redis_url)
+        client.delete(keys.gpus)
+        for uuid, raw in client.hgetall(keys.samples).items():
+            total, used, taken = raw.split()
+            client.hset(keys.samples, uuid, f"{int(total)} {int(used)} {int(taken) - 300_000}")
+        registry = scrape()
+        assert registry.get_sample_value("gpugate_gpus", {"pool": pool_name}) == 0
+        assert registry.get_sample_value("gpugate_pool_health", {"pool": pool_name}) == 2
+        verdict = assess(read_pool(client, pool_name))
+        assert verdict.line.startswith("CRITICAL: no GPU has reported for 5m"), verdict.line
         client.close()
 
     def test_a_pool_without_a_policy_is_health_unknown(

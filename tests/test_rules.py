@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from conftest import spawn_gpugate_metrics
-from gpugate import Gate, Policy, SimulatedSampler
+from gpugate import Gate, Outcome, Policy, SimulatedSampler
 from gpugate.metrics import Metrics
 from gpugate.state._server import free_port
 
@@ -119,6 +119,24 @@ class TestRulesFile:
         unknown = set().union(*(metric_names(e) for e in exprs)) - exported_names()
         assert not unknown
 
+    def test_the_decision_time_alert_threshold_is_a_bucket_bound_of_the_workers(self) -> None:
+        # histogram_quantile interpolates within a bucket: without a bound at the
+        # threshold, a p99 just above the bound below it reads as over the threshold.
+        text = RULES.read_text()
+        block = text.split("- alert: GpugateHighDecisionLatency", 1)[1].split("- alert:", 1)[0]
+        found = re.search(r"gpugate_decision_duration_seconds_bucket.*\)\s*>\s*([0-9.]+)", block)
+        assert found, block
+        threshold = float(found.group(1))
+        metrics = Metrics(CollectorRegistry())
+        metrics.decisions.record("batch", Outcome.ADMIT, "ok", 0.001)
+        bounds = {
+            float(s.labels["le"])
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name == "gpugate_decision_duration_seconds_bucket"
+        }
+        assert threshold in bounds, sorted(bounds)
+
     def test_promtool_accepts_the_rules(self) -> None:
         result = subprocess.run(
             [tool("promtool"), "check", "rules", str(RULES)],
@@ -162,6 +180,11 @@ class TestDashboard:
         assert exprs
         unknown = set().union(*(metric_names(e) for e in exprs)) - exported_names()
         assert not unknown
+        # The pool exporter's series carry `pool`: every panel on them follows $pool
+        # (a queue shared by two pools is exported once per pool).
+        worker_only = {"gpugate_decisions_total", "gpugate_decision_duration_seconds_bucket"}
+        unfiltered = [e for e in exprs if metric_names(e) - worker_only and "$pool" not in e]
+        assert not unfiltered
 
     def test_memory_is_shown_against_queue_depth_and_decisions_per_class(self) -> None:
         exprs = "\n".join(dashboard_exprs())

@@ -720,9 +720,14 @@ class Gate:
         with self._beat_lock:
             self._beat_once()
 
+    def _release_dropped(self, dev_uuid: str, lease_id: str, cls: str) -> None:
+        """Release a lease whose object was dropped unreleased, counted as ``dropped``."""
+        self.metrics.job_outcomes.labels(cls, "dropped").inc()
+        self._release(dev_uuid, lease_id, "dropped")
+
     def _beat_once(self) -> None:
-        for dev_uuid, lease_id in self._leases.take_dropped():
-            self._release(dev_uuid, lease_id, "dropped")
+        for dropped in self._leases.take_dropped():
+            self._release_dropped(*dropped)
         leases = [lease for lease in self._leases.live() if not lease.max_duration_reached]
         if not leases and not self._register:
             return
@@ -1117,9 +1122,9 @@ class Gate:
         for lease in self._leases.live():
             lease.released = True
             self._release_lease(lease, "dropped")
-        for dev_uuid, lease_id in self._leases.take_dropped():
+        for dropped in self._leases.take_dropped():
             with contextlib.suppress(BackendError):
-                self._release(dev_uuid, lease_id, "dropped")
+                self._release_dropped(*dropped)
         if self._heartbeat is not None:
             self._heartbeat.stop()
         if self._register:

@@ -199,17 +199,18 @@ class LeaseRegistry:
     def __init__(self, touch: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str], weakref.ReferenceType[Lease]] = {}
-        self._dropped: list[tuple[str, str]] = []
+        self._dropped: list[tuple[str, str, str]] = []
         self._touch = touch
 
     def add(self, lease: Lease) -> None:
         """Hold ``lease`` until it is released or dropped."""
         key = (lease.device_uuid, lease.id)
+        cls = lease.cls
 
         def dropped(_: object, key: tuple[str, str] = key) -> None:
             with self._lock:
                 if self._held.pop(key, None) is not None:
-                    self._dropped.append(key)
+                    self._dropped.append((*key, cls))
                     if self._touch is not None:
                         self._touch()
 
@@ -236,8 +237,8 @@ class LeaseRegistry:
                 out.append(lease)
         return out
 
-    def take_dropped(self) -> list[tuple[str, str]]:
-        """(device uuid, lease id) of leases dropped since the last call."""
+    def take_dropped(self) -> list[tuple[str, str, str]]:
+        """(device uuid, lease id, class) of leases dropped since the last call."""
         with self._lock:
             dropped, self._dropped = self._dropped, []
         return dropped

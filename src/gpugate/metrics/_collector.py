@@ -184,9 +184,12 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
     yield health
 
     gpus = GaugeMetricFamily(
-        "gpugate_gpus", "Devices that have sent a memory sample to the pool.", labels=["pool"]
+        "gpugate_gpus",
+        "Devices that reported to the pool lately: a memory sample from a decision or from "
+        "their host's heartbeat within 2 minutes, or one lease TTL if longer.",
+        labels=["pool"],
     )
-    gpus.add_metric([p], sum(1 for d in view.devices if d.sample_ms))
+    gpus.add_metric([p], len(view.reporting_devices()))
     yield gpus
 
     dev_labels = ["pool", "device"]

@@ -71,6 +71,12 @@ STALL_S = 300.0
 # The decision hashes read: the current minute and the 15 before it (the
 # admission script keeps each for 16 minutes). Windows of status and metrics.
 DECISION_MINUTES = 16
+# A device reports to its pool through the decisions made with its samples and
+# through its host's heartbeat (every lease TTL/3, even while idle). One
+# silent for this long, or for a lease TTL when that is longer, counts as gone
+# (its host down, or no worker running there): with none left the verdict is
+# CRITICAL and gpugate_gpus reads 0.
+REPORT_WINDOW_S = 120.0
 RECENT_WINDOWS = (1, 5, 15)
 OUTCOMES = ("admit", "defer", "reject")
 
@@ -441,6 +447,12 @@ class PoolView:
         """The pool's lease TTL in ms (the default policy's without a policy)."""
         return int((self.policy or Policy.default()).pool.lease_ttl_s * 1000)
 
+    def reporting_devices(self) -> list[DeviceView]:
+        """The devices heard from lately: a sample (a decision's, or its host's
+        heartbeat) within :data:`REPORT_WINDOW_S`, or a lease TTL if longer."""
+        window_ms = max(REPORT_WINDOW_S * 1000, self.ttl_ms)
+        return [d for d in self.devices if d.sample_ms and self.now_ms - d.sample_ms <= window_ms]
+
     def live_leases(self) -> list[LeaseView]:
         """Leases neither released nor past their expiry."""
         return [lease for lease in self.leases if lease.live(self.now_ms)]
@@ -602,7 +614,8 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     """The pool's health: what ``gpugate status`` prints first.
 
     CRITICAL when no GPU is visible to the pool while it has a policy (no
-    device has ever sent a sample, or requests wait for ``no_gpu``). DEGRADED
+    device has ever sent a sample, none has reported for
+    :data:`REPORT_WINDOW_S` or a lease TTL, or requests wait for ``no_gpu``). DEGRADED
     when the highest class waits 30 s or more, another class 10 min or more,
     a class with requests waiting has been deferred without a single
     admission for 5 min or more (the highest class) or 10 min or more (the
@@ -629,6 +642,12 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     no_gpu = [w for w in view.waiters if w.reason == "no_gpu"]
     if not view.devices:
         critical.append("no GPU visible (no device has sent a sample to this pool)")
+    elif not view.reporting_devices():
+        newest = min(d.sample_age_s(now) for d in view.devices)
+        critical.append(
+            f"no GPU has reported for {format_duration(round(newest))} "
+            "(no decision's sample, no host heartbeat: are the GPU hosts' workers running?)"
+        )
     elif no_gpu:
         critical.append(f"no GPU visible to {len(no_gpu)} waiting request(s)")
     stale = [w for w in view.waiters if w.reason == "stale_sample"]
