@@ -598,8 +598,15 @@ class TestLeases:
         gate.beat_now()
         assert d.lease.max_duration_reached  # type: ignore[union-attr]
         assert told == [True]
+        lost: list[bool] = []
+        d.lease.on_lost(lambda lease: lost.append(True))  # type: ignore[union-attr]
         clock.advance(5.001)
         assert gate.try_admit("notebook", vram=1).outcome is Outcome.ADMIT
+        # Its end reaches the holder too: lost, and no longer held by the gate.
+        gate.beat_now()
+        assert d.lease.lost  # type: ignore[union-attr]
+        assert lost == [True]
+        assert d.lease not in gate.leases_held()
 
     def test_a_shorter_bound_applies_under_contention(self, make_gate: Callable[..., Gate]) -> None:
         clock = FakeClock()
@@ -640,18 +647,48 @@ class TestLeases:
 
     def test_a_gate_refuses_to_work_in_a_forked_child(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())
+        held = gate.try_admit("batch", vram=1)
+        assert held.lease is not None
+        uses: dict[str, Callable[[], object]] = {
+            "try_admit": lambda: gate.try_admit("batch", vram=1),
+            "pause": lambda: gate.pause("batch", duration="1m"),
+            "overrides": gate.overrides,
+            "sync_policy": gate.sync_policy,
+            "leases_held": gate.leases_held,
+            "release": held.lease.release,
+        }
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports through the pipe
             try:
-                gate.try_admit("batch", vram=1)
-                os.write(w, b"worked")
-            except UsageError:
-                os.write(w, b"refused")
+                answers = []
+                for name, use in uses.items():
+                    try:
+                        use()
+                        answers.append(f"{name}:worked")
+                    except UsageError:
+                        answers.append(f"{name}:refused")
+                os.write(w, " ".join(answers).encode())
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
-        assert os.read(r, 16) == b"refused"
+        assert os.read(r, 4096).decode().split() == [f"{name}:refused" for name in uses]
+        assert gate.overrides() == {"pause": {}, "cap": {}}
+        assert held.lease.release() is True  # the parent still holds it
+
+    def test_a_closed_gate_refuses_every_use(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy())
+        gate.close()
+        for use in (
+            lambda: gate.try_admit("batch", vram=1),
+            lambda: gate.pause("batch", duration="1m"),
+            gate.overrides,
+            gate.sync_policy,
+            gate.read_pool_policy,
+            gate.leases_held,
+        ):
+            with pytest.raises(UsageError, match="closed"):
+                use()
 
 
 class TestNoGpu:
@@ -723,6 +760,16 @@ class TestPresence:
         d = gate.try_admit("batch", vram="1GiB", device=sampler.inner.uuid(1))
         assert d.device_uuid == sampler.inner.uuid(1)
 
+    def test_a_request_insisting_on_a_lost_gpu_defers_gpu_lost(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        sampler = SimulatedSampler(["80GiB", "80GiB"])
+        gate = make_gate(policy(), sampler)
+        sampler.lose(0)
+        d = gate.try_admit("batch", vram="1GiB", device=sampler.uuid(0))
+        assert (d.outcome, d.reason, d.local) == (Outcome.DEFER, Reason.GPU_LOST, True)
+        assert gate.try_admit("batch", vram="1GiB").device_uuid == sampler.uuid(1)
+
     def test_a_device_this_host_does_not_have_is_a_usage_error(
         self, make_gate: Callable[..., Gate]
     ) -> None:
@@ -739,6 +786,27 @@ class TestPresence:
         blind = make_gate(policy(batch={"priority": 10, "no_gpu": "cpu"}), NoGpuSampler())
         d = blind.try_admit("batch", vram="1GiB", device="GPU-nope")
         assert (d.outcome, d.reason) == (Outcome.ADMIT, Reason.CPU)
+
+
+def waiter_ids(server: RedisProcess, pool: str) -> list[str]:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        return client.hkeys(PoolKeys(pool).waiters)
+    finally:
+        client.close()
+
+
+class _SlowSampler:
+    """A simulated host whose every reading takes ``delay_s`` (a decision in flight)."""
+
+    backend = "simulated"
+
+    def __init__(self, inner: SimulatedSampler, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+
+    def sample(self) -> Any:
+        time.sleep(self.delay_s)
+        return self.inner.sample()
 
 
 class _ManualSampler:
@@ -810,6 +878,77 @@ class TestBlockingAdmit:
         t.join(30)
         assert got
         assert got[0] - released_at < 10  # the timer alone would need >= 10 s
+
+    def test_a_cancelled_admit_async_stops_holding_lower_classes_back_at_once(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        pol = policy({"waiter_ttl": "60s"}, interactive={"priority": 100}, batch={"priority": 10})
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]))
+        hold = gate.try_admit("batch", vram="70GiB")
+        assert hold.lease is not None
+
+        async def cancel_a_waiting_admission() -> None:
+            task = asyncio.ensure_future(gate.admit_async("interactive", vram="20GiB"))
+            await asyncio.sleep(0.5)
+            assert waiter_ids(server, pool_name)  # it waits as a registered waiter
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancel_a_waiting_admission())
+        assert waiter_ids(server, pool_name) == []
+        hold.lease.release()
+        gate.try_admit("batch", vram="1GiB")  # a sample after the release ends its ghost
+        assert gate.try_admit("batch", vram="20GiB").outcome is Outcome.ADMIT
+
+    def test_a_cancelled_admit_async_gives_back_what_its_decision_in_flight_admitted(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # One token a minute: the cancelled admission's token must come back.
+        pol = policy(batch={"priority": 10, "max_concurrent": 1, "rate": "1/min", "burst": 1})
+        slow = _SlowSampler(SimulatedSampler(["80GiB"]), delay_s=0.6)
+        gate = make_gate(pol, slow)
+
+        async def cancel_mid_decision() -> None:
+            task = asyncio.ensure_future(gate.admit_async("batch", vram="1GiB"))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(1.0)  # the decision finishes in its thread meanwhile
+
+        asyncio.run(cancel_mid_decision())
+        assert state(server, pool_name).get("out:batch:dropped") == "1"
+        slow.delay_s = 0
+        assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+
+    def test_closing_the_gate_ends_a_blocked_admit_and_its_waiter_entry(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        pol = policy({"waiter_ttl": "60s", "retry_max": "60s", "lease_ttl": "60s"})
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]))
+        hold = make_gate(pol, SimulatedSampler(["80GiB"])).try_admit("batch", vram="80GiB")
+        assert hold.admitted
+        failed: list[BaseException] = []
+
+        def blocked() -> None:
+            try:
+                gate.admit("batch", vram="1GiB", timeout=30)
+            except BaseException as exc:
+                failed.append(exc)
+
+        t = threading.Thread(target=blocked)
+        t.start()
+        time.sleep(0.5)
+        assert waiter_ids(server, pool_name)
+        closed_at = time.monotonic()
+        gate.close()
+        assert waiter_ids(server, pool_name) == []
+        t.join(40)
+        assert len(failed) == 1
+        assert isinstance(failed[0], UsageError)
+        # Woken by the close, not by its timer (20 s here: a third of the TTL, jittered).
+        assert time.monotonic() - closed_at < 5
 
     def test_timeout_raises_with_the_last_reason(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy(), SimulatedSampler(["80GiB"]))

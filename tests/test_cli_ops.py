@@ -362,6 +362,20 @@ class TestVerdict:
         assert verdict.notes == ("notebook capped at 1 by bob@ops (until `gpugate uncap`)",)
 
 
+    def test_a_lost_gpu_is_degraded(
+        self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
+    ) -> None:
+        sampler = SimulatedSampler(["80GiB", "80GiB"])
+        gate = make_gate(sampler)
+        gate.try_admit("batch", vram="1GiB")
+        assert assess(view()).level == "OK"
+        sampler.lose(0)
+        gate.beat_now()  # the heartbeat publishes the host's snapshot, faults included
+        verdict = assess(view())
+        assert verdict.level == "DEGRADED"
+        assert any("lost (quarantined)" in r for r in verdict.reasons), verdict.reasons
+
+
 class TestStatusCommand:
     """gpugate status: GPUs, classes, overrides, workers and a verdict; JSON; watch."""
 

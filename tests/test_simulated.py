@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-from gpugate import SimulatedSampler
+import pytest
+
+from gpugate import ConfigError, SimulatedSampler
 
 GiB = 1 << 30
 
@@ -38,8 +40,16 @@ def test_every_change_shows_in_the_next_sample() -> None:
     assert changed()[1].processes[0].pid == 7
     sim.lose(0)
     assert [d.index for d in changed()] == [1]
+    lost = sim.sample()
+    assert lost.quarantined == {sim.uuid(0)}
+    assert [(f.index, f.error) for f in lost.faults] == [(0, "GPU_IS_LOST")]
     sim.restore(0)
     assert [d.index for d in changed()] == [0, 1]
+    assert sim.sample().faults == ()
+    with pytest.raises(ConfigError):
+        sim.restore(7)
     sim.script([(0.0, 1, "3GiB")])
     time.sleep(0.01)
     assert changed()[1].used == 3 * GiB
+    sim.set_total(1, "2GiB")  # the use never exceeds the total
+    assert changed()[1].used == 2 * GiB

@@ -184,6 +184,7 @@ class Gate:
         self._local_seq = 0
         self._log_throttle = Throttle(10.0)
         self._closed = False
+        self._waiting: set[str] = set()  # waiter ids of blocking admissions in progress
         self._register = register
         self._started_ms = int(time.time() * 1000)
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
@@ -236,6 +237,7 @@ class Gate:
         Returns the pool's policy version. Without a policy of its own the gate
         publishes :meth:`Policy.default` to an empty pool.
         """
+        self._check_usable()
         mine = self.policy or Policy.default()
         if self.policy is None and not force:
             current = self._call(self._client.hget, self._keys.state, "pdoc")
@@ -269,6 +271,7 @@ class Gate:
 
     def read_pool_policy(self) -> Policy | None:
         """The policy stored in the pool (``None`` if it has none); publishes nothing."""
+        self._check_usable()
         doc = self._call(self._client.hget, self._keys.state, "pdoc")
         if doc is None:
             return None
@@ -332,25 +335,22 @@ class Gate:
             self._check_device(device)
         wake = self._wake_listener()
         woke_at = None
-        while True:
-            generation = wake.generation
-            d = self._decide(cls, request.vram, request.waiter, device, tenant, precheck=False)
-            if d.outcome is Outcome.ADMIT:
-                return Ticket(d)
-            try:
+        with self._waiting_as(request.waiter):
+            while True:
+                generation = wake.generation
+                d = self._decide(cls, request.vram, request.waiter, device, tenant, precheck=False)
+                if d.outcome is Outcome.ADMIT:
+                    return Ticket(d)
                 pause = request.pause_after(d)
-            except AdmissionTimeout:
-                self._forget_waiter(request.waiter)
-                raise
-            if woke_at is not None and d.reason in _FREED_AT_A_LATER_SAMPLE:
-                # Woken by a release whose memory still counts: decide again
-                # as soon as the sampler has read the devices after it.
-                give_up = time.monotonic() + pause
-                while not self._sampled_after(woke_at) and time.monotonic() < give_up:
-                    time.sleep(_SAMPLE_POLL_S)
-                woke_at = None
-                continue
-            woke_at = time.monotonic() if wake.wait(generation, pause) else None
+                if woke_at is not None and d.reason in _FREED_AT_A_LATER_SAMPLE:
+                    # Woken by a release whose memory still counts: decide again
+                    # as soon as the sampler has read the devices after it.
+                    give_up = time.monotonic() + pause
+                    while not self._sampled_after(woke_at) and time.monotonic() < give_up:
+                        time.sleep(_SAMPLE_POLL_S)
+                    woke_at = None
+                    continue
+                woke_at = time.monotonic() if wake.wait(generation, pause) else None
 
     def admit_async(
         self,
@@ -381,29 +381,35 @@ class Gate:
             await asyncio.to_thread(self._check_device, device)
         wake = self._wake_listener()
         woke_at = None
-        while True:
-            generation = wake.generation
-            d = await asyncio.to_thread(
-                self._decide, cls, request.vram, request.waiter, device, tenant, False
-            )
-            if d.outcome is Outcome.ADMIT:
-                return Ticket(d)
-            try:
+        # The waiter entry goes on any exit (forgetting it is one quick HDEL).
+        with self._waiting_as(request.waiter):
+            while True:
+                generation = wake.generation
+                deciding = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        self._decide, cls, request.vram, request.waiter, device, tenant, False
+                    )
+                )
+                try:
+                    d = await asyncio.shield(deciding)
+                except asyncio.CancelledError:
+                    # The decision runs on in its thread: what it admits goes back unused.
+                    deciding.add_done_callback(_give_back_unused)
+                    raise
+                if d.outcome is Outcome.ADMIT:
+                    return Ticket(d)
                 pause = request.pause_after(d)
-            except AdmissionTimeout:
-                await asyncio.to_thread(self._forget_waiter, request.waiter)
-                raise
-            if woke_at is not None and d.reason in _FREED_AT_A_LATER_SAMPLE:
-                # As in admit(): decide again once the devices were read after the release.
-                give_up = time.monotonic() + pause
-                while time.monotonic() < give_up and not await asyncio.to_thread(
-                    self._sampled_after, woke_at
-                ):
-                    await asyncio.sleep(_SAMPLE_POLL_S)
-                woke_at = None
-                continue
-            woke = await wake.wait_async(generation, pause)
-            woke_at = time.monotonic() if woke else None
+                if woke_at is not None and d.reason in _FREED_AT_A_LATER_SAMPLE:
+                    # As in admit(): decide again once the devices were read after the release.
+                    give_up = time.monotonic() + pause
+                    while time.monotonic() < give_up and not await asyncio.to_thread(
+                        self._sampled_after, woke_at
+                    ):
+                        await asyncio.sleep(_SAMPLE_POLL_S)
+                    woke_at = None
+                    continue
+                woke = await wake.wait_async(generation, pause)
+                woke_at = time.monotonic() if woke else None
 
     def _decide(
         self,
@@ -707,6 +713,7 @@ class Gate:
 
     def leases_held(self) -> list[Lease]:
         """The leases this gate holds now."""
+        self._check_usable()
         return self._leases.live()
 
     def _beat(self) -> None:
@@ -728,7 +735,9 @@ class Gate:
     def _beat_once(self) -> None:
         for dropped in self._leases.take_dropped():
             self._release_dropped(*dropped)
-        leases = [lease for lease in self._leases.live() if not lease.max_duration_reached]
+        # Leases past their max duration go too: the script no longer renews them
+        # (status 2) and says when they are gone (0), so their holder is told.
+        leases = self._leases.live()
         if not leases and not self._register:
             return
         try:
@@ -1036,6 +1045,7 @@ class Gate:
 
     def overrides(self) -> dict[str, Any]:
         """The pool's overrides as stored (expired entries may still show until the next change)."""
+        self._check_usable()
         raw = self._call(self._client.hget, self._keys.state, "ovr")
         return json.loads(raw) if raw else {"pause": {}, "cap": {}}
 
@@ -1048,6 +1058,7 @@ class Gate:
         reason: str,
         who: str | None,
     ) -> dict[str, Any]:
+        self._check_usable()
         for_ms = lifetime_ms(duration)
         who = who or _process.operator_name()
         try:
@@ -1100,10 +1111,29 @@ class Gate:
         self._wake.ensure_started()
         return self._wake
 
-    def _forget_waiter(self, waiter: str) -> None:
-        # On failure it expires by itself within the waiter TTL.
-        with contextlib.suppress(BackendError):
-            self._call(self._client.hdel, self._keys.waiters, waiter)
+    @contextlib.contextmanager
+    def _waiting_as(self, waiter: str) -> Generator[None, None, None]:
+        """A blocking admission's waiter entry: gone when the admission ends
+        without a lease, however it ends (timed out, rejected, interrupted,
+        cancelled, the gate closed), not one waiter TTL later."""
+        with self._lock:
+            self._waiting.add(waiter)
+        try:
+            yield
+        except BaseException:
+            self._forget_waiter(waiter)
+            raise
+        finally:
+            with self._lock:
+                self._waiting.discard(waiter)
+
+    def _forget_waiter(self, *waiters: str) -> None:
+        # On failure they expire by themselves within the waiter TTL; a closed
+        # gate's client is not used again (close() forgot them first).
+        if self._closed or _process.pid != self._pid:
+            return
+        with contextlib.suppress(BackendError, redis.RedisError):
+            self._call(self._client.hdel, self._keys.waiters, *waiters)
 
     def _check_usable(self) -> None:
         if _process.pid != self._pid:
@@ -1118,6 +1148,10 @@ class Gate:
         idle memory stops counting towards fragmentation) and stop its threads."""
         if self._closed or _process.pid != self._pid:
             return
+        with self._lock:
+            waiting = list(self._waiting)
+        if waiting:  # blocked admissions end with a UsageError: their entries go now
+            self._forget_waiter(*waiting)
         self._closed = True
         for lease in self._leases.live():
             lease.released = True
@@ -1149,6 +1183,16 @@ class Gate:
 
     def __repr__(self) -> str:
         return f"<Gate pool={self.pool!r} redis={self.redis_url} leases={len(self._leases)}>"
+
+
+def _give_back_unused(deciding: asyncio.Future[Decision]) -> None:
+    """A decision whose awaiting task was cancelled: release what it admitted,
+    unused (rate token refunded), counted as ``dropped``."""
+    if deciding.cancelled() or deciding.exception() is not None:
+        return
+    lease = deciding.result().lease
+    if lease is not None:
+        lease.release("dropped", refund=True)
 
 
 class _Request:

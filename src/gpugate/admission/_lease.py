@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from .. import _process
+from .._exceptions import UsageError
 from .._units import parse_size
 
 if TYPE_CHECKING:
@@ -129,7 +131,11 @@ class Lease:
         ``refund``: the admission went unused (the job never started, e.g.
         another worker took the task first): the class's rate token is given
         back too. Returns True if the lease was still live in Redis. Idempotent.
+        In a child forked from the holder it raises :class:`~gpugate.UsageError`:
+        the parent holds the lease and releases it.
         """
+        if _process.pid != self._gate._pid:
+            raise UsageError("this lease is held by the parent process's gate; release it there")
         if self.released:
             return False
         self.released = True

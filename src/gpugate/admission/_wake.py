@@ -44,8 +44,9 @@ class WakeListener:
                 self._thread.start()
 
     def stop(self) -> None:
-        """Stop listening."""
+        """Stop listening, and wake every waiter (its gate is closing: it ends now)."""
         self._stop.set()
+        self._bump()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
 

@@ -14,7 +14,10 @@ from collections.abc import Iterable, Sequence
 
 from .._exceptions import ConfigError
 from .._units import parse_size
-from ._sample import DeviceSample, GpuProcess, Snapshot, hostname
+from ._sample import DeviceFault, DeviceSample, GpuProcess, Snapshot, hostname
+
+# NVML's NVML_ERROR_GPU_IS_LOST: what a lost simulated device reports.
+_GPU_IS_LOST = 15
 
 
 class SimulatedSampler:
@@ -46,6 +49,7 @@ class SimulatedSampler:
         # samples every time, and callers (the gate) may reuse what they
         # derived from the same tuple.
         self._devices: tuple[DeviceSample, ...] | None = None
+        self._faults: tuple[DeviceFault, ...] = ()  # rebuilt with _devices
 
     @property
     def uuids(self) -> list[str]:
@@ -73,10 +77,12 @@ class SimulatedSampler:
             self._devices = None
 
     def set_total(self, index: int, total: str | int) -> None:
-        """Change device ``index``'s total memory (e.g. a MIG reconfiguration)."""
+        """Change device ``index``'s total memory (e.g. a MIG reconfiguration);
+        its use is cut to the new total, as :meth:`set_used` would."""
         self._check(index)
         with self._lock:
             self._totals[index] = parse_size(total, key="total")
+            self._used[index] = min(self._used[index], self._totals[index])
             self._devices = None
 
     def allocate(self, index: int, size: str | int) -> None:
@@ -113,7 +119,9 @@ class SimulatedSampler:
             self._devices = None
 
     def lose(self, index: int) -> None:
-        """Make device ``index`` vanish from samples, as a lost GPU does."""
+        """Lose device ``index`` as NVML reports a lost GPU: it leaves the usable
+        devices and shows as a quarantined fault (``GPU_IS_LOST``), so a request
+        insisting on it DEFERs ``gpu_lost``."""
         self._check(index)
         with self._lock:
             self._lost.add(index)
@@ -121,6 +129,7 @@ class SimulatedSampler:
 
     def restore(self, index: int) -> None:
         """Bring back a device taken away by :meth:`lose`."""
+        self._check(index)
         with self._lock:
             self._lost.discard(index)
             self._devices = None
@@ -157,4 +166,11 @@ class SimulatedSampler:
                     for i, total in enumerate(self._totals)
                     if i not in self._lost
                 )
-        return Snapshot(devices=devices, taken_mono=now, host=self._host, backend=self.backend)
+                self._faults = tuple(
+                    DeviceFault(self.uuid(i), i, _GPU_IS_LOST, "GPU_IS_LOST", quarantined=True)
+                    for i in sorted(self._lost)
+                )
+            faults = self._faults
+        return Snapshot(
+            devices=devices, taken_mono=now, host=self._host, backend=self.backend, faults=faults
+        )

@@ -619,8 +619,9 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     when the highest class waits 30 s or more, another class 10 min or more,
     a class with requests waiting has been deferred without a single
     admission for 5 min or more (the highest class) or 10 min or more (the
-    others) by the per-minute decision counts, a device's memory is 95 %
-    used, a class is paused, or requests wait for a fresh sample. UNKNOWN for
+    others) by the per-minute decision counts, a device is quarantined (lost)
+    or its memory is 95 % used, a class is paused, or requests wait for a
+    fresh sample. UNKNOWN for
     a pool without a policy (nothing used it yet).
 
     ``extra``: more DEGRADED reasons, read from elsewhere than the pool's
@@ -671,7 +672,11 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
                     f"{name} admitted none in {window.minutes}m ({window.deferred} deferred: {why})"
                 )
     for d in view.devices:
-        if d.total and d.used / d.total >= MEMORY_HIGH_RATIO:
+        if d.quarantined:
+            degraded.append(
+                f"GPU {_short_uuid(d.uuid)} lost (quarantined): nothing is admitted there"
+            )
+        elif d.total and d.used / d.total >= MEMORY_HIGH_RATIO:
             degraded.append(f"GPU {_short_uuid(d.uuid)} memory {d.used * 100 // d.total}% used")
     bounds = {
         name: c.max_fragmentation
