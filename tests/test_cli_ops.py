@@ -361,7 +361,6 @@ class TestVerdict:
         assert any(r.startswith("batch paused by alice@ops (reverts in") for r in verdict.reasons)
         assert verdict.notes == ("notebook capped at 1 by bob@ops (until `gpugate uncap`)",)
 
-
     def test_a_lost_gpu_is_degraded(
         self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
     ) -> None:
