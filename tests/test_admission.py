@@ -676,6 +676,53 @@ class TestLeases:
         assert gate.overrides() == {"pause": {}, "cap": {}}
         assert held.lease.release() is True  # the parent still holds it
 
+    def test_a_gate_follows_a_policy_applied_while_it_holds_a_lease(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # `gpugate policy apply` lowers the lease TTL from 30 s to 1 s: the holder
+        # must renew every 1/3 s from then on, or its live lease goes overdue.
+        holder = make_gate(policy({"lease_ttl": "30s"}))
+        held = holder.try_admit("batch", vram=1)
+        assert held.lease is not None
+        assert holder.lease_ttl_s == 30
+        applier = make_gate(policy({"lease_ttl": "1s"}), register=False)
+        applier.sync_policy(force=True)
+        holder.beat_now()  # the next beat's reply carries the new policy version
+        assert holder.lease_ttl_s == 1
+        assert holder.pool_policy_version == applier.policy.version  # type: ignore[union-attr]
+        time.sleep(3)  # three new TTLs: the background heartbeat renews at the new pace
+        assert not held.lease.lost
+        assert holder.try_admit("batch", vram=1).admitted  # a decision reaps nothing of it
+        assert not held.lease.lost
+        assert held.lease.release() is True
+
+    def test_a_decision_notices_a_new_policy_too(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 5}))
+        applier = make_gate(
+            policy(batch={"priority": 10, "max_concurrent": 1}, extra={"priority": 1}),
+            register=False,
+        )
+        applier.sync_policy(force=True)
+        assert gate.try_admit("batch", vram=1).admitted
+        assert "extra" in gate.effective_policy.classes
+        assert gate.effective_policy.class_policy("batch").max_concurrent == 1
+        assert gate.policy_mismatch
+
+    def test_a_worker_without_a_policy_publishes_the_default_and_beats(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        with capture_logs() as logs:
+            gate = make_gate(None)
+            gate.beat_now()
+        assert state(server, pool_name).get("pversion") == Policy.default().version
+        assert not [e for e in logs if e["event"] == "heartbeat_failed"]
+        # A pool that loses its policy (flushed) gets it back at the next beat.
+        client = redis.Redis.from_url(server.url)
+        client.delete(PoolKeys(pool_name).state)
+        client.close()
+        gate.beat_now()
+        assert state(server, pool_name).get("pversion") == Policy.default().version
+
     def test_a_closed_gate_refuses_every_use(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())
         gate.close()
@@ -898,7 +945,7 @@ class TestBlockingAdmit:
         asyncio.run(cancel_a_waiting_admission())
         assert waiter_ids(server, pool_name) == []
         hold.lease.release()
-        gate.try_admit("batch", vram="1GiB")  # a sample after the release ends its ghost
+        time.sleep(0.05)  # the next sample is taken after the release: its ghost ends
         assert gate.try_admit("batch", vram="20GiB").outcome is Outcome.ADMIT
 
     def test_a_cancelled_admit_async_gives_back_what_its_decision_in_flight_admitted(

@@ -159,6 +159,7 @@ class Gate:
         self.policy = policy
         self.pool_policy: Policy | None = None
         self.pool_policy_version: str | None = None
+        self._pool_version_b = b""  # the same, as the scripts' replies carry it
         self.policy_mismatch = False
         self.sampler: Sampler = sampler if sampler is not None else default_sampler()
         self._clock_ms = _clock_ms
@@ -202,9 +203,10 @@ class Gate:
             )
         try:
             # With a policy of its own the gate publishes it to an empty pool;
-            # without one it only reads the pool's (the first decision on an
-            # empty pool publishes the default).
-            if policy is not None:
+            # so does a worker without one (the default: its heartbeat needs a
+            # policy in the pool). An unregistered gate without one (the CLI's)
+            # only reads the pool's (its first decision would publish).
+            if policy is not None or register:
                 self.sync_policy()
             else:
                 self.read_pool_policy()
@@ -240,9 +242,9 @@ class Gate:
         self._check_usable()
         mine = self.policy or Policy.default()
         if self.policy is None and not force:
-            current = self._call(self._client.hget, self._keys.state, "pdoc")
+            current, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
             if current is not None:
-                self._adopt(_b2s(current))
+                self._adopt(_b2s(current), _b2s(stored) if stored is not None else None)
                 return self.pool_policy_version or ""
         published, version = self._call(
             self._scripts.publish_policy,
@@ -252,10 +254,15 @@ class Gate:
         version = _b2s(version)
         if published:
             log.info("policy_published", pool=self.pool, version=version)
-            self.pool_policy, self.pool_policy_version = mine, version
+            self.pool_policy = mine
+            self._adopt(None, version)
         else:
             doc = self._call(self._client.hget, self._keys.state, "pdoc")
             self._adopt(_b2s(doc) if doc is not None else None, version)
+        self._check_mismatch()
+        return self.pool_policy_version or ""
+
+    def _check_mismatch(self) -> None:
         self.policy_mismatch = (
             self.policy is not None and self.pool_policy_version != self.policy.version
         )
@@ -267,15 +274,28 @@ class Gate:
                 local_version=self.policy.version if self.policy else None,
                 fix="the pool's policy is enforced; run `gpugate policy apply FILE` to change it",
             )
-        return self.pool_policy_version or ""
+
+    def _follow_pool_policy(self, version: bytes) -> None:
+        """The pool's policy changed while this gate runs (`gpugate policy apply`):
+        read it again, and beat at once so that renewals follow a new lease TTL."""
+        was = self.pool_policy_version
+        try:
+            doc = self._call(self._client.hget, self._keys.state, "pdoc")
+        except BackendError:
+            return  # the next decision or beat tries again
+        self._adopt(_b2s(doc) if doc is not None else None, _b2s(version))
+        log.info("pool_policy_changed", pool=self.pool, was=was, now=self.pool_policy_version)
+        self._check_mismatch()
+        if self._heartbeat is not None:
+            self._heartbeat.kick()
 
     def read_pool_policy(self) -> Policy | None:
         """The policy stored in the pool (``None`` if it has none); publishes nothing."""
         self._check_usable()
-        doc = self._call(self._client.hget, self._keys.state, "pdoc")
+        doc, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
         if doc is None:
             return None
-        self._adopt(_b2s(doc))
+        self._adopt(_b2s(doc), _b2s(stored) if stored is not None else None)
         return self.pool_policy
 
     def _adopt(self, doc: str | None, version: str | None = None) -> None:
@@ -287,6 +307,8 @@ class Gate:
         self.pool_policy_version = version or (
             self.pool_policy.version if self.pool_policy else None
         )
+        # As the scripts' replies carry it: a decision compares it in one step.
+        self._pool_version_b = (self.pool_policy_version or "").encode()
 
     # -- decisions --------------------------------------------------------------
 
@@ -501,7 +523,9 @@ class Gate:
             reply = self._run_admit(self._admit_keys, args)
         except BackendError as exc:
             return self._backend_down(cls, vram, snap, exc)
-        outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available = reply
+        outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available, v = reply
+        if v != self._pool_version_b:
+            self._follow_pool_policy(v)
         d_uuid = _b2s(dev_uuid) or None
         reason = _word(reason_b)
         out = _OUTCOMES[outcome]
@@ -765,20 +789,25 @@ class Gate:
             else:
                 actual, idle, measured = report
                 args += [lease.device_uuid, lease.id, actual, int((now - measured) * 1000), idle]
+        keys = [
+            self._keys.state,
+            self._keys.exp,
+            self._keys.waiters,
+            self._keys.workers,
+            self._keys.workerinfo,
+            self._keys.idle_memory,
+            self._keys.idle_seen,
+        ]
         try:
-            reply = self._call(
-                self._scripts.renew_leases,
-                keys=[
-                    self._keys.state,
-                    self._keys.exp,
-                    self._keys.waiters,
-                    self._keys.workers,
-                    self._keys.workerinfo,
-                    self._keys.idle_memory,
-                    self._keys.idle_seen,
-                ],
-                args=args,
-            )
+            try:
+                reply = self._call(self._scripts.renew_leases, keys=keys, args=args)
+            except redis.ResponseError as exc:
+                if "nopolicy" not in str(exc):
+                    raise
+                # The pool lost its policy (flushed, or new): publish this gate's
+                # (or the default) as a decision would, and beat again.
+                self.sync_policy()
+                reply = self._call(self._scripts.renew_leases, keys=keys, args=args)
         except BackendError:
             for lease, report in zip(leases, reports, strict=True):
                 if report is not None:  # send it again next time
@@ -790,8 +819,10 @@ class Gate:
             if excess is not None:
                 self._idle_sent = excess
                 self._check_idle_recycle(excess, snap)
+        if reply[1] and reply[1] != self._pool_version_b:
+            self._follow_pool_policy(reply[1])
         for i, lease in enumerate(leases):
-            status, expires = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
+            status, expires = int(reply[2 + 2 * i]), int(reply[3 + 2 * i])
             if status == 1:
                 lease.expires_ms = expires
             elif status == 2:

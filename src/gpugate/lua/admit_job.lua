@@ -4,8 +4,10 @@
 -- ARGV = [prefix, clock_ms, class, vram, waiter_id, owner, device, tenant,
 --         n_samples, (uuid, total, used, age_ms) * n_samples]
 -- -> {outcome, reason, retry_ms, device_uuid, lease_id, expires_ms, detail,
---     available}: available is the bytes free for this request on its best
---     device (the chosen one, or the closest to fitting), -1 when not reached
+--     available, policy_version}: available is the bytes free for this request
+--     on its best device (the chosen one, or the closest to fitting), -1 when
+--     not reached; policy_version is the pool's (a gate that sees it change
+--     reads the policy again)
 --    outcome "admit" | "defer" | "reject". Error replies: "nopolicy" (the
 --    pool has no policy yet), "unknown_class <name>".
 --
@@ -53,11 +55,13 @@ local tenant = ARGV[8]
 local n_samples = tonumber(ARGV[9])
 
 local now
+local version
 
 local function decide()
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'c:' .. cls, 'pause:' .. cls, 'cap:' .. cls, 'n:' .. cls,
-                     'seq', 'next_exp')
+                     'seq', 'next_exp', 'pversion')
 now = script_now(clock_ms, tonumber(st[1]) or 0)
+version = st[9] or ''
 if not st[2] then return redis.error_reply('nopolicy') end
 if not st[3] then return redis.error_reply('unknown_class ' .. cls) end
 
@@ -393,6 +397,7 @@ end
 -- kept 16 minutes. Error replies are not answers.
 local reply = decide()
 if reply[1] then
+  reply[9] = version
   local key = prefix .. 'dec:' .. math.floor(now / 60000)
   if redis.call('HINCRBY', key, cls .. ' ' .. reply[1] .. ' ' .. reply[2], 1) == 1 then
     redis.call('PEXPIRE', key, 16 * 60000)

@@ -15,7 +15,9 @@
 --   (what NVML shows for its pid on each device above its warm baseline
 --   while it holds no lease); "" none; "-" leaves it as it was. Ignored
 --   without an owner.
--- -> {now, (status, expires_ms) * n}; status 1 renewed; 0 gone (expired,
+-- -> {now, policy version ("" without), (status, expires_ms) * n}: the
+--    version lets a gate follow a policy applied while it runs (a changed
+--    lease TTL changes how often it must renew); status 1 renewed; 0 gone (expired,
 --    reaped or released: never recreated, the id is a fencing token); 2 past
 --    its class's max duration (not renewed: it ends at expires_ms).
 --
@@ -50,7 +52,7 @@ local gpus = ARGV[6]
 local excess = ARGV[7]
 local n = tonumber(ARGV[8])
 
-local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp')
+local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion')
 local last = tonumber(st[1]) or 0
 local now = script_now(clock_ms, last)
 if now > last then redis.call('HSET', state_key, 'clock', now) end
@@ -155,7 +157,7 @@ end
 local stale = redis.call('ZRANGEBYSCORE', idleseen_key, '-inf', now - ttl, 'LIMIT', 0, 16)
 for i = 1, #stale do drop_excess(stale[i]) end
 
-local out = {now}
+local out = {now, st[4] or ''}
 for i = 0, n - 1 do
   local base = 9 + 5 * i
   local uuid, id = ARGV[base], ARGV[base + 1]
