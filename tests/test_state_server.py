@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis.backoff import EqualJitterBackoff
 
-from gpugate import BackendError
+from gpugate import BackendError, Gate, NoGpuSampler
 from gpugate.state import _embedded
 from gpugate.state._connect import connect, mask_url, resolve_redis_url
 from gpugate.state._embedded import embedded_dir, embedded_url, stop_embedded
@@ -229,6 +229,26 @@ class TestConnect:
             assert kwargs["health_check_interval"] == 30
         finally:
             client.close()
+
+    @pytest.mark.parametrize("hint", ["", "?cluster=0"])
+    def test_a_port_that_is_not_redis_is_one_clear_backend_error(self, hint: str) -> None:
+        # A real HTTP server where Redis was expected: its reply is not RESP.
+        import http.server
+        import threading
+
+        httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"redis://bob:s3cr3t@127.0.0.1:{httpd.server_port}/0{hint}"
+        try:
+            with pytest.raises(BackendError) as caught:
+                Gate(url, pool="p", sampler=NoGpuSampler(), register=False).try_admit("b", 1)
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+        message = str(caught.value)
+        assert "s3cr3t" not in message
+        assert "Cluster" not in message
+        assert ("does not answer as a Redis server" in message) or ("unreachable" in message)
 
     @pytest.mark.parametrize(
         "url",

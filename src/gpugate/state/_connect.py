@@ -52,6 +52,8 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     OSError,
+    # Something answers there, but not in Redis's protocol (a wrong port).
+    redis.exceptions.InvalidResponse,
     redis.exceptions.ClusterDownError,
     redis.exceptions.RedisClusterException,
 )
@@ -232,6 +234,11 @@ def _is_cluster_node(client: redis.Redis, url: str) -> bool:
             fix="add ?cluster=1 to the URL of a Redis Cluster",
         )
         return False
+    except redis.exceptions.InvalidResponse as exc:
+        raise BackendError(
+            f"{mask_url(url)} does not answer as a Redis server does "
+            f"({_without_secrets(str(exc), url)}): check its host and port"
+        ) from None
     except redis.ResponseError as exc:
         # INFO may be denied by an ACL or renamed; a cluster must then say so in its URL.
         log.debug("redis_cluster_probe_refused", url=mask_url(url), error=str(exc))
