@@ -327,6 +327,8 @@ class TestCaps:
         assert first.outcome is Outcome.ADMIT
         assert gate.try_admit("batch", vram="1GiB").reason == "cap"
         clock.advance(30 * 60 + 1)
+        # `first` has expired meanwhile: two ADMITs show the cap is the policy's 3 again.
+        assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
 
 
@@ -560,6 +562,8 @@ class TestLeases:
         for _ in range(5):
             clock.advance(3)
             gate.beat_now()
+            # Renewed for one TTL from the beat's time, not more.
+            assert d.lease.expires_ms == clock.ms + 5000  # type: ignore[union-attr]
         assert not d.lease.lost  # type: ignore[union-attr]
         assert gate.try_admit("batch", vram=1).reason == "cap"
 
