@@ -83,12 +83,17 @@ def make_gate(server: RedisProcess, pool_name: str) -> Iterator[Callable[..., Ga
         g.close()
 
 
-def state(server: RedisProcess, pool: str) -> dict[str, str]:
+def read_redis(server: RedisProcess, read: Callable[[redis.Redis], Any]) -> Any:
+    """``read(client)`` on a client of its own, closed after."""
     client = redis.Redis.from_url(server.url, decode_responses=True)
     try:
-        return client.hgetall(PoolKeys(pool).state)
+        return read(client)
     finally:
         client.close()
+
+
+def state(server: RedisProcess, pool: str) -> dict[str, str]:
+    return read_redis(server, lambda client: client.hgetall(PoolKeys(pool).state))
 
 
 class TestPlacement:
@@ -212,6 +217,26 @@ class TestVramLedger:
         sampler.set_used(0, "50GiB")
         assert gate.try_admit("batch", vram="31GiB").reason == "vram"
         assert gate.try_admit("batch", vram="30GiB").outcome is Outcome.ADMIT
+
+    def test_the_safety_margin_is_kept_free_on_every_device(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        sampler = SimulatedSampler(["80GiB", "40GiB"])
+        sampler.set_used(0, "10GiB")
+        gate = make_gate(policy({"safety_margin": "4GiB"}), sampler)
+        # Never fits: capacity less the margin, on the largest device.
+        assert gate.try_admit("batch", vram=76 * GiB + 1).reason == "too_large"
+        # 80 - 10 used - 4 margin = 66 GiB on device 0; 40 - 4 = 36 on device 1.
+        d = gate.try_admit("batch", vram=66 * GiB + 1)
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "vram")
+        assert d.available == 66 * GiB  # the closest device's room, margin kept
+        d = gate.try_admit("batch", vram="66GiB")
+        assert (d.outcome, d.device_uuid) == (Outcome.ADMIT, sampler.uuid(0))
+        assert d.available == 66 * GiB
+        # Device 1 keeps its margin too, and with it best fit is not a tie.
+        assert gate.try_admit("batch", vram=36 * GiB + 1).reason == "vram"
+        d = gate.try_admit("batch", vram="36GiB")
+        assert (d.outcome, d.device_uuid) == (Outcome.ADMIT, sampler.uuid(1))
 
     def test_a_reported_actual_above_the_estimate_counts(
         self, make_gate: Callable[..., Gate]
@@ -840,11 +865,7 @@ class TestPresence:
 
 
 def waiter_ids(server: RedisProcess, pool: str) -> list[str]:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    try:
-        return client.hkeys(PoolKeys(pool).waiters)
-    finally:
-        client.close()
+    return read_redis(server, lambda client: client.hkeys(PoolKeys(pool).waiters))
 
 
 class _SlowSampler:

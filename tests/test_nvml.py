@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from gpugate import Gate, NoGpuSampler, Outcome, Policy, _fastpath_py, _speedups
 from gpugate.metrics import Metrics
@@ -495,6 +496,21 @@ class TestQuarantine:
         assert snap.quarantined == {"GPU-a"}
         (fault,) = snap.faults
         assert (fault.index, fault.error, fault.quarantined) == (0, error, True)
+
+    def test_a_lost_device_is_logged_once_as_quarantined(
+        self, fake: FakeNvml, make_sampler: Callable[..., NvmlSampler]
+    ) -> None:
+        fake.set(gpu("GPU-a"), gpu("GPU-b"))
+        s = make_sampler()
+        s.refresh()
+        fake.set(gpu("GPU-a", lost=1), gpu("GPU-b"))
+        with capture_logs() as logs:
+            s.refresh()
+            s.refresh()
+        events = [(e["event"], e.get("uuid")) for e in logs if e["log_level"] != "debug"]
+        # Every call on the lost device fails; it is one event, not one per call.
+        assert ("gpu_quarantined", "GPU-a") in events
+        assert [e for e in events if e[1] == "GPU-a"] == [("gpu_quarantined", "GPU-a")]
 
     def test_quarantine_holds_until_the_device_answered_for_quarantine_s(
         self, fake: FakeNvml, clock: Clock, make_sampler: Callable[..., NvmlSampler]

@@ -71,6 +71,17 @@ _FREED_AT_A_LATER_SAMPLE = frozenset({"vram", "fragmented"})
 _SAMPLE_AFTER_WAKE_S = 0.002
 _SAMPLE_POLL_S = 0.005
 
+
+def _follow_up_by(d: Decision, woke_at: float | None, pause: float) -> float | None:
+    """When a blocking admission woken at ``woke_at`` (monotonic; ``None``: not
+    woken) should decide again after deferring with ``d``: as soon as its sampler
+    has read the devices after the wake-up, waiting no longer than ``pause``
+    (the monotonic deadline). ``None``: it waits as usual."""
+    if woke_at is None or d.reason not in _FREED_AT_A_LATER_SAMPLE:
+        return None
+    return time.monotonic() + pause
+
+
 # What "Redis is unreachable" looks like, on a single server and on a cluster
 # (CLUSTERDOWN, no node reachable, a slot not covered).
 _live_gates: weakref.WeakSet[Gate] = weakref.WeakSet()
@@ -364,10 +375,8 @@ class Gate:
                 if d.outcome is Outcome.ADMIT:
                     return Ticket(d)
                 pause = request.pause_after(d)
-                if woke_at is not None and d.reason in _FREED_AT_A_LATER_SAMPLE:
-                    # Woken by a release whose memory still counts: decide again
-                    # as soon as the sampler has read the devices after it.
-                    give_up = time.monotonic() + pause
+                give_up = _follow_up_by(d, woke_at, pause)
+                if woke_at is not None and give_up is not None:
                     while not self._sampled_after(woke_at) and time.monotonic() < give_up:
                         time.sleep(_SAMPLE_POLL_S)
                     woke_at = None
@@ -421,9 +430,8 @@ class Gate:
                 if d.outcome is Outcome.ADMIT:
                     return Ticket(d)
                 pause = request.pause_after(d)
-                if woke_at is not None and d.reason in _FREED_AT_A_LATER_SAMPLE:
-                    # As in admit(): decide again once the devices were read after the release.
-                    give_up = time.monotonic() + pause
+                give_up = _follow_up_by(d, woke_at, pause)
+                if woke_at is not None and give_up is not None:
                     while time.monotonic() < give_up and not await asyncio.to_thread(
                         self._sampled_after, woke_at
                     ):
@@ -1040,13 +1048,12 @@ class Gate:
             raise ConfigError("a cap is a whole number >= 0", key="n", value=n)
         reply = self._override("cap", cls, n, duration, reason, who)
         cp = self.effective_policy.classes.get(cls)
-        configured = None if cp is None else cp.max_concurrent
-        if configured is not None and n >= configured:
+        if cp is not None and not cp.lowered_by(n):
             log.warning(
                 "cap_changes_nothing",
                 cls=cls,
                 n=n,
-                policy_cap=configured,
+                policy_cap=cp.max_concurrent,
                 fix="a runtime cap only lowers the policy's; apply a new policy to raise it",
             )
         return reply
@@ -1107,7 +1114,7 @@ class Gate:
             kind=kind,
             cls=cls,
             n=n,
-            duration_s=for_ms / 1000,
+            duration_s=for_ms / 1000 if for_ms else None,  # None: until lifted
             who=who,
             reason=reason,
         )

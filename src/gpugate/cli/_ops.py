@@ -237,7 +237,7 @@ def run_cap(args: argparse.Namespace) -> int:
             args.cls, args.n, duration=args.duration, reason=args.reason, who=who_am_i(args.who)
         )
         _print_in_force(reply, [args.cls], "cap")
-        if cp.max_concurrent is not None and args.n >= cp.max_concurrent:
+        if not cp.lowered_by(args.n):
             out(
                 f"note: the policy's cap of {args.cls} is {cp.max_concurrent}; a runtime cap "
                 "only lowers it, so this changes nothing (apply a new policy to raise it)"

@@ -214,6 +214,11 @@ class ClassPolicy:
         _check_choice(self.on_backend_error, _ON_BACKEND_ERROR, key=key["on_backend_error"])
         _set(self, "queues", _queue_names(self.queues, key=key["queues"]))
 
+    def lowered_by(self, n: int) -> bool:
+        """Whether a runtime cap of ``n`` lowers this class's pool-wide cap
+        (a runtime cap never raises the policy's)."""
+        return self.max_concurrent is None or n < self.max_concurrent
+
     def _check_bucket(self, key: Mapping[str, str]) -> None:
         if self.rate is None:
             if self.burst is not None:

@@ -384,7 +384,10 @@ class NvmlSampler:
     def _note_errors(
         self, uuid: str, index: int, memory_rc: int, util_rc: int, processes_rc: int, now: float
     ) -> None:
-        """Count and log one device's errors; act on those that change what it is."""
+        """Count and log one device's errors; act on those that change what it is.
+
+        A lost device is logged once, as ``gpu_quarantined``, not once per call
+        that says so (every call on it does); the metric counts every call."""
         for call, code in (
             (self._lib.memory_call, memory_rc),
             ("nvmlDeviceGetUtilizationRates", util_rc),
@@ -392,7 +395,8 @@ class NvmlSampler:
         ):
             if code != _SUCCESS and code not in _ABSENT:
                 self._count_error(call)
-                self._log_device_error(uuid, index, call, code)
+                if code not in _LOST:
+                    self._log_device_error(uuid, index, call, code)
         lost = next((c for c in (memory_rc, util_rc, processes_rc) if c in _LOST), None)
         if lost is not None:
             self._mark_lost(uuid, index, lost, now)
