@@ -55,13 +55,13 @@ def pool_settings() -> st.SearchStrategy[PoolSettings]:
     return st.builds(
         PoolSettings,
         safety_margin=sizes(),
-        lease_ttl_s=durations(),
+        lease_ttl_s=durations().filter(lambda s: s >= 1.0),
         placement=st.sampled_from(["best-fit", "spread"]),
         sample_max_age_s=durations(),
         waiter_ttl_s=durations(),
         priority_aging=st.one_of(st.just(0.0), rates()),
         retry_max_s=durations(),
-        max_per_device=st.none() | st.integers(min_value=0, max_value=64),
+        max_per_device=st.none() | st.integers(min_value=1, max_value=64),
     )
 
 

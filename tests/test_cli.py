@@ -100,6 +100,25 @@ class TestPolicyCommands:
         assert "pool: lease_ttl" in policy_check.stdout
         assert "class batch: priority 10, rate 5/s" in policy_check.stdout
 
+    def test_check_names_every_knob_the_file_sets(self, tmp_path: Path) -> None:
+        f = tmp_path / "gpugate.toml"
+        f.write_text(
+            '[pool]\npriority_aging = "6/min"\nretry_max = "20s"\n'
+            '[classes.interactive]\npriority = 100\nmax_duration = "1h"\n'
+            'max_duration_contended = "10m"\n'
+            '[classes.batch]\npriority = 10\nmax_fragmentation = 0.25\non_backend_error = "open"\n'
+        )
+        result = gpugate("config", "check", str(f))
+        assert result.returncode == 0
+        for shown in (
+            "retry_max 20s",
+            "priority_aging 6/min",
+            "max_duration 1h, max_duration_contended 10m",
+            "max_fragmentation 0.25",
+            "on_backend_error open",
+        ):
+            assert shown in result.stdout
+
     def test_show_on_a_pool_without_a_policy_is_a_one_line_error(
         self, redis_server: RedisProcess, pool_name: str
     ) -> None:
@@ -109,6 +128,17 @@ class TestPolicyCommands:
             f"gpugate: error: pool {pool_name!r} has no policy yet: "
             "`gpugate policy apply FILE` sets one\n"
         )
+
+    def test_where_options_may_follow_the_policy_action_too(
+        self, redis_server: RedisProcess, pool_name: str, tmp_path: Path
+    ) -> None:
+        f = tmp_path / "gpugate.toml"
+        f.write_text("[classes.batch]\npriority = 10\n")
+        target = ("--redis-url", redis_server.url, "--pool", pool_name)
+        assert gpugate("policy", "apply", str(f), *target).returncode == 0
+        shown = gpugate("policy", "show", *target)
+        assert shown.returncode == 0
+        assert '"batch"' in shown.stdout
 
     def test_output_into_a_closed_pipe_ends_quietly(
         self, redis_server: RedisProcess, pool_name: str, tmp_path: Path

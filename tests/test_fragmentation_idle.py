@@ -428,7 +428,7 @@ class TestBookkeeping:
                     d = w.try_admit("interactive", vram=GiB)
                     if d.lease is not None:
                         jobs[i] = d.lease
-                        d.lease.report_vram(GiB, idle=n * (GiB // 8))
+                        d.lease.report_vram(4 * GiB, idle=n * (GiB // 8))
                         use(i, usage[i] // GiB + 8)
                         w.beat_now()
                 elif op == "end" and i in jobs:  # it ends, freeing some of its 8 GiB

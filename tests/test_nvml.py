@@ -496,6 +496,7 @@ class TestQuarantine:
         assert snap.quarantined == {"GPU-a"}
         (fault,) = snap.faults
         assert (fault.index, fault.error, fault.quarantined) == (0, error, True)
+        assert fault.total == 80 * GiB  # as it last answered: a request it could hold waits
 
     def test_a_lost_device_is_logged_once_as_quarantined(
         self, fake: FakeNvml, make_sampler: Callable[..., NvmlSampler]
@@ -538,6 +539,7 @@ class TestQuarantine:
             "GPU_IS_LOST",
             True,
         )
+        assert fault.total is None  # never seen: its size is unknown
 
     def test_a_gpu_lost_between_discoveries_keeps_its_uuid(
         self, fake: FakeNvml, clock: Clock, make_sampler: Callable[..., NvmlSampler]

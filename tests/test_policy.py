@@ -184,6 +184,13 @@ class TestValidation:
             (with_pool(retry_max="0.1ms"), "pool.retry_max", '"0.1ms"'),
             (with_pool(max_per_device=-2), "pool.max_per_device", "-2"),
             (with_pool(max_per_device=1.5), "pool.max_per_device", "1.5"),
+            (with_pool(max_per_device=0), "pool.max_per_device", "0"),
+            (with_pool(lease_ttl="500ms"), "pool.lease_ttl", '"500ms"'),
+            (with_pool(safety_margin=2**63), "pool.safety_margin", str(2**63)),
+            (with_class(max_concurrent=10**7), "classes.batch.max_concurrent", str(10**7)),
+            (with_class(rate="1/s", burst=2**40), "classes.batch.burst", str(2**40)),
+            (with_class(rate="2000000/s"), "classes.batch.rate", '"2000000/s"'),
+            (with_class(max_duration=10**16), "classes.batch.max_duration", str(10**16)),
             (with_class(priority=-1), "classes.batch.priority", "-1"),
             (with_class(priority=1_000_001), "classes.batch.priority", "1000001"),
             (with_class(priority="high"), "classes.batch.priority", '"high"'),
@@ -366,6 +373,11 @@ class TestToml:
         path.write_bytes(b"[classes.caf\xe9]\npriority = 1\n")
         with pytest.raises(ConfigError, match="not UTF-8"):
             Policy.from_file(path)
+
+    def test_a_byte_order_mark_some_editors_write_is_ignored(self, tmp_path: Path) -> None:
+        path = tmp_path / "bom.toml"
+        path.write_bytes(b"\xef\xbb\xbf[classes.batch]\npriority = 1\n")
+        assert list(Policy.from_file(path).classes) == ["batch"]
 
     def test_toml_text_names_its_source(self) -> None:
         with pytest.raises(ConfigError, match=r"^inline: classes\.batch\.priority: "):

@@ -296,7 +296,7 @@ class Model:
 
     @property
     def estimate_ms(self) -> int:
-        return min(self.retry_max, max(100, self.ttl // 3))
+        return min(self.retry_max, max(100, min(self.ttl // 3, self.waiter_ttl // 2)))
 
     def count(self, cls: str | None = None, dev: int | None = None) -> int:
         return sum(
@@ -612,7 +612,9 @@ class Harness:
                 None,
             ), d
             pool = self.policy.pool
-            estimate_s = min(pool.retry_max_s, max(0.1, pool.lease_ttl_s / 3))
+            estimate_s = min(
+                pool.retry_max_s, max(0.1, min(pool.lease_ttl_s / 3, pool.waiter_ttl_s / 2))
+            )
             self._check_retry(Prediction("defer", "vram", None), d.retry_after, estimate_s)
             return
         assert not d.local

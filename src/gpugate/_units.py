@@ -73,6 +73,13 @@ _RATE_UNITS: tuple[tuple[str, int], ...] = (("s", 1), ("min", 60), ("h", 3600))
 _EXACT_BELOW = 100_000
 
 _SIZE_HINT = 'write it like "4GiB", "512MB" or a number of bytes'
+
+# Upper bounds: far past any GPU or any sensible setting, and within what the
+# Lua scripts hold exactly (their numbers are doubles, exact below 2**53, and
+# their records are written with %d, which stops at 2**63).
+MAX_SIZE = 2**50  # 1PiB
+MAX_DURATION_S = 3650 * 86400.0  # 3650d, ten years
+MAX_RATE = 1e6  # a million per second
 _DURATION_HINT = 'write it like "30s", "500ms", "5m", "1h30m" or a number of seconds'
 _RATE_HINT = 'write it like "20/s", "100/min", "1/500ms" or a number per second'
 
@@ -97,17 +104,22 @@ def parse_size(
     """Return the number of bytes *value* stands for.
 
     *value* is a whole number of bytes (``4294967296``), a string of digits
-    (``"1024"``) or a number and a unit (``"4GiB"``, ``"1.5 GB"``, ``"512MiB"``);
-    fractions of a byte are rounded.  *key* and *source* name where the value
-    came from in the :class:`~gpugate.ConfigError` raised when it is not a size.
+    (``"1024"``) or a number and a unit (``"4GiB"``, ``"1.5 GB"``, ``"512MiB"``),
+    at most 1PiB (:data:`MAX_SIZE`); a fraction of a byte counts as a whole
+    one (every size gpugate reads is memory to keep or to need).  *key* and
+    *source* name where the value came from in the :class:`~gpugate.ConfigError`
+    raised when it is not a size.
     """
     # The hot path: callers that already hold bytes pay one type check.
-    if type(value) is int and value >= 0:
+    if type(value) is int and 0 <= value <= MAX_SIZE:
         return value
     try:
-        if isinstance(value, str):
-            return _size_from_text(value)
-        return _size_from_number(value)
+        size = _size_from_text(value) if isinstance(value, str) else _size_from_number(value)
+        if size > MAX_SIZE:
+            raise _Invalid(
+                f"{quote(value)} is more than 1PiB, larger than any device; {_SIZE_HINT}"
+            )
+        return size
     except _Invalid as err:
         raise ConfigError(str(err), source=source, key=key, value=value) from None
 
@@ -124,8 +136,8 @@ def parse_duration(
     *value* is a number of seconds (``30``, ``0.5``), or a string of parts each
     made of a number and a unit -- ``ms``, ``s``, ``m`` or ``min``, ``h``, ``d``
     -- largest first: ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``.  A string
-    of digits alone is seconds.  With *positive*, zero is refused too (a
-    lifetime or an interval).  *key* and *source* name where the value came
+    of digits alone is seconds, at most ten years.  With *positive*, zero is
+    refused too (a lifetime or an interval).  *key* and *source* name where the value came
     from in the :class:`~gpugate.ConfigError` raised when it is not a duration.
     """
     try:
@@ -135,6 +147,8 @@ def parse_duration(
             seconds = float(_non_negative(value, "duration", _DURATION_HINT))
         if positive and seconds == 0:
             raise _Invalid(f"{quote(value)} is zero; it must be longer than that")
+        if seconds > MAX_DURATION_S:
+            raise _Invalid(f'{quote(value)} is longer than ten years ("3650d"); {_DURATION_HINT}')
         return seconds
     except _Invalid as err:
         raise ConfigError(str(err), source=source, key=key, value=value) from None
@@ -168,14 +182,18 @@ def parse_rate(
     *value* is ``"COUNT/DURATION"`` -- ``"20/s"``, ``"100/min"``, ``"5/h"``,
     ``"1/500ms"``, ``"3/2s"`` -- where the duration follows
     :func:`parse_duration` and a bare unit means one of it; or a plain number
-    (or string of digits) of events per second.  Zero (``"0/s"``) is a valid
-    rate, "never"; negative rates are not.  *key* and *source* name where the
+    (or string of digits) of events per second, at most a million.  Zero
+    (``"0/s"``) is a valid rate, "never"; negative rates are not.  *key* and *source* name where the
     value came from in the :class:`~gpugate.ConfigError` raised otherwise.
     """
     try:
         if isinstance(value, str):
-            return _rate_from_text(value)
-        return float(_non_negative(value, "rate", _RATE_HINT))
+            rate = _rate_from_text(value)
+        else:
+            rate = float(_non_negative(value, "rate", _RATE_HINT))
+        if rate > MAX_RATE:
+            raise _Invalid(f"{quote(value)} is more than a million per second; {_RATE_HINT}")
+        return rate
     except _Invalid as err:
         raise ConfigError(str(err), source=source, key=key, value=value) from None
 
@@ -292,12 +310,12 @@ def _size_from_text(text: str) -> int:
                 f'(powers of 1024) or "{number}{letter}B" (powers of 1000)'
             )
         raise _Invalid(f"{quote(text)} is not a size; {_SIZE_HINT}")
-    return round(Fraction(number) * multiplier)
+    return math.ceil(Fraction(number) * multiplier)
 
 
 def _size_from_number(value: object) -> int:
     number = _non_negative(value, "size", _SIZE_HINT)
-    return round(number)
+    return math.ceil(number)
 
 
 def _non_negative(value: object, what: str, hint: str) -> int | float:

@@ -340,6 +340,7 @@ class Gate:
         priority. An ADMIT's lease is renewed by this gate's heartbeat until
         released or dropped.
         """
+        _check_request(cls, tenant)
         vram_b = parse_size(vram, key="vram")
         if device is not None:
             self._check_device(device)
@@ -363,7 +364,7 @@ class Gate:
         :class:`AdmissionRejected` when the request can never be admitted;
         both carry the last decision.
         """
-        request = _Request(self, cls, vram, timeout)
+        request = _Request(self, cls, vram, timeout, tenant)
         if device is not None:
             self._check_device(device)
         wake = self._wake_listener()
@@ -407,7 +408,7 @@ class Gate:
         device: str | None,
         tenant: str | None,
     ) -> Ticket:
-        request = _Request(self, cls, vram, timeout)
+        request = _Request(self, cls, vram, timeout, tenant)
         if device is not None:
             await asyncio.to_thread(self._check_device, device)
         wake = self._wake_listener()
@@ -486,6 +487,16 @@ class Gate:
                 Reason.GPU_LOST,
                 retry_after=self._jitter(self.effective_policy.pool.retry_max_s),
                 detail=f"device {device} is quarantined: its driver reports it lost",
+                cls=cls,
+                vram=vram,
+                local=True,
+            )
+        if snap.faults and self._waits_for_a_lost_gpu(cls, vram, snap):
+            return Decision(
+                Outcome.DEFER,
+                Reason.GPU_LOST,
+                retry_after=self._jitter(self.effective_policy.pool.retry_max_s),
+                detail="only a quarantined device (its driver reports it lost) could hold it",
                 cls=cls,
                 vram=vram,
                 local=True,
@@ -613,6 +624,22 @@ class Gate:
             frees = [d.free for d in snap.devices if d.uuid == device]
         return not _speedups.precheck_fits(frees, vram, pool.safety_margin)
 
+    def _waits_for_a_lost_gpu(self, cls: str, vram: int, snap: Snapshot) -> bool:
+        """Whether no usable device of this host could ever hold the request but
+        a quarantined one could (or might: its size unknown).
+
+        The scripts see only usable devices: they would REJECT it
+        ``too_large``, or with none usable answer the class's ``no_gpu``,
+        though quarantine is temporary. Such a request waits (``gpu_lost``).
+        """
+        policy = self.effective_policy
+        if cls not in policy.classes:
+            return False  # the script names the unknown class
+        room = policy.pool.safety_margin + policy.reserve_above(cls)
+        if any(d.total - room >= vram for d in snap.devices):
+            return False
+        return any(f.total is None or f.total - room >= vram for f in snap.faults if f.quarantined)
+
     def _check_device(self, device: object) -> None:
         """A request may insist on a GPU of this host, named by its uuid.
 
@@ -632,13 +659,17 @@ class Gate:
         return self.sampler.sample().taken_mono >= woke_at + _SAMPLE_AFTER_WAKE_S
 
     def _estimate_s(self) -> float:
-        """The scripts' estimated retry: a third of a lease TTL, capped."""
+        """The scripts' estimated retry (admit_job.lua): a third of a lease TTL
+        or half the waiter TTL, at least 100 ms, capped."""
         pool = self.effective_policy.pool
-        return min(pool.retry_max_s, max(0.1, pool.lease_ttl_s / 3))
+        return min(pool.retry_max_s, max(0.1, min(pool.lease_ttl_s / 3, pool.waiter_ttl_s / 2)))
 
     def _jitter(self, seconds: float) -> float:
-        cap = self.effective_policy.pool.retry_max_s
-        return min(cap, seconds * (0.5 + random.random()))  # ±50 %, uniform
+        """``seconds`` ±50 %, uniform, within ``retry_max`` (spread below the
+        cap rather than piled on it)."""
+        low = 0.5 * seconds
+        high = min(1.5 * seconds, max(low, self.effective_policy.pool.retry_max_s))
+        return low + (high - low) * random.random()
 
     def _backend_down(self, cls: str, vram: int, snap: Snapshot, exc: BackendError) -> Decision:
         try:
@@ -1233,12 +1264,28 @@ def _give_back_unused(deciding: asyncio.Future[Decision]) -> None:
         lease.release("dropped", refund=True)
 
 
+def _check_request(cls: object, tenant: object) -> None:
+    """A request's class is a name and its tenant, if any, a string."""
+    if type(cls) is not str:
+        raise UsageError(f'a class is named by a string, like "batch", not {cls!r}')
+    if tenant is not None and type(tenant) is not str:
+        raise UsageError(f'a tenant is a string, like "team-a", not {tenant!r}')
+
+
 class _Request:
     """One blocking admission: its waiter id, its deadline, and how long to sleep."""
 
     __slots__ = ("cls", "deadline", "gate", "timeout", "vram", "waiter")
 
-    def __init__(self, gate: Gate, cls: str, vram: int | str, timeout: float | str | None) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        cls: str,
+        vram: int | str,
+        timeout: float | str | None,
+        tenant: str | None,
+    ) -> None:
+        _check_request(cls, tenant)
         self.gate = gate
         self.cls = cls
         self.vram = parse_size(vram, key="vram")

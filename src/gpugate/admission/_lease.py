@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .. import _process
-from .._exceptions import UsageError
-from .._units import parse_size
+from .._exceptions import ConfigError, UsageError
+from .._units import format_size, parse_size
 
 if TYPE_CHECKING:
     from ._gate import Gate
@@ -109,14 +109,22 @@ class Lease:
     def report_vram(self, actual: int | str, *, idle: int | str | None = None) -> None:
         """Report the VRAM the job really holds now (bytes or "4GiB").
 
-        ``idle``: the part of it the job's allocator holds but does not use
-        (PyTorch: reserved - allocated), the job's fragmentation; ``None``
+        ``idle``: the part of it (at most ``actual``) the job's allocator
+        holds but does not use (PyTorch: reserved - allocated), the job's
+        fragmentation; ``None``
         keeps the last one reported. Sent with the next heartbeat. The gate
         then counts ``max(estimate, actual)`` for this lease, and the idle
         bytes towards its device's fragmentation (``max_fragmentation``).
         """
         b = parse_size(actual, key="actual")
         i = -1 if idle is None else parse_size(idle, key="idle")
+        if i > b:
+            raise ConfigError(
+                f"{format_size(i)} is more than the actual {format_size(b)} it is a part of; "
+                "idle is what the job's allocator holds of it but does not use",
+                key="idle",
+                value=idle,
+            )
         with self._lock:
             self._actual = (b, i, time.monotonic())
 

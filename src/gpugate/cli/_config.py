@@ -21,7 +21,13 @@ def check_config(path: str) -> int:
         f"  pool: lease_ttl {format_duration(pool.lease_ttl_s)}, "
         f"safety_margin {format_size(pool.safety_margin)}, placement {pool.placement}, "
         f"sample_max_age {format_duration(pool.sample_max_age_s)}, "
-        f"waiter_ttl {format_duration(pool.waiter_ttl_s)}"
+        f"waiter_ttl {format_duration(pool.waiter_ttl_s)}, "
+        f"retry_max {format_duration(pool.retry_max_s)}"
+        + (
+            ""
+            if not pool.priority_aging
+            else f", priority_aging {format_rate(pool.priority_aging)}"
+        )
         + ("" if pool.max_per_device is None else f", max_per_device {pool.max_per_device}")
     )
     for name, c in p.classes.items():
@@ -36,7 +42,13 @@ def check_config(path: str) -> int:
             parts.append(f"reserve {format_size(c.reserve)}")
         if c.max_duration_s is not None:
             parts.append(f"max_duration {format_duration(c.max_duration_s)}")
+        if c.max_duration_contended_s is not None:
+            parts.append(f"max_duration_contended {format_duration(c.max_duration_contended_s)}")
+        if c.max_fragmentation is not None:
+            parts.append(f"max_fragmentation {c.max_fragmentation:g}")
         parts.append(f"no_gpu {c.no_gpu}")
+        if c.on_backend_error != "closed":
+            parts.append(f"on_backend_error {c.on_backend_error}")
         if c.queues:
             parts.append(f"Asynq queues {', '.join(c.queues)}")
         top = " (highest: kept running by `gpugate drain`)" if name in p.highest_classes else ""

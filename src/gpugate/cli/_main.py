@@ -176,8 +176,10 @@ def _parser() -> argparse.ArgumentParser:
 
     policy = sub.add_parser("policy", help="show or apply the pool's policy")
     psub = policy.add_subparsers(dest="action", required=True, metavar="ACTION")
-    psub.add_parser("show", help="print the pool's policy as JSON")
-    apply = psub.add_parser("apply", help="replace the pool's policy with FILE (TOML)")
+    psub.add_parser("show", parents=[where], help="print the pool's policy as JSON")
+    apply = psub.add_parser(
+        "apply", parents=[where], help="replace the pool's policy with FILE (TOML)"
+    )
     apply.add_argument("file")
     check = psub.add_parser("check", help="check a policy FILE without touching Redis")
     check.add_argument("file")

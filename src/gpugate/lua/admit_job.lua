@@ -83,8 +83,10 @@ if reaped > 0 then
   st[6] = redis.call('HGET', state_key, 'n:' .. cls)
 end
 
--- An estimated retry: a third of a lease TTL, capped (the client adds jitter).
-local estimate = math.min(retry_max, math.max(100, math.floor(ttl / 3)))
+-- An estimated retry: a third of a lease TTL, or half the waiter TTL when
+-- shorter (a poller that comes back when told stays a waiter, even with the
+-- client's jitter of up to +50 %), at least 100 ms, capped by retry_max.
+local estimate = math.min(retry_max, math.max(100, math.floor(math.min(ttl / 3, waiter_ttl / 2))))
 
 -- This request's waiter entry: read once, refreshed by every DEFER.
 local since = nil

@@ -44,7 +44,8 @@ def read_file(path: str | os.PathLike[str]) -> tuple[str, str]:
             f"cannot read policy file {quote(name)}: {err.strerror}", source=name, value=name
         ) from None
     try:
-        return data.decode("utf-8"), name
+        # A byte order mark (some editors write one) is not part of the TOML.
+        return data.decode("utf-8-sig"), name
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"not valid TOML: not UTF-8 text ({err.reason} at byte {err.start})", source=name

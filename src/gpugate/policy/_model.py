@@ -47,6 +47,11 @@ _NO_GPU: tuple[NoGpu, ...] = ("defer", "reject", "cpu")
 _ON_BACKEND_ERROR: tuple[OnBackendError, ...] = ("closed", "open")
 
 _MAX_PRIORITY = 1_000_000
+# Caps and bursts: far past any pool, and exact in the scripts' numbers.
+_MAX_COUNT = 1_000_000
+# A lease is renewed every lease_ttl / 3: shorter leases would be lost to a
+# slow round trip or a garbage collection pause.
+_SHORTEST_LEASE_TTL_S = 1.0
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # The Lua scripts count in whole milliseconds; anything shorter would reach
 # them as 0, which means "already expired".
@@ -96,7 +101,7 @@ class PoolSettings:
         Bytes kept free on every device (TOML ``safety_margin``, a size).
     ``lease_ttl_s``
         Seconds a lease lives without renewal; a dead worker's slot is free
-        again within this time (``lease_ttl``, a duration, at least 1ms).
+        again within this time (``lease_ttl``, a duration, at least 1s).
     ``placement``
         ``"best-fit"`` puts a job on the device with the least room that fits
         it, keeping whole devices free for big jobs; ``"spread"`` on the one
@@ -112,7 +117,8 @@ class PoolSettings:
     ``retry_max_s``
         The cap on an estimated ``retry_after`` (``retry_max``).
     ``max_per_device``
-        Leases of all classes together on one device; ``None`` for no cap.
+        Leases of all classes together on one device, at least 1; ``None``
+        for no cap.
     """
 
     safety_margin: int = 0
@@ -129,9 +135,17 @@ class PoolSettings:
         _set(self, "safety_margin", parse_size(self.safety_margin, key=key["safety_margin"]))
         for attr in ("lease_ttl_s", "sample_max_age_s", "waiter_ttl_s", "retry_max_s"):
             _set(self, attr, _positive_seconds(getattr(self, attr), key=key[attr]))
+        if self.lease_ttl_s < _SHORTEST_LEASE_TTL_S:
+            raise ConfigError(
+                f"{quote(format_duration(self.lease_ttl_s))} is too short: a lease is renewed "
+                'every third of it; use at least "1s", like "30s"',
+                key=key["lease_ttl_s"],
+                value=self.lease_ttl_s,
+            )
         _check_choice(self.placement, _PLACEMENTS, key=key["placement"])
         _set(self, "priority_aging", parse_rate(self.priority_aging, key=key["priority_aging"]))
-        _check_whole(self.max_per_device, key=key["max_per_device"], optional=True)
+        # 0 would admit nothing on any device: stopping work is what a pause is for.
+        _check_whole(self.max_per_device, key=key["max_per_device"], low=1, optional=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -601,7 +615,7 @@ def _check_name(name: object) -> None:
 
 
 def _check_whole(
-    value: object, *, key: str, low: int = 0, high: int | None = None, optional: bool = False
+    value: object, *, key: str, low: int = 0, high: int = _MAX_COUNT, optional: bool = False
 ) -> None:
     if value is None and optional:
         return
@@ -612,10 +626,9 @@ def _check_whole(
             key=key,
             value=value,
         )
-    if value < low or (high is not None and value > high):
-        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    if value < low or value > high:
         raise ConfigError(
-            f"{quote(value)} is out of range; use a whole number {span}{leave_out}",
+            f"{quote(value)} is out of range; use a whole number from {low} to {high}{leave_out}",
             key=key,
             value=value,
         )

@@ -206,6 +206,8 @@ class NvmlSampler:
         # Quarantined devices: when they last answered lost, and with which code.
         self._lost: dict[str, tuple[float, int]] = {}
         self._last_good: dict[str, DeviceSample] = {}
+        # Each device's usable memory when it last answered (for its faults).
+        self._totals: dict[str, int] = {}
         self._last_processes: dict[str, tuple[Any, tuple[GpuProcess, ...] | None]] = {}
         with self._lock:
             self._start_nvml(raise_errors=True)
@@ -308,6 +310,7 @@ class NvmlSampler:
                     error=error_name(code),
                     quarantined=code in _LOST,
                     mig_index=mig_index,
+                    total=self._totals.get(uuid),
                 )
             )
 
@@ -341,13 +344,23 @@ class NvmlSampler:
         self._note_errors(uuid, index, memory_rc, util_rc, processes_rc, now)
         lost = self._lost.get(uuid)
         if lost is not None and self._quarantined(uuid, now):
-            return DeviceFault(uuid, index, lost[1], error_name(lost[1]), True, mig_index)
+            return DeviceFault(
+                uuid, index, lost[1], error_name(lost[1]), True, mig_index, self._totals.get(uuid)
+            )
         if memory_rc != _SUCCESS:
             # A handle that names nothing any more has no last reading to stand in.
             kept = None if memory_rc in _STALE_HANDLE else self._last_good.get(uuid)
             if kept is not None and self._recent(kept, now):
                 return kept
-            return DeviceFault(uuid, index, memory_rc, error_name(memory_rc), False, mig_index)
+            return DeviceFault(
+                uuid,
+                index,
+                memory_rc,
+                error_name(memory_rc),
+                False,
+                mig_index,
+                self._totals.get(uuid),
+            )
         usable = total - reserved
         sample = DeviceSample(
             uuid=uuid,
@@ -364,6 +377,7 @@ class NvmlSampler:
             taken_mono=now,
         )
         self._last_good[uuid] = sample
+        self._totals[uuid] = usable
         return sample
 
     def _recent(self, sample: DeviceSample, now: float) -> bool:

@@ -65,7 +65,9 @@ class DeviceFault:
     ``error`` its name. A ``quarantined`` device (lost, or waiting for a
     reset) admits nothing until it has answered normally for the sampler's
     quarantine time; any other fault is transient. ``uuid`` is empty when the
-    device could not even say who it is and was never seen before.
+    device could not even say who it is and was never seen before. ``total``
+    is its memory when it last answered (``None``: never seen), so that a
+    request only it could hold waits for it instead of being refused.
     """
 
     uuid: str
@@ -74,6 +76,7 @@ class DeviceFault:
     error: str
     quarantined: bool = False
     mig_index: int | None = None
+    total: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

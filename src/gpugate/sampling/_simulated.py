@@ -167,7 +167,14 @@ class SimulatedSampler:
                     if i not in self._lost
                 )
                 self._faults = tuple(
-                    DeviceFault(self.uuid(i), i, _GPU_IS_LOST, "GPU_IS_LOST", quarantined=True)
+                    DeviceFault(
+                        self.uuid(i),
+                        i,
+                        _GPU_IS_LOST,
+                        "GPU_IS_LOST",
+                        quarantined=True,
+                        total=self._totals[i],
+                    )
                     for i in sorted(self._lost)
                 )
             faults = self._faults
