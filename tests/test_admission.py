@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import signal
 import socket
 import threading
 import time
@@ -18,6 +20,7 @@ from structlog.testing import capture_logs
 from gpugate import (
     AdmissionRejected,
     AdmissionTimeout,
+    BackendError,
     ConfigError,
     Gate,
     NoGpuSampler,
@@ -716,6 +719,27 @@ class TestLeases:
         assert nb.lease.max_duration_reached  # type: ignore[union-attr]
         assert not nb.lease.lost  # type: ignore[union-attr]
 
+    def test_lease_ids_are_never_reused_after_redis_loses_its_state(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        pol = policy(batch={"priority": 10, "max_concurrent": 1})
+        old_holder, new_holder = make_gate(pol), make_gate(pol)
+        held = old_holder.try_admit("batch", vram="1GiB").lease
+        assert held is not None
+        # Redis comes back empty (or from a snapshot taken before the lease).
+        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        time.sleep(0.002)  # a restart takes longer than a millisecond
+        new_holder.sync_policy()
+        fresh = new_holder.try_admit("batch", vram="1GiB").lease
+        assert fresh is not None
+        assert int(fresh.id) > int(held.id)
+        # The old holder's release and heartbeat never touch the new lease.
+        assert held.release() is False
+        old_holder.beat_now()
+        assert new_holder.try_admit("batch", vram="1GiB").reason == "cap"
+        new_holder.beat_now()
+        assert not fresh.lost
+
     def test_a_dropped_lease_object_releases_its_slot(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
         labels = {"class": "batch", "outcome": "dropped"}
@@ -809,6 +833,42 @@ class TestLeases:
         client.close()
         gate.beat_now()
         assert state(server, pool_name).get("pversion") == Policy.default().version
+
+    def test_a_worker_restores_the_operators_policy_after_redis_loses_it(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        applied = policy(
+            {"lease_ttl": "3s"},
+            interactive={"priority": 100},
+            batch={"priority": 10, "max_concurrent": 1},
+        )
+        make_gate(applied).close()  # the operator applies it
+        worker = make_gate(None)  # follows the pool's policy
+        assert worker.effective_policy.version == applied.version
+        read_redis(server, lambda client: client.delete(PoolKeys(pool_name).state))
+        with capture_logs() as logs:
+            worker.beat_now()
+        assert state(server, pool_name).get("pversion") == applied.version
+        assert [e["log_level"] for e in logs if e["event"] == "pool_policy_restored"] == ["warning"]
+        assert worker.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        assert worker.try_admit("batch", vram=1).reason == "cap"
+
+    def test_a_lease_admitted_while_its_gate_closes_is_given_back(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        gate = make_gate(policy())
+        script = gate._scripts.admit_job
+
+        def close_in_flight(keys: list[Any], args: list[Any]) -> Any:
+            reply = script(keys=keys, args=args)
+            gate.close()  # another thread closes the gate while the reply travels
+            return reply
+
+        gate._scripts.admit_job = close_in_flight  # type: ignore[assignment]
+        d = gate.try_admit("batch", vram="1GiB")
+        assert d.lease is not None
+        assert (d.lease.lost, d.lease.lost_reason) == (True, "gate_closed")
+        assert read_redis(server, lambda client: client.zcard(PoolKeys(pool_name).exp)) == 0
 
     def test_a_closed_gate_refuses_every_use(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())
@@ -1259,6 +1319,128 @@ class TestRedisUnreachable:
         finally:
             server.stop()
             gate.close()
+
+
+@contextlib.contextmanager
+def frozen(server: RedisProcess) -> Iterator[None]:
+    """The server hangs (SIGSTOP): connections open, nothing answers."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+class TestRedisHangs:
+    """A hung Redis costs a call one socket timeout; what fails meanwhile is
+    sent again, and holders are told when their leases may be gone."""
+
+    @pytest.fixture
+    def private(self, pool_name: str) -> Iterator[tuple[RedisProcess, Callable[..., Gate]]]:
+        server = RedisProcess().start()
+        gates: list[Gate] = []
+
+        def make(pol: Policy) -> Gate:
+            gate = Gate(
+                server.url,
+                pool=pool_name,
+                policy=pol,
+                sampler=SimulatedSampler(["80GiB"]),
+                socket_timeout_s=0.3,
+            )
+            gates.append(gate)
+            return gate
+
+        try:
+            yield server, make
+        finally:
+            server.stop()
+            for gate in gates:
+                gate.close()
+
+    def test_a_call_waits_one_socket_timeout_not_its_retries(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        server, make = private
+        gate = make(policy())
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        with frozen(server):
+            started = time.monotonic()
+            d = gate.try_admit("batch", vram=1)
+            took = time.monotonic() - started
+            assert (d.outcome, d.reason) == (Outcome.DEFER, "backend_unavailable")
+            with pytest.raises(AdmissionTimeout):
+                gate.admit("batch", vram=1, timeout=0.5)
+            blocked = time.monotonic() - started - took
+        # Retried timeouts took 4 x 0.3 s and more (health checks nested theirs).
+        assert took < 1.0, took
+        assert blocked < 2.0, blocked
+
+    def test_a_release_that_fails_is_sent_again_when_redis_answers(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        server, make = private
+        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        holder, other = make(pol), make(pol)
+        ticket = holder.admit("batch", vram="1GiB", timeout=5)
+        with frozen(server):
+            ticket.release("error")  # fails: Redis does not answer
+        assert other.try_admit("batch", vram=1).reason == "cap"
+        holder.beat_now()  # the heartbeat sends it again, with its outcome
+        assert other.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        outcomes = read_redis(
+            server, lambda client: client.hget(PoolKeys(other.pool).state, "out:batch:error")
+        )
+        assert outcomes == "1"
+
+    def test_a_holder_redis_has_not_confirmed_for_a_ttl_is_told(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        server, make = private
+        holder = make(policy({"lease_ttl": "1s"}))
+        lease = holder.try_admit("batch", vram="1GiB").lease
+        assert lease is not None
+        with frozen(server):
+            time.sleep(1.1)  # a whole TTL since Redis last confirmed it
+            with pytest.raises(BackendError):
+                holder.beat_now()
+        assert (lease.lost, lease.lost_reason) == (True, "unrenewed")
+        holder.beat_now()  # released once Redis answers, in case nobody reaped it
+        assert holder.leases_held() == []
+        assert read_redis(server, lambda client: client.zcard(PoolKeys(holder.pool).exp)) == 0
+
+    def test_closing_while_redis_hangs_waits_one_timeout_not_one_per_lease(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        server, make = private
+        gate = make(policy())
+        held = [gate.try_admit("batch", vram="1GiB").lease for _ in range(4)]
+        assert all(lease is not None for lease in held)
+        with frozen(server):
+            started = time.monotonic()
+            gate.close()
+            took = time.monotonic() - started
+        assert took < 1.0, took  # one 0.3 s timeout, not five
+        assert all(lease is not None and lease.released for lease in held)
+
+    def test_redis_refusing_writes_is_a_backend_error_not_a_redis_one(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        server, make = private
+        gate = make(policy())
+        ticket = gate.admit("batch", vram="1GiB", timeout=5)
+        read_redis(server, lambda client: client.config_set("maxmemory", 1))
+        try:
+            with pytest.raises(ValueError, match="the job's own"), ticket:
+                raise ValueError("the job's own error")
+            assert gate.try_admit("batch", vram=1).reason == "backend_unavailable"
+            with pytest.raises(BackendError):
+                gate.pause("batch", duration="1m")
+        finally:
+            read_redis(server, lambda client: client.config_set("maxmemory", 0))
+        gate.beat_now()  # the failed release goes through now
+        assert gate.leases_held() == []
 
 
 class TestScripts:

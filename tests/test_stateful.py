@@ -472,7 +472,7 @@ class Model:
                 return defer("rate", math.ceil((1 - tokens) / row.rate), best, "-", best_avail)
             self.buckets[cls] = (tokens - 1, now)
 
-        self.seq += 1
+        self.seq = max(self.seq + 1, now * 1000)
         lease_id = str(self.seq)
         self.leases[lease_id] = LeaseRec(lease_id, cls, best, vram, gate)
         self.exp[lease_id] = now + self.ttl

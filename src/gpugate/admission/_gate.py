@@ -48,7 +48,7 @@ from ..state._wire import publish_args
 from ._decision import Decision, Outcome, Reason, make_decision
 from ._heartbeat import Heartbeat
 from ._idle import idle_memory
-from ._lease import Lease, LeaseRegistry
+from ._lease import Lease, LeaseRegistry, Unsent
 from ._ticket import Ticket
 from ._wake import WakeListener
 
@@ -248,10 +248,13 @@ class Gate:
         """Publish this gate's policy if the pool has none (or ``force``); read the pool's.
 
         Returns the pool's policy version. Without a policy of its own the gate
-        publishes :meth:`Policy.default` to an empty pool.
+        publishes to an empty pool the pool's policy it last knew (Redis lost
+        its state: the operator's policy is restored, with a warning), else
+        :meth:`Policy.default`.
         """
         self._check_usable()
-        mine = self.policy or Policy.default()
+        restoring = self.policy is None and self.pool_policy is not None
+        mine = self.policy or self.pool_policy or Policy.default()
         if self.policy is None and not force:
             current, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
             if current is not None:
@@ -263,6 +266,14 @@ class Gate:
             args=publish_args(mine, force=force),
         )
         version = _b2s(version)
+        if published and restoring and not force:
+            log.warning(
+                "pool_policy_restored",
+                pool=self.pool,
+                version=version,
+                note="the pool had lost its policy (Redis lost its state): "
+                "this gate published the one it last knew",
+            )
         if published:
             log.info("policy_published", pool=self.pool, version=version)
             self.pool_policy = mine
@@ -731,6 +742,17 @@ class Gate:
 
     def _hold(self, lease: Lease) -> None:
         self._leases.add(lease)
+        if self._closed:
+            # Admitted while close() ran: nothing would renew it. close() sets
+            # _closed before it goes through the leases, so one of the two
+            # releases it (both may: the second finds it gone).
+            if not lease.released:
+                lease._mark_lost("gate_closed")  # before: a released lease is not lost
+                lease.released = True
+                self._release_lease(lease, "dropped")
+                self._scripts.close()  # the connection that took it, as close() left them
+                self._client.close()
+            return
         self._ensure_heartbeat()
 
     def _ensure_heartbeat(self) -> Heartbeat:
@@ -757,11 +779,17 @@ class Gate:
         try:
             return self._release(lease.device_uuid, lease.id, outcome, refund=refund)
         except BackendError as exc:
+            # Sent again by the heartbeat once Redis answers (with its outcome;
+            # the refund of an unused admission is not), so the slot is not
+            # held for a TTL after an outage and the outcome is not "expired".
+            self._leases.send_later(Unsent(lease.device_uuid, lease.id, lease.cls, outcome, True))
+            self._ensure_heartbeat()
             log.warning(
                 "lease_release_failed",
                 lease_id=lease.id,
                 error=str(exc),
-                note="it expires within one TTL",
+                note="the heartbeat sends it again when Redis answers; else it expires "
+                "within one TTL",
             )
             return False
 
@@ -790,14 +818,25 @@ class Gate:
         with self._beat_lock:
             self._beat_once()
 
-    def _release_dropped(self, dev_uuid: str, lease_id: str, cls: str) -> None:
-        """Release a lease whose object was dropped unreleased, counted as ``dropped``."""
-        self.metrics.job_outcomes.labels(cls, "dropped").inc()
-        self._release(dev_uuid, lease_id, "dropped")
+    def _send_releases(self) -> None:
+        """Send the queued releases (dropped leases, releases that failed); on a
+        failure the rest stay queued and the error is raised."""
+        unsent = self._leases.take_unsent()
+        for i, item in enumerate(unsent):
+            try:
+                self._release(item.device_uuid, item.lease_id, item.outcome)
+            except BackendError:
+                self._leases.send_later(*unsent[i:])
+                raise
+            if not item.counted:
+                self.metrics.job_outcomes.labels(item.cls, item.outcome).inc()
 
     def _beat_once(self) -> None:
-        for dropped in self._leases.take_dropped():
-            self._release_dropped(*dropped)
+        try:
+            self._send_releases()
+        except BackendError:
+            self._give_up_unrenewed(self._leases.live())
+            raise
         # Leases past their max duration go too: the script no longer renews them
         # (status 2) and says when they are gone (0), so their holder is told.
         leases = self._leases.live()
@@ -819,7 +858,7 @@ class Gate:
             len(leases),
         ]
         reports = []
-        now = time.monotonic()
+        now = beat_started = time.monotonic()
         for lease in leases:
             report = lease._take_report()
             reports.append(report)
@@ -852,6 +891,7 @@ class Gate:
                 if report is not None:  # send it again next time
                     with lease._lock:
                         lease._actual = lease._actual or report
+            self._give_up_unrenewed(leases)
             raise
         if snap is not None:
             self._check_fragmentation(leases, reports, snap)
@@ -864,8 +904,10 @@ class Gate:
             status, expires = int(reply[2 + 2 * i]), int(reply[3 + 2 * i])
             if status == 1:
                 lease.expires_ms = expires
+                lease._renewed_mono = beat_started
             elif status == 2:
                 lease.expires_ms = expires
+                lease._renewed_mono = beat_started
                 if lease._mark_max_duration():
                     self.metrics.leases_max_duration.labels(lease.cls).inc()
             else:
@@ -874,6 +916,22 @@ class Gate:
                 if lease._mark_lost("expired"):
                     self.stats["leases_lost"] += 1
                     self.metrics.leases_lost.labels(lease.cls).inc()
+
+    def _give_up_unrenewed(self, leases: list[Lease]) -> None:
+        """Tell the holders of leases Redis has not confirmed for a whole TTL
+        that they may be gone (``unrenewed``): from then on the pool may reap
+        them and give their room to other jobs. They are released (as
+        ``dropped``) once Redis answers, in case nobody reaped them."""
+        ttl = self.effective_policy.pool.lease_ttl_s
+        now = time.monotonic()
+        for lease in leases:
+            if now - lease._renewed_mono > ttl and lease._mark_lost("unrenewed"):
+                self._leases.discard(lease)
+                self._leases.send_later(
+                    Unsent(lease.device_uuid, lease.id, lease.cls, "dropped", False)
+                )
+                self.stats["leases_lost"] += 1
+                self.metrics.leases_lost.labels(lease.cls).inc()
 
     def _worker_info(self, leases: int) -> str:
         """What the registry says about this process (JSON)."""
@@ -1189,8 +1247,13 @@ class Gate:
             self._waiting.add(waiter)
         try:
             yield
-        except BaseException:
-            self._forget_waiter(waiter)
+        except BaseException as exc:
+            # Not when Redis did not answer the last decision: it did not write
+            # the entry, an earlier one expires by itself, and the caller's
+            # timeout is not held up by one more socket timeout.
+            last = getattr(exc, "decision", None)
+            if last is None or last.reason != Reason.BACKEND_UNAVAILABLE:
+                self._forget_waiter(waiter)
             raise
         finally:
             with self._lock:
@@ -1222,15 +1285,25 @@ class Gate:
         if waiting:  # blocked admissions end with a UsageError: their entries go now
             self._forget_waiter(*waiting)
         self._closed = True
+        # Once Redis fails to answer, the rest is not tried (each try would
+        # wait a socket timeout): those leases expire within one TTL, and the
+        # worker's registry entry goes with its heartbeat's silence.
+        try:
+            self._send_releases()
+            reachable = True
+        except BackendError:
+            reachable = False
         for lease in self._leases.live():
             lease.released = True
-            self._release_lease(lease, "dropped")
-        for dropped in self._leases.take_dropped():
-            with contextlib.suppress(BackendError):
-                self._release_dropped(*dropped)
+            if reachable:
+                self._release_lease(lease, "dropped")
+                reachable = not self._leases.has_unsent()
+            else:
+                self._leases.discard(lease)
+                self.metrics.job_outcomes.labels(lease.cls, "dropped").inc()
         if self._heartbeat is not None:
             self._heartbeat.stop()
-        if self._register:
+        if self._register and reachable:
             # Its idle excess leaves the devices' fragmentation in the same step.
             k = self._keys
             with contextlib.suppress(BackendError, redis.RedisError):

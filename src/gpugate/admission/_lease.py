@@ -6,7 +6,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
@@ -44,6 +44,7 @@ class Lease:
         "_lock",
         "_on_lost",
         "_on_max",
+        "_renewed_mono",
         "cls",
         "device",
         "device_uuid",
@@ -85,6 +86,8 @@ class Lease:
         self._actual: tuple[int, int, float] | None = None
         self._on_lost: list[LeaseCallback] = []
         self._on_max: list[LeaseCallback] = []
+        # When Redis last confirmed it (monotonic): admitted, or renewed.
+        self._renewed_mono = time.monotonic()
         # A local lease (Redis unreachable, on_backend_error "open") holds a
         # slot of this process's own cap; releasing or dropping it frees that.
         self._local_done: Any = weakref.finalize(self, gate._local_done, cls) if local else None
@@ -202,18 +205,31 @@ def _run_callback(cb: LeaseCallback, lease: Lease) -> None:
         log.exception("lease_callback_failed", lease_id=lease.id)
 
 
+class Unsent(NamedTuple):
+    """A release still to be sent to Redis by the heartbeat: of a lease dropped
+    unreleased (``counted`` False: its outcome is counted when sent), or one
+    whose release failed while Redis was unreachable (counted already)."""
+
+    device_uuid: str
+    lease_id: str
+    cls: str
+    outcome: str
+    counted: bool
+
+
 class LeaseRegistry:
-    """The leases one gate holds, by weak reference.
+    """The leases one gate holds, by weak reference, and the releases to send.
 
     A lease dropped without release is queued and released by the heartbeat
-    (never from inside garbage collection). ``touch`` is called whenever the
-    set of held leases changes (also from garbage collection: it must not lock).
+    (never from inside garbage collection), as is a release that failed
+    while Redis was unreachable. ``touch`` is called whenever the set of held
+    leases changes (also from garbage collection: it must not lock).
     """
 
     def __init__(self, touch: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str], weakref.ReferenceType[Lease]] = {}
-        self._dropped: list[tuple[str, str, str]] = []
+        self._unsent: list[Unsent] = []
         self._touch = touch
 
     def add(self, lease: Lease) -> None:
@@ -224,7 +240,7 @@ class LeaseRegistry:
         def dropped(_: object, key: tuple[str, str] = key) -> None:
             with self._lock:
                 if self._held.pop(key, None) is not None:
-                    self._dropped.append((*key, cls))
+                    self._unsent.append(Unsent(*key, cls, "dropped", False))
                     if self._touch is not None:
                         self._touch()
 
@@ -251,11 +267,20 @@ class LeaseRegistry:
                 out.append(lease)
         return out
 
-    def take_dropped(self) -> list[tuple[str, str, str]]:
-        """(device uuid, lease id, class) of leases dropped since the last call."""
+    def send_later(self, *releases: Unsent) -> None:
+        """Queue releases for the heartbeat to send (again)."""
         with self._lock:
-            dropped, self._dropped = self._dropped, []
-        return dropped
+            self._unsent.extend(releases)
+
+    def take_unsent(self) -> list[Unsent]:
+        """The releases queued since the last call, oldest first."""
+        with self._lock:
+            unsent, self._unsent = self._unsent, []
+        return unsent
+
+    def has_unsent(self) -> bool:
+        """Whether a release waits to be sent."""
+        return bool(self._unsent)
 
     def __len__(self) -> int:
         with self._lock:

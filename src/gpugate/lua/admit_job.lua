@@ -17,7 +17,7 @@
 --                      c:<class> (class record), pause:<class> ("until_ms"),
 --                      cap:<class> ("n until_ms"; until 0 = no expiry),
 --                      n:<class> (live leases), d:<class>:<uuid> and
---                      d::<uuid> (live leases per device), seq (lease ids),
+--                      d::<uuid> (live leases per device), seq (the last lease id),
 --                      next_exp (a lower bound of the earliest lease expiry),
 --                      m:<uuid> (memory sums of the device's leases;
 --                      idle includes idle workers' excess)
@@ -372,9 +372,13 @@ if rate > 0 then
   redis.call('HSET', buckets_key, cls, string.format('%.17g %d', tokens - 1, now))
 end
 
--- The lease; its id is a fencing token. The counters were read above in
--- this same script, so they are written back whole, with the clock.
-local id = tostring((tonumber(st[7]) or 0) + 1)
+-- The lease; its id is a fencing token: above every id issued before, even
+-- after Redis lost its state (restarted empty, restored from an older
+-- snapshot, failed over to a lagging replica): ids run at least with the
+-- clock, 1000 per ms (under 2**53 until the year 2255). The counters were
+-- read above in this same script, so they are written back whole, with the
+-- clock.
+local id = string.format('%d', math.max((tonumber(st[7]) or 0) + 1, now * 1000))
 local deadline = 0
 if max_ms >= 0 then deadline = now + max_ms end
 local rec = {e = vram, a = 0, at = 0, r = 0, c = cls, s = now, m = deadline, o = owner, f = 0,

@@ -54,6 +54,9 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     OSError,
     # Something answers there, but not in Redis's protocol (a wrong port).
     redis.exceptions.InvalidResponse,
+    # It answers but takes no writes now: a replica after a failover, or full.
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
     redis.exceptions.ClusterDownError,
     redis.exceptions.RedisClusterException,
 )
@@ -126,10 +129,11 @@ def resolve_redis_url(explicit: str | None) -> tuple[str, bool]:
 def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
     """A client for ``url`` that returns bytes and retries lost connections.
 
-    Connection errors and timeouts are retried up to 3 times with exponential
-    backoff and jitter; ``socket_timeout_s`` bounds both connecting and each
-    reply. A plain Redis client connects lazily, on its first command, except
-    that a ``redis://``/``rediss://`` URL without ``?cluster=`` is asked once
+    Connection errors are retried up to 3 times with exponential backoff and
+    jitter; a timeout is not retried: ``socket_timeout_s`` bounds connecting
+    and each reply, so a hung server costs one timeout per call. A plain
+    Redis client connects lazily, on its first command, except that a
+    ``redis://``/``rediss://`` URL without ``?cluster=`` is asked once
     whether it is a cluster node; a :class:`~redis.cluster.RedisCluster` reads
     the cluster's layout when made (see the module docstring). Raises
     :class:`~gpugate.BackendError` (password masked) when the URL is unusable
@@ -144,7 +148,10 @@ def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
         "retry": Retry(
             EqualJitterBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S),
             MAX_RETRIES,
-            supported_errors=(RedisConnectionError, RedisTimeoutError),
+            # Not timeouts: a server that does not answer in time is hung or
+            # cut off, and each try would wait the whole timeout again (the
+            # call may also have run). Connection errors fail fast.
+            supported_errors=(RedisConnectionError,),
         ),
     }
     try:

@@ -15,7 +15,8 @@ thread at a time; a call that finds it busy, and any call on a Cluster,
 takes the client's own path. When the lane's connection fails (it is then
 closed), the call is made again on the client's path, which reconnects and
 retries as :func:`gpugate.state._connect.connect` configured it, as redis-py
-would have retried the call anyway. With hiredis installed and the client's
+would have retried the call anyway; a timeout is raised at once (neither
+path retries one). With hiredis installed and the client's
 default encoding (UTF-8, strict), the lane packs a call with
 ``hiredis.pack_command`` itself: the same bytes as redis-py's packer, in a
 third of its time (redis-py checks and copies every argument first), and
@@ -65,8 +66,10 @@ _READ_SIZE = 65536
 OFF_LANE: Any = object()
 # A lane call that fails with one of these is made again on the client's
 # path: NOSCRIPT (the client's path loads the script), or a failed connection
-# (closed by then; the client's path reconnects and retries).
-_LANE_RETRY = (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError)
+# (closed by then; the client's path reconnects and retries). A timeout is
+# not: the server is hung or cut off, and the caller hears of it now, as the
+# client's path does not retry timeouts either.
+_LANE_RETRY = (RedisConnectionError, OSError, NoScriptError)
 _KERNEL_TIMEOUTS = hasattr(socket, "SO_RCVTIMEO") and hasattr(socket, "SO_SNDTIMEO")
 # hiredis answers "no whole reply yet" with this (False is a RESP3 value).
 _MORE = object()
