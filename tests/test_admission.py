@@ -129,6 +129,14 @@ class TestPlacement:
         gate = make_gate(policy({"placement": "spread"}), sampler)
         assert gate.try_admit("batch", vram="30GiB").device == 1
 
+    def test_a_decision_is_true_only_when_admitted(self, make_gate: Callable[..., Gate]) -> None:
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
+        admitted = gate.try_admit("batch", vram="1GiB")
+        deferred = gate.try_admit("batch", vram="1GiB")
+        rejected = gate.try_admit("batch", vram="81GiB")
+        assert [bool(d) for d in (admitted, deferred, rejected)] == [True, False, False]
+        assert [d.admitted for d in (admitted, deferred, rejected)] == [True, False, False]
+
     def test_a_request_larger_than_any_device_is_rejected_not_deferred(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -74,6 +74,11 @@ class Decision:
         """True for ADMIT."""
         return self.outcome is Outcome.ADMIT
 
+    def __bool__(self) -> bool:
+        """``if gate.try_admit(...):`` runs the job only when admitted (as
+        :attr:`admitted`); a DEFER or a REJECT is false."""
+        return self.outcome is Outcome.ADMIT
+
     @property
     def env(self) -> dict[str, str]:
         """Environment for the job: ``CUDA_VISIBLE_DEVICES`` set to the device.

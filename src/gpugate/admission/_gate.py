@@ -371,7 +371,8 @@ class Gate:
 
         Waits as a registered waiter, woken by releases and override changes
         (and by a timer as a fallback). Raises :class:`AdmissionTimeout` after
-        ``timeout`` seconds (``None`` waits forever) and
+        ``timeout`` seconds (``None`` waits forever; a decision in flight then
+        ends first, within one socket timeout when Redis hangs) and
         :class:`AdmissionRejected` when the request can never be admitted;
         both carry the last decision.
         """
