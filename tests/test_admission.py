@@ -1345,8 +1345,11 @@ class TestRedisHangs:
     sent again, and holders are told when their leases may be gone."""
 
     @pytest.fixture
-    def private(self, pool_name: str) -> Iterator[tuple[RedisProcess, Callable[..., Gate]]]:
-        server = RedisProcess().start()
+    def private(
+        self, pool_name: str, server: RedisProcess
+    ) -> Iterator[tuple[RedisProcess, Callable[..., Gate]]]:
+        """A server of this test's own, of the version ``server`` is (7, 6.2)."""
+        server = RedisProcess(server.executable).start()
         gates: list[Gate] = []
 
         def make(pol: Policy) -> Gate:
@@ -1432,13 +1435,18 @@ class TestRedisHangs:
         assert took < 1.0, took  # one 0.3 s timeout, not five
         assert all(lease is not None and lease.released for lease in held)
 
+    @pytest.mark.parametrize("flushed", [False, True], ids=["loaded", "flushed"])
     def test_redis_refusing_writes_is_a_backend_error_not_a_redis_one(
-        self, private: tuple[RedisProcess, Callable[..., Gate]]
+        self, private: tuple[RedisProcess, Callable[..., Gate]], flushed: bool
     ) -> None:
+        # Refused before a script runs, the error is OutOfMemoryError; refused
+        # at a write inside it (a script loaded again first), a script error.
         server, make = private
         gate = make(policy())
         ticket = gate.admit("batch", vram="1GiB", timeout=5)
         read_redis(server, lambda client: client.config_set("maxmemory", 1))
+        if flushed:
+            read_redis(server, lambda client: client.script_flush())
         try:
             with pytest.raises(ValueError, match="the job's own"), ticket:
                 raise ValueError("the job's own error")

@@ -41,7 +41,7 @@ from .._version import __version__
 from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import Sampler, Snapshot, default_sampler
-from ..state._connect import REDIS_DOWN, connect, mask_url, resolve_redis_url
+from ..state._connect import REDIS_DOWN, connect, mask_url, refuses_writes, resolve_redis_url
 from ..state._keys import PoolKeys
 from ..state._scripts import Scripts
 from ..state._wire import publish_args
@@ -610,6 +610,8 @@ class Gate:
                 raise self._unreachable(exc) from exc
             except redis.ResponseError as exc:
                 msg = str(exc)
+                if refuses_writes(exc):
+                    raise self._unreachable(exc) from exc
                 if "nopolicy" in msg and attempt == 0:
                     self.sync_policy()
                     continue
@@ -796,11 +798,14 @@ class Gate:
 
     def _release(self, dev_uuid: str, lease_id: str, outcome: str, *, refund: bool = False) -> bool:
         """Run release_lease.lua for one lease; True if it was still live."""
-        done = self._call(
-            self._scripts.release_lease,
-            keys=[self._keys.state, self._keys.exp, self._keys.buckets],
-            args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, outcome, int(refund)],
-        )
+        try:
+            done = self._call(
+                self._scripts.release_lease,
+                keys=[self._keys.state, self._keys.exp, self._keys.buckets],
+                args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, outcome, int(refund)],
+            )
+        except redis.ResponseError as exc:
+            raise BackendError(f"the release script failed on {self.redis_url}: {exc}") from exc
         return bool(done)
 
     def leases_held(self) -> list[Lease]:
@@ -1228,6 +1233,10 @@ class Gate:
             return fn(*args, **kwargs)
         except REDIS_DOWN as exc:
             raise self._unreachable(exc) from exc
+        except redis.ResponseError as exc:
+            if refuses_writes(exc):
+                raise self._unreachable(exc) from exc
+            raise
 
     def _unreachable(self, exc: BaseException) -> BackendError:
         return BackendError(f"Redis at {self.redis_url} is unreachable: {exc}")

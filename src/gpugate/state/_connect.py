@@ -39,7 +39,14 @@ from redis.retry import Retry
 
 from .._exceptions import BackendError
 
-__all__ = ["REDIS_DOWN", "Client", "connect", "mask_url", "resolve_redis_url"]
+__all__ = [
+    "REDIS_DOWN",
+    "Client",
+    "connect",
+    "mask_url",
+    "refuses_writes",
+    "resolve_redis_url",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +67,22 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis.exceptions.ClusterDownError,
     redis.exceptions.RedisClusterException,
 )
+
+# Inside a script, a refused write comes back as a plain script error that
+# carries the server's own error: these say "no writes now", as the classes
+# in REDIS_DOWN do for a command.
+_REFUSED_WRITE_MARKS = ("OOM command not allowed", "READONLY", "MISCONF")
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """Whether a Redis error says the server takes no writes now (a replica
+    after a failover, full past ``maxmemory``, or failing to persist), which
+    gpugate treats as Redis being unreachable."""
+    if isinstance(exc, REDIS_DOWN):
+        return True
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and any(m in text for m in _REFUSED_WRITE_MARKS)
+
 
 REDIS_URL_ENVS = ("GPUGATE_REDIS_URL", "REDIS_URL")
 MAX_RETRIES = 3
