@@ -30,6 +30,7 @@ from gpugate import (
     SimulatedSampler,
     UsageError,
 )
+from gpugate.state._inspect import read_pool
 from gpugate.state._keys import PoolKeys
 from gpugate.state._server import RedisProcess
 
@@ -1141,6 +1142,44 @@ class TestBlockingAdmit:
         slow.delay_s = 0
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
 
+    def test_closing_with_decisions_in_flight_leaves_nothing_behind(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # Decisions still reading the devices when close() starts: those that
+        # admit give their lease back, those that defer leave no waiter entry.
+        pol = policy({"waiter_ttl": "60s", "lease_ttl": "60s"})
+        other = make_gate(pol)
+        taken = other.try_admit("batch", vram="60GiB", device=other.sampler.uuid(0))
+        assert taken.admitted
+        slow = _SlowSampler(SimulatedSampler(["80GiB"]), delay_s=0)
+        gate = make_gate(pol, slow)
+        mine = [gate.try_admit("batch", vram="1GiB") for _ in range(4)]
+        assert all(d.admitted for d in mine)
+        slow.delay_s = 0.3
+        errors: list[BaseException] = []
+
+        def ask(vram: str) -> None:
+            try:
+                gate.admit("interactive", vram=vram, timeout=5)
+            except UsageError:
+                pass  # the gate closed
+            except BaseException as exc:
+                errors.append(exc)
+
+        sizes = ("1GiB", "1GiB", "30GiB", "30GiB")
+        threads = [threading.Thread(target=ask, args=(v,)) for v in sizes]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)  # every decision is reading the devices
+        gate.close()
+        for t in threads:
+            t.join(5)
+        assert errors == []
+        assert all(lease.released for d in mine if (lease := d.lease) is not None)
+        live = read_redis(server, lambda client: client.zrange(PoolKeys(pool_name).exp, 0, -1))
+        assert live == [f"{taken.device_uuid}\t{taken.lease.id}"]  # type: ignore[union-attr]
+        assert waiter_ids(server, pool_name) == []
+
     def test_closing_the_gate_ends_a_blocked_admit_and_its_waiter_entry(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
@@ -1435,6 +1474,32 @@ class TestRedisHangs:
         assert took < 1.0, took  # one 0.3 s timeout, not five
         assert all(lease is not None and lease.released for lease in held)
 
+    def test_past_maxmemory_no_lease_is_written_even_where_ghosts_end(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        # Ending a ghost deletes (which Redis allows past maxmemory): were that
+        # the script's first write, the lease's writes after it would pass too.
+        server, make = private
+        sampler = SimulatedSampler(["80GiB"])
+        gate = Gate(server.url, pool=make(policy()).pool, policy=policy(), sampler=sampler)
+        try:
+            for _ in range(3):
+                lease = gate.try_admit("batch", vram="1GiB").lease
+                assert lease is not None
+                lease.release()  # a ghost, until a later sample
+            time.sleep(0.005)
+            sampler.set_used(0, "1GiB")  # a new sample: the next decision ends the ghosts
+            read_redis(server, lambda client: client.config_set("maxmemory", 1))
+            try:
+                answers = [gate.try_admit("batch", vram="1GiB").reason for _ in range(3)]
+                live = read_redis(server, lambda client: client.zcard(PoolKeys(gate.pool).exp))
+            finally:
+                read_redis(server, lambda client: client.config_set("maxmemory", 0))
+            assert answers == ["backend_unavailable"] * 3
+            assert live == 0
+        finally:
+            gate.close()
+
     @pytest.mark.parametrize("flushed", [False, True], ids=["loaded", "flushed"])
     def test_redis_refusing_writes_is_a_backend_error_not_a_redis_one(
         self, private: tuple[RedisProcess, Callable[..., Gate]], flushed: bool
@@ -1453,6 +1518,9 @@ class TestRedisHangs:
             assert gate.try_admit("batch", vram=1).reason == "backend_unavailable"
             with pytest.raises(BackendError):
                 gate.pause("batch", duration="1m")
+            # What status reads still reads: Redis refuses the transaction, not the reads.
+            view = read_redis(server, lambda client: read_pool(client, gate.pool))
+            assert [lease.id for lease in view.leases] == [ticket.lease.id]
         finally:
             read_redis(server, lambda client: client.config_set("maxmemory", 0))
         gate.beat_now()  # the failed release goes through now
@@ -1511,8 +1579,6 @@ class TestWorkerRegistry:
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
         import json
-
-        from gpugate.state._inspect import read_pool
 
         keys = PoolKeys(pool_name)
         client = redis.Redis.from_url(server.url, decode_responses=True)
@@ -1642,7 +1708,6 @@ class TestHostSnapshots:
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
         from gpugate import DeviceFault, DeviceSample, Snapshot
-        from gpugate.state._inspect import read_pool
 
         class Host:
             backend = "test"

@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ from redis.crc import key_slot
 
 from asynq_support import assert_state, at, captured, expected, load
 from conftest import empty_database
-from gpugate import ConfigError, Gate, Policy, SimulatedSampler, UsageError
+from gpugate import BackendError, ConfigError, Gate, Policy, SimulatedSampler, UsageError
 from gpugate.asynq import (
     AsynqKeys,
     AsynqWorker,
@@ -53,6 +54,8 @@ from gpugate.asynq._keys import ALL_QUEUES
 from gpugate.asynq._servers import list_servers, list_workers
 from gpugate.metrics import Metrics
 from gpugate.state._connect import connect
+from gpugate.state._keys import PoolKeys
+from gpugate.state._scripts import Scripts
 from gpugate.state._server import (
     LocalCluster,
     RedisProcess,
@@ -246,6 +249,20 @@ def today(c: redis.Redis, what: str, queue: str) -> int:
 
 
 class TestLifecycle:
+    def test_a_worker_that_cannot_read_its_pools_queues_says_so(self) -> None:
+        # Nothing listens there: the gate cannot read the pool's policy, so
+        # the worker cannot know which queues it serves (not "belongs to no class").
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+        gate = Gate(url, pool="nowhere", sampler=SimulatedSampler(["80GiB"]), socket_timeout_s=0.3)
+        try:
+            for queues in (None, ["ocr:bulk"]):
+                with pytest.raises(BackendError, match="cannot read pool 'nowhere'"):
+                    AsynqWorker(gate, queues=queues, asynq_redis=url, **FAST)
+        finally:
+            gate.close()
+
     def test_tasks_run_and_leave_the_state_asynqs_server_leaves(
         self, gate: Gate, asynq: redis.Redis, asynq_url: str
     ) -> None:
@@ -584,6 +601,27 @@ class TestCancellation:
             # What AsynqMon's "cancel" and Inspector.CancelProcessing publish.
             wait_until(lambda: asynq.publish("asynq:cancel", tid) >= 1 and stopped.wait(0.5))
             wait_until(lambda: asynq.zcard("asynq:{ocr:bulk}:retry") == 1)
+        m = task_state(asynq, "ocr:bulk", tid)["msg"]
+        assert (m.retried, m.error_msg) == (1, "context canceled")
+
+    def test_a_lost_gpu_lease_stops_the_handler_and_retries_the_task(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        worker, started, stopped = self.worker_waiting_to_be_cancelled(gate, asynq_url)
+        tid = enqueue(asynq, "ocr:bulk", "slow", b"")
+        with serving(worker):
+            wait_until(started.is_set)
+            (lease,) = gate.leases_held()
+            # What `gpugate leases --expire ID` does: the GPU may be another job's now.
+            keys = PoolKeys(gate.pool)
+            Scripts(gate.client).release_lease(
+                keys=[keys.state, keys.exp, keys.buckets],
+                args=[keys.prefix, 0, lease.device_uuid, lease.id, "expired_by_operator", "0"],
+            )
+            gate.beat_now()  # the heartbeat finds it gone and tells the holder
+            wait_until(stopped.is_set)
+            wait_until(lambda: asynq.zcard("asynq:{ocr:bulk}:retry") == 1)
+        assert (lease.lost, lease.lost_reason) == (True, "expired")
         m = task_state(asynq, "ocr:bulk", tid)["msg"]
         assert (m.retried, m.error_msg) == (1, "context canceled")
 

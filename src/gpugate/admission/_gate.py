@@ -189,6 +189,9 @@ class Gate:
         self._wake: WakeListener | None = None
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()
+        # Held by close() throughout; what an operation in flight at close
+        # still has to tell Redis waits for it (see _late).
+        self._close_lock = threading.RLock()
         self._recent_defer: dict[tuple[str, int, str], float] = {}
         # The sample arguments last packed, and the devices tuple they describe.
         self._packed: tuple[object, list[Any], list[int]] = ((), [], [])
@@ -225,7 +228,7 @@ class Gate:
             log.warning("policy_sync_deferred", error=str(exc))
         if register:
             # Registered at once, then every TTL/3, with or without leases.
-            self._ensure_heartbeat().kick()
+            self._kick_heartbeat()
 
     @property
     def client(self) -> redis.Redis | redis.RedisCluster:
@@ -376,6 +379,7 @@ class Gate:
         :class:`AdmissionRejected` when the request can never be admitted;
         both carry the last decision.
         """
+        self._check_usable()
         request = _Request(self, cls, vram, timeout, tenant)
         if device is not None:
             self._check_device(device)
@@ -420,6 +424,7 @@ class Gate:
         device: str | None,
         tenant: str | None,
     ) -> Ticket:
+        self._check_usable()
         request = _Request(self, cls, vram, timeout, tenant)
         if device is not None:
             await asyncio.to_thread(self._check_device, device)
@@ -752,18 +757,23 @@ class Gate:
             if not lease.released:
                 lease._mark_lost("gate_closed")  # before: a released lease is not lost
                 lease.released = True
-                self._release_lease(lease, "dropped")
-                self._scripts.close()  # the connection that took it, as close() left them
-                self._client.close()
+                self._late(lambda: self._release_lease(lease, "dropped"))
             return
         self._ensure_heartbeat()
 
-    def _ensure_heartbeat(self) -> Heartbeat:
+    def _kick_heartbeat(self) -> None:
+        """Beat now (started if need be)."""
+        self._ensure_heartbeat()
+        heartbeat = self._heartbeat
+        if heartbeat is not None:
+            heartbeat.kick()
+
+    def _ensure_heartbeat(self) -> None:
         with self._lock:
-            if self._heartbeat is None:
+            # A gate closing now may have stopped its heartbeat already.
+            if self._heartbeat is None and not self._closed:
                 self._heartbeat = Heartbeat(self)
                 self._heartbeat.start()
-            return self._heartbeat
 
     def _release_lease(self, lease: Lease, outcome: str, refund: bool = False) -> bool:
         self._leases.discard(lease)
@@ -838,6 +848,8 @@ class Gate:
                 self.metrics.job_outcomes.labels(item.cls, item.outcome).inc()
 
     def _beat_once(self) -> None:
+        if self._closed:
+            return  # close() released what it held; a late one goes through _late
         try:
             self._send_releases()
         except BackendError:
@@ -1270,12 +1282,31 @@ class Gate:
                 self._waiting.discard(waiter)
 
     def _forget_waiter(self, *waiters: str) -> None:
-        # On failure they expire by themselves within the waiter TTL; a closed
-        # gate's client is not used again (close() forgot them first).
-        if self._closed or _process.pid != self._pid:
+        """Delete waiter entries; on failure they expire by themselves within
+        the waiter TTL. One written by a decision in flight when the gate
+        closed goes once close() is done."""
+        if _process.pid != self._pid:
             return
+        if self._closed:
+            self._late(lambda: self._hdel_waiters(waiters))
+        else:
+            self._hdel_waiters(waiters)
+
+    def _hdel_waiters(self, waiters: Sequence[str]) -> None:
         with contextlib.suppress(BackendError, redis.RedisError):
             self._call(self._client.hdel, self._keys.waiters, *waiters)
+
+    def _late(self, tell: Callable[[], object]) -> None:
+        """What an operation in flight when the gate closed still has to tell
+        Redis (a release, a waiter's end): done once close() is done, on a
+        connection closed again after, so that close() never has its client
+        closed under it."""
+        with self._close_lock:
+            try:
+                tell()
+            finally:
+                self._scripts.close()
+                self._client.close()
 
     def _check_usable(self) -> None:
         if _process.pid != self._pid:
@@ -1288,16 +1319,44 @@ class Gate:
     def close(self) -> None:
         """Release every lease this gate holds, leave the worker registry (its
         idle memory stops counting towards fragmentation) and stop its threads."""
-        if self._closed or _process.pid != self._pid:
+        if _process.pid != self._pid:
             return
+        with self._close_lock:
+            if self._closed:
+                return
+            # From here on, decisions refuse to start; one in flight finishes
+            # and tells Redis what it must through _late, after this.
+            self._closed = True
+            reachable = False
+            try:
+                reachable = self._close_releases()
+            finally:
+                if self._heartbeat is not None:
+                    self._heartbeat.stop()
+                if self._register and reachable:
+                    # Its idle excess leaves the devices' fragmentation in the same step.
+                    k = self._keys
+                    with contextlib.suppress(BackendError, redis.RedisError):
+                        self._call(
+                            self._scripts.remove_worker,
+                            keys=[k.state, k.workers, k.workerinfo, k.idle_memory, k.idle_seen],
+                            args=[self.owner],
+                        )
+                if self._wake is not None:
+                    self._wake.stop()
+                self._scripts.close()
+                self._client.close()
+
+    def _close_releases(self) -> bool:
+        """close()'s part: blocked admissions' waiter entries, queued releases
+        and held leases go. Returns whether Redis answered throughout: once it
+        fails, the rest is not tried (each try would wait a socket timeout):
+        those leases expire within one TTL, the entries within the waiter TTL,
+        and the worker's registry entry goes with its heartbeat's silence."""
         with self._lock:
             waiting = list(self._waiting)
         if waiting:  # blocked admissions end with a UsageError: their entries go now
-            self._forget_waiter(*waiting)
-        self._closed = True
-        # Once Redis fails to answer, the rest is not tried (each try would
-        # wait a socket timeout): those leases expire within one TTL, and the
-        # worker's registry entry goes with its heartbeat's silence.
+            self._hdel_waiters(waiting)
         try:
             self._send_releases()
             reachable = True
@@ -1311,21 +1370,7 @@ class Gate:
             else:
                 self._leases.discard(lease)
                 self.metrics.job_outcomes.labels(lease.cls, "dropped").inc()
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-        if self._register and reachable:
-            # Its idle excess leaves the devices' fragmentation in the same step.
-            k = self._keys
-            with contextlib.suppress(BackendError, redis.RedisError):
-                self._call(
-                    self._scripts.remove_worker,
-                    keys=[k.state, k.workers, k.workerinfo, k.idle_memory, k.idle_seen],
-                    args=[self.owner],
-                )
-        if self._wake is not None:
-            self._wake.stop()
-        self._scripts.close()
-        self._client.close()
+        return reachable
 
     def __enter__(self) -> Gate:
         return self

@@ -119,6 +119,8 @@ class Lease:
         then counts ``max(estimate, actual)`` for this lease, and the idle
         bytes towards its device's fragmentation (``max_fragmentation``).
         """
+        if _process.pid != self._gate._pid:
+            raise UsageError("this lease is held by the parent process's gate; report there")
         b = parse_size(actual, key="actual")
         i = -1 if idle is None else parse_size(idle, key="idle")
         if i > b:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import os
 import random
@@ -264,6 +265,18 @@ class AsynqWorker:
         return seconds
 
     def _queue_classes(self, queues: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+        gate = self.gate
+        if not isinstance(queues, Mapping) and gate.pool_policy is None and gate.policy is None:
+            # The policy's queues are the pool's: a gate that could not read
+            # them (Redis down or loading) would check them against a default.
+            try:
+                self.gate.sync_policy()
+            except BackendError as exc:
+                raise BackendError(
+                    f"cannot read pool {self.gate.pool!r}'s policy to find its Asynq queues: "
+                    f"{exc}; start the worker when Redis answers, or map the queues to "
+                    "classes yourself (queues={'ocr:bulk': 'batch'})"
+                ) from exc
         policy = self.gate.effective_policy
         known = policy.queue_classes()
         if queues is None:
@@ -482,6 +495,11 @@ class AsynqWorker:
         run = _Running(msg, handler, ticket, task, lease_until, now)
         with self._cond:
             self._running[msg.id] = run
+        if ticket.lease is not None:
+            # The GPU may be another job's now (Redis did not confirm the lease
+            # for a TTL, or an operator expired it): the handler stops, and the
+            # attempt fails (context canceled), to be retried.
+            ticket.lease.on_lost(functools.partial(self._gpu_lease_lost, run))
         if deadline <= now:
             # As Asynq: a task already past its deadline fails without running.
             self._settle(run, _Failure(_DEADLINE_EXCEEDED))
@@ -527,6 +545,13 @@ class AsynqWorker:
     def _deadline_passed(self, run: _Running) -> None:
         run.task._set_cancelled("deadline")
         self._settle(run, _Failure(_DEADLINE_EXCEEDED))
+
+    def _gpu_lease_lost(self, run: _Running, _lease: object) -> None:
+        """As a cancel from AsynqMon: the handler is told, the attempt fails."""
+        log.warning("asynq_task_gpu_lease_lost", task_id=run.msg.id, type=run.msg.type)
+        self._cancel(run, "gpu lease lost")
+        if not run.handler.is_async:
+            self._settle(run, _Failure(_CANCELED))
 
     def _cancel(self, run: _Running, reason: str) -> None:
         run.task._set_cancelled(reason)

@@ -56,6 +56,11 @@ local n_samples = tonumber(ARGV[9])
 
 local now
 local version
+-- Deletions (an expired waiter, an ended ghost) wait for the end of the
+-- script: past maxmemory Redis refuses a script's writes only until its first
+-- one, and these free memory, so one of them first would let a lease be
+-- written that could never be renewed. {command, key, field} each.
+local frees = {}
 
 local function decide()
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'c:' .. cls, 'pause:' .. cls, 'cap:' .. cls, 'n:' .. cls,
@@ -240,7 +245,7 @@ for i = 1, #waiters, 2 do
     if tonumber(x) > now then since = tonumber(s) else since = now end
     waiting = true
   elseif tonumber(x) <= now then
-    redis.call('HDEL', waiters_key, id)
+    frees[#frees + 1] = {'HDEL', waiters_key, id}
   elseif w ~= '-' and d ~= '-' then
     local eff = tonumber(p) + aging * (now - tonumber(s))
     if blocked[d] == nil or eff > blocked[d] then blocked[d] = eff end
@@ -260,6 +265,7 @@ for _, d in ipairs(slotted) do
   if d.ts > newest_ts then newest_ts = d.ts end
 end
 local ghosts_key = prefix .. 'ghosts'
+local ended = {}  -- uuid -> {lease id = true}: ghosts ended here, deleted at the end
 local gone = redis.call('ZRANGEBYSCORE', ghosts_key, '-inf', newest_ts - 1, 'WITHSCORES', 'LIMIT', 0, 256)
 for i = 1, #gone, 2 do
   local member = gone[i]
@@ -275,9 +281,11 @@ for i = 1, #gone, 2 do
       d.m_act = d.m_act - rec.a
       d.m_idle = d.m_idle - rec.f
       d.m_dirty = true
-      redis.call('HDEL', dkey, id)
+      ended[d.uuid] = ended[d.uuid] or {}
+      ended[d.uuid][id] = true
+      frees[#frees + 1] = {'HDEL', dkey, id}
     end
-    redis.call('ZREM', ghosts_key, member)
+    frees[#frees + 1] = {'ZREM', ghosts_key, member}
   end
 end
 
@@ -293,10 +301,11 @@ for _, d in ipairs(slotted) do
     measured = 0
     local latest = 0
     local leases = redis.call('HGETALL', prefix .. 'dev:' .. d.uuid)
+    local gone_here = ended[d.uuid] or {}
     for j = 2, #leases, 2 do
       local a, at = string.match(leases[j], '^%d+ (%d+) (%d+)')
       a, at = tonumber(a), tonumber(at)
-      if a > 0 then
+      if a > 0 and not gone_here[leases[j - 1]] then
         if at <= d.ts then measured = measured + a end
         if at > latest then latest = at end
       end
@@ -409,4 +418,5 @@ if reply[1] then
     redis.call('PEXPIRE', key, 16 * 60000)
   end
 end
+for _, f in ipairs(frees) do redis.call(f[1], f[2], f[3]) end
 return reply

@@ -39,7 +39,7 @@ import redis
 from .._exceptions import BackendError, ConfigError
 from .._units import format_duration
 from ..policy import Policy
-from ._connect import REDIS_DOWN, Client, mask_url
+from ._connect import REDIS_DOWN, Client, mask_url, refuses_writes
 from ._keys import PoolKeys
 
 __all__ = [
@@ -489,6 +489,25 @@ class Verdict:
         return {"OK": 0, "DEGRADED": 1, "CRITICAL": 2, "UNKNOWN": -1}[self.level]
 
 
+def _read_state(client: Client, keys: PoolKeys, *, transaction: bool) -> list[Any]:
+    """A pool's state hashes and sets, and the server's time, in one round trip
+    (two on a cluster)."""
+    pipe = client.pipeline(transaction=transaction)
+    pipe.hgetall(keys.state)
+    pipe.zrange(keys.exp, 0, -1, withscores=True)
+    pipe.hgetall(keys.waiters)
+    pipe.hgetall(keys.samples)
+    pipe.hgetall(keys.buckets)
+    pipe.hgetall(keys.gpus)
+    plain = isinstance(client, redis.Redis)
+    if plain:
+        pipe.time()
+    replies: list[Any] = pipe.execute()
+    if not plain:
+        replies.append(client.time())
+    return replies
+
+
 def read_pool(
     client: Client,
     pool: str,
@@ -505,18 +524,14 @@ def read_pool(
     url = mask_url(redis_url) if redis_url else ""
     plain = isinstance(client, redis.Redis)
     try:
-        pipe = client.pipeline(transaction=plain)
-        pipe.hgetall(keys.state)
-        pipe.zrange(keys.exp, 0, -1, withscores=True)
-        pipe.hgetall(keys.waiters)
-        pipe.hgetall(keys.samples)
-        pipe.hgetall(keys.buckets)
-        pipe.hgetall(keys.gpus)
-        if plain:
-            pipe.time()
-        replies = pipe.execute()
-        if not plain:
-            replies.append(client.time())
+        try:
+            replies = _read_state(client, keys, transaction=plain)
+        except redis.ResponseError as exc:
+            if not (plain and refuses_writes(exc)):
+                raise
+            # Past maxmemory (or on a replica) Redis refuses the transaction
+            # though not the reads: the same reads, not in one snapshot.
+            replies = _read_state(client, keys, transaction=False)
         state_raw, exp_raw, waiters_raw, samples_raw, buckets_raw, gpus_raw, server_time = replies
         state = {_s(k): _s(v) for k, v in state_raw.items()}
         exp = {_s(m): int(score) for m, score in exp_raw}

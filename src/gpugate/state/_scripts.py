@@ -250,7 +250,10 @@ class _Lane:
             raise
         if conn.health_check_interval:
             conn.next_health_check = time.monotonic() + conn.health_check_interval
-        if isinstance(reply, redis.ResponseError):
+        # An error reply: redis-py's parser maps some outside ResponseError
+        # (LOADING is BusyLoadingError, a ConnectionError: the client's path
+        # retries it).
+        if isinstance(reply, Exception):
             raise reply
         return reply
 
