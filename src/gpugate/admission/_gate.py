@@ -850,6 +850,9 @@ class Gate:
     def _beat_once(self) -> None:
         if self._closed:
             return  # close() released what it held; a late one goes through _late
+        # Past a TTL since Redis last confirmed them, whatever this call finds:
+        # the pool may have given their room away already.
+        self._give_up_unrenewed(self._leases.live())
         try:
             self._send_releases()
         except BackendError:
@@ -934,6 +937,15 @@ class Gate:
                 if lease._mark_lost("expired"):
                     self.stats["leases_lost"] += 1
                     self.metrics.leases_lost.labels(lease.cls).inc()
+
+    def _unconfirmed_for_s(self) -> float:
+        """Seconds until the first held lease reaches a TTL since Redis last
+        confirmed it (infinity with none)."""
+        leases = self._leases.live()
+        if not leases:
+            return float("inf")
+        oldest = min(lease._renewed_mono for lease in leases)
+        return oldest + self.effective_policy.pool.lease_ttl_s - time.monotonic()
 
     def _give_up_unrenewed(self, leases: list[Lease]) -> None:
         """Tell the holders of leases Redis has not confirmed for a whole TTL

@@ -49,8 +49,11 @@ class Heartbeat:
     def _period_s(self) -> float:
         period = self._gate.lease_ttl_s / 3.0
         if self._failures:
-            # Back off with jitter while Redis is unreachable, never past the period.
+            # Back off with jitter while Redis is unreachable, never past the
+            # period, and wake when a lease's TTL since Redis last confirmed it
+            # runs out: its holder is told then.
             period = min(period, 0.05 * 2 ** min(self._failures, 6)) * random.uniform(0.5, 1.0)
+            period = min(period, max(0.0, self._gate._unconfirmed_for_s() + 0.01))
         return period
 
     def _run(self) -> None:
