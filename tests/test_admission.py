@@ -1460,6 +1460,26 @@ class TestRedisHangs:
         assert holder.leases_held() == []
         assert read_redis(server, lambda client: client.zcard(PoolKeys(holder.pool).exp)) == 0
 
+    def test_a_lease_admitted_by_a_decision_whose_reply_was_lost_is_given_back(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        _, make = private
+        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        gate, other = make(pol), make(pol)
+        script = gate._scripts.admit_job
+
+        def reply_lost(keys: list[Any], args: list[Any]) -> Any:
+            script(keys=keys, args=args)  # Redis admits it...
+            raise redis.TimeoutError("Timeout reading from socket")  # ...the reply never comes
+
+        gate._scripts.admit_job = reply_lost  # type: ignore[assignment]
+        assert gate.try_admit("batch", vram="1GiB").reason == "backend_unavailable"
+        gate._scripts.admit_job = script  # type: ignore[assignment]
+        assert other.try_admit("batch", vram="1GiB").reason == "cap"  # the orphan holds it
+        time.sleep(1.4)  # older than a socket timeout (and a second): not a decision in flight
+        gate.beat_now()  # Redis answers again: the gate gives back what it did not know of
+        assert other.try_admit("batch", vram="1GiB").admitted
+
     def test_closing_while_redis_hangs_waits_one_timeout_not_one_per_lease(
         self, private: tuple[RedisProcess, Callable[..., Gate]]
     ) -> None:

@@ -164,6 +164,7 @@ class Gate:
         url, self.embedded = resolve_redis_url(redis_url)
         self.redis_url = mask_url(url)
         self._client = connect(url, socket_timeout_s=socket_timeout_s)
+        self._socket_timeout_s = socket_timeout_s
         self._scripts = Scripts(self._client)
         k = self._keys
         self._admit_keys = (k.state, k.exp, k.waiters, k.samples, k.buckets)
@@ -199,6 +200,9 @@ class Gate:
         self._local_seq = 0
         self._log_throttle = Throttle(10.0)
         self._closed = False
+        # A decision timed out mid-call: Redis may have admitted it, a lease
+        # nobody holds (see _give_back_orphans).
+        self._maybe_orphans = False
         self._waiting: set[str] = set()  # waiter ids of blocking admissions in progress
         self._register = register
         self._started_ms = int(time.time() * 1000)
@@ -558,6 +562,8 @@ class Gate:
         try:
             reply = self._run_admit(self._admit_keys, args)
         except BackendError as exc:
+            if isinstance(exc.__cause__, redis.TimeoutError):
+                self._maybe_orphans = True
             return self._backend_down(cls, vram, snap, exc)
         outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available, v = reply
         if v != self._pool_version_b:
@@ -921,6 +927,8 @@ class Gate:
                 self._check_idle_recycle(excess, snap)
         if reply[1] and reply[1] != self._pool_version_b:
             self._follow_pool_policy(reply[1])
+        if self._maybe_orphans:
+            self._give_back_orphans(int(reply[0]))
         for i, lease in enumerate(leases):
             status, expires = int(reply[2 + 2 * i]), int(reply[3 + 2 * i])
             if status == 1:
@@ -937,6 +945,41 @@ class Gate:
                 if lease._mark_lost("expired"):
                     self.stats["leases_lost"] += 1
                     self.metrics.leases_lost.labels(lease.cls).inc()
+
+    def _give_back_orphans(self, now_ms: int) -> None:
+        """Release (as ``dropped``) the leases Redis holds for this gate that it
+        does not know of: admitted by a decision whose reply was lost (a
+        timeout mid-call). Only leases older than a socket timeout: a decision
+        still in flight may not have brought its own home yet."""
+        self._maybe_orphans = False
+        held = self._leases.known()
+        settle_ms = int(self._socket_timeout_s * 1000) + 1000
+        try:
+            members = self._call(self._client.zrange, self._keys.exp, 0, -1)
+            pipe = self._client.pipeline(transaction=False)
+            pairs = []
+            for member in members:
+                uuid_b, _, id_b = member.partition(b"\t")
+                pairs.append((_b2s(uuid_b), _b2s(id_b)))
+                pipe.hget(self._keys.device(pairs[-1][0]), pairs[-1][1])
+            records = self._call(pipe.execute)
+        except (BackendError, redis.RedisError):
+            self._maybe_orphans = True  # the next beat looks again
+            return
+        for (dev_uuid, lease_id), raw in zip(pairs, records, strict=True):
+            fields = _b2s(raw).split(" ") if raw else []
+            if len(fields) < 9 or fields[7] != self.owner or (dev_uuid, lease_id) in held:
+                continue
+            if fields[3] != "0":
+                continue
+            if now_ms - int(fields[5]) < settle_ms:
+                self._maybe_orphans = True  # too young to tell: the next beat looks again
+                continue
+            cls = fields[4]
+            log.warning("lease_orphan_released", lease_id=lease_id, cls=cls, device=dev_uuid)
+            self._leases.send_later(Unsent(dev_uuid, lease_id, cls, "dropped", False))
+        with contextlib.suppress(BackendError):
+            self._send_releases()
 
     def _unconfirmed_for_s(self) -> float:
         """Seconds until the first held lease reaches a TTL since Redis last

@@ -280,6 +280,13 @@ class LeaseRegistry:
             unsent, self._unsent = self._unsent, []
         return unsent
 
+    def known(self) -> set[tuple[str, str]]:
+        """(device uuid, lease id) of every lease held or with a release queued."""
+        with self._lock:
+            pairs = set(self._held)
+            pairs.update((u.device_uuid, u.lease_id) for u in self._unsent)
+        return pairs
+
     def has_unsent(self) -> bool:
         """Whether a release waits to be sent."""
         return bool(self._unsent)
