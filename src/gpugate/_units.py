@@ -137,8 +137,9 @@ def parse_duration(
     made of a number and a unit -- ``ms``, ``s``, ``m`` or ``min``, ``h``, ``d``
     -- largest first: ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h30m"``.  A string
     of digits alone is seconds, at most ten years.  With *positive*, zero is
-    refused too (a lifetime or an interval).  *key* and *source* name where the value came
-    from in the :class:`~gpugate.ConfigError` raised when it is not a duration.
+    refused too (a lifetime or an interval).  *key* and *source* name where the
+    value came from in the :class:`~gpugate.ConfigError` raised when it is not a
+    duration.
     """
     try:
         if isinstance(value, str):
@@ -183,8 +184,9 @@ def parse_rate(
     ``"1/500ms"``, ``"3/2s"`` -- where the duration follows
     :func:`parse_duration` and a bare unit means one of it; or a plain number
     (or string of digits) of events per second, at most a million.  Zero
-    (``"0/s"``) is a valid rate, "never"; negative rates are not.  *key* and *source* name where the
-    value came from in the :class:`~gpugate.ConfigError` raised otherwise.
+    (``"0/s"``) is a valid rate, "never"; negative rates are not.  *key* and
+    *source* name where the value came from in the :class:`~gpugate.ConfigError`
+    raised otherwise.
     """
     try:
         if isinstance(value, str):

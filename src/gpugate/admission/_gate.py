@@ -42,6 +42,7 @@ from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import Sampler, Snapshot, default_sampler
 from ..state._connect import REDIS_DOWN, connect, mask_url, refuses_writes, resolve_redis_url
+from ..state._inspect import read_pool
 from ..state._keys import PoolKeys
 from ..state._scripts import Scripts
 from ..state._wire import publish_args
@@ -383,7 +384,6 @@ class Gate:
         :class:`AdmissionRejected` when the request can never be admitted;
         both carry the last decision.
         """
-        self._check_usable()
         request = _Request(self, cls, vram, timeout, tenant)
         if device is not None:
             self._check_device(device)
@@ -428,7 +428,6 @@ class Gate:
         device: str | None,
         tenant: str | None,
     ) -> Ticket:
-        self._check_usable()
         request = _Request(self, cls, vram, timeout, tenant)
         if device is not None:
             await asyncio.to_thread(self._check_device, device)
@@ -856,14 +855,19 @@ class Gate:
     def _beat_once(self) -> None:
         if self._closed:
             return  # close() released what it held; a late one goes through _late
-        # Past a TTL since Redis last confirmed them, whatever this call finds:
-        # the pool may have given their room away already.
+        # Past a TTL since Redis last confirmed them, whatever the calls below
+        # find: the pool may have given their room away already. And again
+        # when they fail: each may have waited a socket timeout.
         self._give_up_unrenewed(self._leases.live())
         try:
             self._send_releases()
+            self._renew()
         except BackendError:
             self._give_up_unrenewed(self._leases.live())
             raise
+
+    def _renew(self) -> None:
+        """Renew every held lease (and the worker's registration) in one call."""
         # Leases past their max duration go too: the script no longer renews them
         # (status 2) and says when they are gone (0), so their holder is told.
         leases = self._leases.live()
@@ -918,7 +922,6 @@ class Gate:
                 if report is not None:  # send it again next time
                     with lease._lock:
                         lease._actual = lease._actual or report
-            self._give_up_unrenewed(leases)
             raise
         if snap is not None:
             self._check_fragmentation(leases, reports, snap)
@@ -928,7 +931,7 @@ class Gate:
         if reply[1] and reply[1] != self._pool_version_b:
             self._follow_pool_policy(reply[1])
         if self._maybe_orphans:
-            self._give_back_orphans(int(reply[0]))
+            self._give_back_orphans()
         for i, lease in enumerate(leases):
             status, expires = int(reply[2 + 2 * i]), int(reply[3 + 2 * i])
             if status == 1:
@@ -946,7 +949,7 @@ class Gate:
                     self.stats["leases_lost"] += 1
                     self.metrics.leases_lost.labels(lease.cls).inc()
 
-    def _give_back_orphans(self, now_ms: int) -> None:
+    def _give_back_orphans(self) -> None:
         """Release (as ``dropped``) the leases Redis holds for this gate that it
         does not know of: admitted by a decision whose reply was lost (a
         timeout mid-call). Only leases older than a socket timeout: a decision
@@ -955,29 +958,22 @@ class Gate:
         held = self._leases.known()
         settle_ms = int(self._socket_timeout_s * 1000) + 1000
         try:
-            members = self._call(self._client.zrange, self._keys.exp, 0, -1)
-            pipe = self._client.pipeline(transaction=False)
-            pairs = []
-            for member in members:
-                uuid_b, _, id_b = member.partition(b"\t")
-                pairs.append((_b2s(uuid_b), _b2s(id_b)))
-                pipe.hget(self._keys.device(pairs[-1][0]), pairs[-1][1])
-            records = self._call(pipe.execute)
-        except (BackendError, redis.RedisError):
+            view = read_pool(self._client, self.pool, redis_url=self.redis_url)
+        except BackendError:
             self._maybe_orphans = True  # the next beat looks again
             return
-        for (dev_uuid, lease_id), raw in zip(pairs, records, strict=True):
-            fields = _b2s(raw).split(" ") if raw else []
-            if len(fields) < 9 or fields[7] != self.owner or (dev_uuid, lease_id) in held:
+        for lease in view.leases:
+            if lease.owner != self.owner or (lease.device, lease.id) in held:
                 continue
-            if fields[3] != "0":
-                continue
-            if now_ms - int(fields[5]) < settle_ms:
+            if lease.released_ms != 0 or lease.expires_ms == 0:
+                continue  # a ghost, or gone from the expiry set
+            if view.now_ms - lease.start_ms < settle_ms:
                 self._maybe_orphans = True  # too young to tell: the next beat looks again
                 continue
-            cls = fields[4]
-            log.warning("lease_orphan_released", lease_id=lease_id, cls=cls, device=dev_uuid)
-            self._leases.send_later(Unsent(dev_uuid, lease_id, cls, "dropped", False))
+            log.warning(
+                "lease_orphan_released", lease_id=lease.id, cls=lease.cls, device=lease.device
+            )
+            self._leases.send_later(Unsent(lease.device, lease.id, lease.cls, "dropped", False))
         with contextlib.suppress(BackendError):
             self._send_releases()
 
@@ -1468,6 +1464,7 @@ class _Request:
         timeout: float | str | None,
         tenant: str | None,
     ) -> None:
+        gate._check_usable()
         _check_request(cls, tenant)
         self.gate = gate
         self.cls = cls

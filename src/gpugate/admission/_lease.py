@@ -119,8 +119,7 @@ class Lease:
         then counts ``max(estimate, actual)`` for this lease, and the idle
         bytes towards its device's fragmentation (``max_fragmentation``).
         """
-        if _process.pid != self._gate._pid:
-            raise UsageError("this lease is held by the parent process's gate; report there")
+        self._check_holder("report")
         b = parse_size(actual, key="actual")
         i = -1 if idle is None else parse_size(idle, key="idle")
         if i > b:
@@ -147,8 +146,7 @@ class Lease:
         In a child forked from the holder it raises :class:`~gpugate.UsageError`:
         the parent holds the lease and releases it.
         """
-        if _process.pid != self._gate._pid:
-            raise UsageError("this lease is held by the parent process's gate; release it there")
+        self._check_holder("release it")
         if self.released:
             return False
         self.released = True
@@ -156,6 +154,11 @@ class Lease:
             self._local_done()
             return True
         return self._gate._release_lease(self, outcome, refund)
+
+    def _check_holder(self, what: str) -> None:
+        """A lease is the process's whose gate took it: a forked child may not use it."""
+        if _process.pid != self._gate._pid:
+            raise UsageError(f"this lease is held by the parent process's gate; {what} there")
 
     def _mark_lost(self, reason: str) -> bool:
         """Tell the holder, once; True for the call that did (two heartbeats may race)."""
