@@ -4,6 +4,11 @@
 local pre-check already knows that no device can fit, in which case it answers
 DEFER without Redis. ``admit`` blocks, registered as a waiter, until it is
 admitted, rejected or out of time.
+
+The gate's other parts live beside it, each a base class of :class:`Gate`:
+``_core`` (connection, the pool's policy, error conversion), ``_workers``
+(the worker registry record, idle memory), ``_keeping`` (heartbeat beats,
+renewals, releases) and ``_overrides`` (pause, cap, drain).
 """
 
 from __future__ import annotations
@@ -11,15 +16,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import functools
 import itertools
-import json
 import os
 import random
 import threading
 import time
 import uuid as _uuid
-import weakref
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -31,27 +33,26 @@ from .._exceptions import (
     AdmissionRejected,
     AdmissionTimeout,
     BackendError,
-    ConfigError,
-    GpugateError,
     UsageError,
 )
 from .._logging import Throttle
-from .._units import format_size, lifetime_ms, parse_duration, parse_size, quote
-from .._version import __version__
+from .._units import format_size, parse_duration, parse_size
 from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import Sampler, Snapshot, default_sampler
 from ..state._connect import REDIS_DOWN, connect, mask_url, refuses_writes, resolve_redis_url
-from ..state._inspect import read_pool
 from ..state._keys import PoolKeys
 from ..state._scripts import Scripts
-from ..state._wire import publish_args
+from ._core import _b2s
 from ._decision import Decision, Outcome, Reason, make_decision
 from ._heartbeat import Heartbeat
 from ._idle import idle_memory
-from ._lease import Lease, LeaseRegistry, Unsent
+from ._keeping import LeaseKeeping
+from ._lease import Lease, LeaseRegistry
+from ._overrides import Overrides
 from ._ticket import Ticket
 from ._wake import WakeListener
+from ._workers import add_live_gate, live_gates
 
 log = structlog.get_logger(__name__)
 
@@ -83,28 +84,7 @@ def _follow_up_by(d: Decision, woke_at: float | None, pause: float) -> float | N
     return time.monotonic() + pause
 
 
-# What "Redis is unreachable" looks like, on a single server and on a cluster
-# (CLUSTERDOWN, no node reachable, a slot not covered).
-_live_gates: weakref.WeakSet[Gate] = weakref.WeakSet()
-_live_gates_lock = threading.Lock()
-# How many gates were ever added to _live_gates: a gate's cached list of the
-# process's gates is rebuilt when it changes (closed and collected gates are
-# skipped when the list is read).
-_live_gates_added = 0
 _gate_seq = itertools.count()
-
-RecycleCallback = Callable[[str, int], None]
-
-
-@functools.cache
-def _default_policy() -> Policy:
-    # Frozen, so one parse serves every gate of the process.
-    return Policy.default()
-
-
-def _b2s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
 
 _OUTCOMES = {o.value.encode(): o for o in Outcome} | {o.value: o for o in Outcome}
 _WORDS: dict[bytes, str] = {}
@@ -120,7 +100,7 @@ def _word(v: Any) -> str:
     return word
 
 
-class Gate:
+class Gate(LeaseKeeping, Overrides):
     """Admission to the GPUs of one pool.
 
     ``redis_url``: where the pool's state lives; by default
@@ -181,9 +161,9 @@ class Gate:
         # The pid NVML lists this process under (tests and simulation give others).
         self._gpu_pid = _gpu_pid if _gpu_pid is not None else self._pid
         self._idle = idle_memory(self._gpu_pid)
-        self._idle_sent: dict[str, int] = {}
-        self._recycle: set[str] = set()
-        self._on_recycle: list[RecycleCallback] = []
+        self._idle_sent = {}
+        self._recycle = set()
+        self._on_recycle = []
         self._seq = next(_gate_seq)
         self.owner = f"{self.sampler.sample().host or 'host'}:{self._pid}:{_uuid.uuid4().hex[:8]}"
         self._leases = LeaseRegistry(self._idle.touch)
@@ -208,12 +188,9 @@ class Gate:
         self._register = register
         self._started_ms = int(time.time() * 1000)
         self.stats = {"decisions": 0, "round_trips": 0, "local_defers": 0, "leases_lost": 0}
-        self._peers: tuple[weakref.ref[Gate], ...] = ()
+        self._peers = ()
         self._peers_seen = -1
-        global _live_gates_added
-        with _live_gates_lock:
-            _live_gates.add(self)
-            _live_gates_added += 1
+        add_live_gate(self)
         if self.embedded:
             log.info(
                 "embedded_redis",
@@ -234,111 +211,6 @@ class Gate:
         if register:
             # Registered at once, then every TTL/3, with or without leases.
             self._kick_heartbeat()
-
-    @property
-    def client(self) -> redis.Redis | redis.RedisCluster:
-        """The Redis client this gate talks through (for metrics exporters, inspection)."""
-        return self._client
-
-    # -- policy -----------------------------------------------------------------
-
-    @property
-    def effective_policy(self) -> Policy:
-        """The pool's policy when known, else this gate's own, else the default."""
-        return self.pool_policy or self.policy or _default_policy()
-
-    @property
-    def lease_ttl_s(self) -> float:
-        """The pool's lease TTL."""
-        return self.effective_policy.pool.lease_ttl_s
-
-    def sync_policy(self, *, force: bool = False) -> str:
-        """Publish this gate's policy if the pool has none (or ``force``); read the pool's.
-
-        Returns the pool's policy version. Without a policy of its own the gate
-        publishes to an empty pool the pool's policy it last knew (Redis lost
-        its state: the operator's policy is restored, with a warning), else
-        :meth:`Policy.default`.
-        """
-        self._check_usable()
-        restoring = self.policy is None and self.pool_policy is not None
-        mine = self.policy or self.pool_policy or Policy.default()
-        if self.policy is None and not force:
-            current, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
-            if current is not None:
-                self._adopt(_b2s(current), _b2s(stored) if stored is not None else None)
-                return self.pool_policy_version or ""
-        published, version = self._call(
-            self._scripts.publish_policy,
-            keys=[self._keys.state],
-            args=publish_args(mine, force=force),
-        )
-        version = _b2s(version)
-        if published and restoring and not force:
-            log.warning(
-                "pool_policy_restored",
-                pool=self.pool,
-                version=version,
-                note="the pool had lost its policy (Redis lost its state): "
-                "this gate published the one it last knew",
-            )
-        if published:
-            log.info("policy_published", pool=self.pool, version=version)
-            self.pool_policy = mine
-            self._adopt(None, version)
-        else:
-            doc = self._call(self._client.hget, self._keys.state, "pdoc")
-            self._adopt(_b2s(doc) if doc is not None else None, version)
-        self._check_mismatch()
-        return self.pool_policy_version or ""
-
-    def _check_mismatch(self) -> None:
-        self.policy_mismatch = (
-            self.policy is not None and self.pool_policy_version != self.policy.version
-        )
-        if self.policy_mismatch:
-            log.warning(
-                "policy_mismatch",
-                pool=self.pool,
-                pool_version=self.pool_policy_version,
-                local_version=self.policy.version if self.policy else None,
-                fix="the pool's policy is enforced; run `gpugate policy apply FILE` to change it",
-            )
-
-    def _follow_pool_policy(self, version: bytes) -> None:
-        """The pool's policy changed while this gate runs (`gpugate policy apply`):
-        read it again, and beat at once so that renewals follow a new lease TTL."""
-        was = self.pool_policy_version
-        try:
-            doc = self._call(self._client.hget, self._keys.state, "pdoc")
-        except BackendError:
-            return  # the next decision or beat tries again
-        self._adopt(_b2s(doc) if doc is not None else None, _b2s(version))
-        log.info("pool_policy_changed", pool=self.pool, was=was, now=self.pool_policy_version)
-        self._check_mismatch()
-        if self._heartbeat is not None:
-            self._heartbeat.kick()
-
-    def read_pool_policy(self) -> Policy | None:
-        """The policy stored in the pool (``None`` if it has none); publishes nothing."""
-        self._check_usable()
-        doc, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
-        if doc is None:
-            return None
-        self._adopt(_b2s(doc), _b2s(stored) if stored is not None else None)
-        return self.pool_policy
-
-    def _adopt(self, doc: str | None, version: str | None = None) -> None:
-        if doc is not None:
-            try:
-                self.pool_policy = Policy.from_dict(json.loads(doc), source=f"pool {self.pool}")
-            except (ConfigError, ValueError) as exc:
-                log.warning("pool_policy_unreadable", error=str(exc))
-        self.pool_policy_version = version or (
-            self.pool_policy.version if self.pool_policy else None
-        )
-        # As the scripts' replies carry it: a decision compares it in one step.
-        self._pool_version_b = (self.pool_policy_version or "").encode()
 
     # -- decisions --------------------------------------------------------------
 
@@ -751,558 +623,7 @@ class Gate:
         with self._lock:
             self._local_open[cls] = max(0, self._local_open.get(cls, 0) - 1)
 
-    # -- leases -----------------------------------------------------------------
-
-    def _hold(self, lease: Lease) -> None:
-        self._leases.add(lease)
-        if self._closed:
-            # Admitted while close() ran: nothing would renew it. close() sets
-            # _closed before it goes through the leases, so one of the two
-            # releases it (both may: the second finds it gone).
-            if not lease.released:
-                lease._mark_lost("gate_closed")  # before: a released lease is not lost
-                lease.released = True
-                self._late(lambda: self._release_lease(lease, "dropped"))
-            return
-        self._ensure_heartbeat()
-
-    def _kick_heartbeat(self) -> None:
-        """Beat now (started if need be)."""
-        self._ensure_heartbeat()
-        heartbeat = self._heartbeat
-        if heartbeat is not None:
-            heartbeat.kick()
-
-    def _ensure_heartbeat(self) -> None:
-        with self._lock:
-            # A gate closing now may have stopped its heartbeat already.
-            if self._heartbeat is None and not self._closed:
-                self._heartbeat = Heartbeat(self)
-                self._heartbeat.start()
-
-    def _release_lease(self, lease: Lease, outcome: str, refund: bool = False) -> bool:
-        self._leases.discard(lease)
-        self.metrics.job_outcomes.labels(lease.cls, outcome).inc()
-        if outcome == "oom":
-            log.warning(
-                "job_oom",
-                cls=lease.cls,
-                device=lease.device_uuid,
-                lease_id=lease.id,
-                vram_bytes=lease.vram,
-                fix="raise the class's VRAM estimate or the pool's safety_margin",
-            )
-        if _process.pid != self._pid:
-            return False  # the parent's lease; the parent releases it
-        try:
-            return self._release(lease.device_uuid, lease.id, outcome, refund=refund)
-        except BackendError as exc:
-            # Sent again by the heartbeat once Redis answers (with its outcome;
-            # the refund of an unused admission is not), so the slot is not
-            # held for a TTL after an outage and the outcome is not "expired".
-            self._leases.send_later(Unsent(lease.device_uuid, lease.id, lease.cls, outcome, True))
-            self._ensure_heartbeat()
-            log.warning(
-                "lease_release_failed",
-                lease_id=lease.id,
-                error=str(exc),
-                note="the heartbeat sends it again when Redis answers; else it expires "
-                "within one TTL",
-            )
-            return False
-
-    def _release(self, dev_uuid: str, lease_id: str, outcome: str, *, refund: bool = False) -> bool:
-        """Run release_lease.lua for one lease; True if it was still live."""
-        try:
-            done = self._call(
-                self._scripts.release_lease,
-                keys=[self._keys.state, self._keys.exp, self._keys.buckets],
-                args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, outcome, int(refund)],
-            )
-        except redis.ResponseError as exc:
-            raise BackendError(f"the release script failed on {self.redis_url}: {exc}") from exc
-        return bool(done)
-
-    def leases_held(self) -> list[Lease]:
-        """The leases this gate holds now."""
-        self._check_usable()
-        return self._leases.live()
-
-    def _beat(self) -> None:
-        """One heartbeat: release dropped leases, renew the rest.
-
-        Beats (the heartbeat thread's, :meth:`beat_now`) go one at a time, so
-        that a beat computed earlier never lands after a later one and
-        overwrites its figures (idle memory, reported actuals). Decisions do
-        not wait for this lock.
-        """
-        with self._beat_lock:
-            self._beat_once()
-
-    def _send_releases(self) -> None:
-        """Send the queued releases (dropped leases, releases that failed); on a
-        failure the rest stay queued and the error is raised."""
-        unsent = self._leases.take_unsent()
-        for i, item in enumerate(unsent):
-            try:
-                self._release(item.device_uuid, item.lease_id, item.outcome)
-            except BackendError:
-                self._leases.send_later(*unsent[i:])
-                raise
-            if not item.counted:
-                self.metrics.job_outcomes.labels(item.cls, item.outcome).inc()
-
-    def _beat_once(self) -> None:
-        if self._closed:
-            return  # close() released what it held; a late one goes through _late
-        # Past a TTL since Redis last confirmed them, whatever the calls below
-        # find: the pool may have given their room away already. And again
-        # when they fail: each may have waited a socket timeout.
-        self._give_up_unrenewed(self._leases.live())
-        try:
-            self._send_releases()
-            self._renew()
-        except BackendError:
-            self._give_up_unrenewed(self._leases.live())
-            raise
-
-    def _renew(self) -> None:
-        """Renew every held lease (and the worker's registration) in one call."""
-        # Leases past their max duration go too: the script no longer renews them
-        # (status 2) and says when they are gone (0), so their holder is told.
-        leases = self._leases.live()
-        if not leases and not self._register:
-            return
-        try:
-            snap: Snapshot | None = self.sampler.sample()
-        except GpugateError as exc:  # the sampler's own errors are logged by it
-            log.debug("heartbeat_without_snapshot", error=str(exc))
-            snap = None
-        excess = self._idle_excess(snap)
-        args: list[Any] = [
-            self._keys.prefix,
-            self._now_arg(),
-            self.owner if self._register else "",
-            self._worker_info(len(leases)) if self._register else "",
-            *self._gpus_record(snap),
-            "-" if excess is None else " ".join(f"{u} {b}" for u, b in sorted(excess.items())),
-            len(leases),
-        ]
-        reports = []
-        now = beat_started = time.monotonic()
-        for lease in leases:
-            report = lease._take_report()
-            reports.append(report)
-            if report is None:
-                args += [lease.device_uuid, lease.id, -1, 0, -1]
-            else:
-                actual, idle, measured = report
-                args += [lease.device_uuid, lease.id, actual, int((now - measured) * 1000), idle]
-        keys = [
-            self._keys.state,
-            self._keys.exp,
-            self._keys.waiters,
-            self._keys.workers,
-            self._keys.workerinfo,
-            self._keys.idle_memory,
-            self._keys.idle_seen,
-        ]
-        try:
-            try:
-                reply = self._call(self._scripts.renew_leases, keys=keys, args=args)
-            except redis.ResponseError as exc:
-                if "nopolicy" not in str(exc):
-                    raise
-                # The pool lost its policy (flushed, or new): publish this gate's
-                # (or the default) as a decision would, and beat again.
-                self.sync_policy()
-                reply = self._call(self._scripts.renew_leases, keys=keys, args=args)
-        except BackendError:
-            for lease, report in zip(leases, reports, strict=True):
-                if report is not None:  # send it again next time
-                    with lease._lock:
-                        lease._actual = lease._actual or report
-            raise
-        if snap is not None:
-            self._check_fragmentation(leases, reports, snap)
-            if excess is not None:
-                self._idle_sent = excess
-                self._check_idle_recycle(excess, snap)
-        if reply[1] and reply[1] != self._pool_version_b:
-            self._follow_pool_policy(reply[1])
-        if self._maybe_orphans:
-            self._give_back_orphans()
-        for i, lease in enumerate(leases):
-            status, expires = int(reply[2 + 2 * i]), int(reply[3 + 2 * i])
-            if status == 1:
-                lease.expires_ms = expires
-                lease._renewed_mono = beat_started
-            elif status == 2:
-                lease.expires_ms = expires
-                lease._renewed_mono = beat_started
-                if lease._mark_max_duration():
-                    self.metrics.leases_max_duration.labels(lease.cls).inc()
-            else:
-                self._leases.discard(lease)
-                # The background heartbeat and beat_now() may both see it gone.
-                if lease._mark_lost("expired"):
-                    self.stats["leases_lost"] += 1
-                    self.metrics.leases_lost.labels(lease.cls).inc()
-
-    def _give_back_orphans(self) -> None:
-        """Release (as ``dropped``) the leases Redis holds for this gate that it
-        does not know of: admitted by a decision whose reply was lost (a
-        timeout mid-call). Only leases older than a socket timeout: a decision
-        still in flight may not have brought its own home yet."""
-        self._maybe_orphans = False
-        held = self._leases.known()
-        settle_ms = int(self._socket_timeout_s * 1000) + 1000
-        try:
-            view = read_pool(self._client, self.pool, redis_url=self.redis_url)
-        except BackendError:
-            self._maybe_orphans = True  # the next beat looks again
-            return
-        for lease in view.leases:
-            if lease.owner != self.owner or (lease.device, lease.id) in held:
-                continue
-            if lease.released_ms != 0 or lease.expires_ms == 0:
-                continue  # a ghost, or gone from the expiry set
-            if view.now_ms - lease.start_ms < settle_ms:
-                self._maybe_orphans = True  # too young to tell: the next beat looks again
-                continue
-            log.warning(
-                "lease_orphan_released", lease_id=lease.id, cls=lease.cls, device=lease.device
-            )
-            self._leases.send_later(Unsent(lease.device, lease.id, lease.cls, "dropped", False))
-        with contextlib.suppress(BackendError):
-            self._send_releases()
-
-    def _unconfirmed_for_s(self) -> float:
-        """Seconds until the first held lease reaches a TTL since Redis last
-        confirmed it (infinity with none)."""
-        leases = self._leases.live()
-        if not leases:
-            return float("inf")
-        oldest = min(lease._renewed_mono for lease in leases)
-        return oldest + self.effective_policy.pool.lease_ttl_s - time.monotonic()
-
-    def _give_up_unrenewed(self, leases: list[Lease]) -> None:
-        """Tell the holders of leases Redis has not confirmed for a whole TTL
-        that they may be gone (``unrenewed``): from then on the pool may reap
-        them and give their room to other jobs. They are released (as
-        ``dropped``) once Redis answers, in case nobody reaped them."""
-        ttl = self.effective_policy.pool.lease_ttl_s
-        now = time.monotonic()
-        for lease in leases:
-            if now - lease._renewed_mono > ttl and lease._mark_lost("unrenewed"):
-                self._leases.discard(lease)
-                self._leases.send_later(
-                    Unsent(lease.device_uuid, lease.id, lease.cls, "dropped", False)
-                )
-                self.stats["leases_lost"] += 1
-                self.metrics.leases_lost.labels(lease.cls).inc()
-
-    def _worker_info(self, leases: int) -> str:
-        """What the registry says about this process (JSON)."""
-        host, pid, _ = self.owner.rsplit(":", 2)
-        return json.dumps(
-            {
-                "host": host,
-                "pid": int(pid),
-                "version": __version__,
-                "fastpath": _speedups.IMPLEMENTATION,
-                "sampler": getattr(self.sampler, "backend", "unknown"),
-                "policy_version": self.policy.version if self.policy is not None else None,
-                "started_ms": self._started_ms,
-                "leases": leases,
-            },
-            separators=(",", ":"),
-        )
-
-    def _check_fragmentation(
-        self, leases: list[Lease], reports: list[tuple[int, int, float] | None], snap: Snapshot
-    ) -> None:
-        """Flag a job whose allocator alone holds more idle memory than the pool's
-        strictest ``max_fragmentation`` allows a whole device: its worker should
-        recycle its cache."""
-        bound = self.effective_policy.strictest_max_fragmentation()
-        if bound is None or not any(r is not None and r[1] > 0 for r in reports):
-            return
-        for lease, report in zip(leases, reports, strict=True):
-            if report is None or report[1] <= 0:
-                continue
-            device = snap.by_uuid(lease.device_uuid)
-            if device is not None and device.total and report[1] > bound * device.total:
-                lease._recommend_recycle(report[1], device.total, bound)
-
-    # -- idle memory ------------------------------------------------------------
-
-    @property
-    def idle_memory(self) -> dict[str, int]:
-        """This process's idle excess per device uuid, as last sent to the pool (bytes).
-
-        What NVML showed for this process's pid above its warm baseline while
-        it held no lease; devices at or below their baseline are left out.
-        Empty while it holds a lease (the job's allocator reports its own
-        idle bytes then), before its first admission, and for a gate that
-        does not register. See ``docs/sampling.md``, "Fragmentation".
-        """
-        return dict(self._idle_sent)
-
-    @property
-    def recycle_recommended(self) -> bool:
-        """True while this idle process alone holds more memory above its warm
-        baseline on some device than the pool's strictest ``max_fragmentation``
-        allows that device: empty its allocator's cache
-        (``torch.cuda.empty_cache()``) or restart it, staggered."""
-        return bool(self._recycle)
-
-    def on_recycle_recommended(self, callback: RecycleCallback) -> None:
-        """Call ``callback(device_uuid, idle_bytes)`` each time :attr:`recycle_recommended`
-        turns true for a device (once, until the excess drops below the bound).
-
-        It runs on the heartbeat thread and must not block: set a flag that the
-        worker's loop acts on between jobs.
-        """
-        self._on_recycle.append(callback)
-
-    def _process_gates(self) -> list[Gate]:
-        """The open gates of this process that measure the same pid (this one included)."""
-        if self._peers_seen != _live_gates_added:
-            with _live_gates_lock:
-                self._peers_seen = _live_gates_added
-                gates = list(_live_gates)
-            self._peers = tuple(
-                weakref.ref(g) for g in gates if g._pid == self._pid and g._gpu_pid == self._gpu_pid
-            )
-        peers = []
-        for ref in self._peers:
-            g = ref()
-            if g is not None and not g._closed:
-                peers.append(g)
-        return peers
-
-    def _process_idle(self) -> bool:
-        """No gate of this process holds a lease: whatever its pid holds is idle memory."""
-        return not any(len(g._leases) for g in self._process_gates())
-
-    def _idle_excess(self, snap: Snapshot | None) -> dict[str, int] | None:
-        """What this beat tells the pool of the process's idle excess (``None``: unchanged).
-
-        One registered gate per pool of a process measures it (the oldest);
-        the others, and every gate while any gate of the process holds a
-        lease, send none, so that a process's memory is never counted twice,
-        nor a running job's memory as idle.
-        """
-        if not self._register or snap is None:
-            return None
-        gates = self._process_gates()
-        if any(len(g._leases) for g in gates):
-            return {}
-        for g in gates:
-            if (
-                g._register
-                and g._seq < self._seq
-                and g._keys.prefix == self._keys.prefix
-                and g.redis_url == self.redis_url
-            ):
-                return {}
-        return self._idle.excess(snap)
-
-    def _check_idle_recycle(self, excess: dict[str, int], snap: Snapshot) -> None:
-        """Recommend a recycle, once per device until it drops, when this idle
-        process alone is above the pool's strictest ``max_fragmentation``."""
-        bound = self.effective_policy.strictest_max_fragmentation()
-        over: dict[str, tuple[int, int]] = {}
-        if bound is not None:
-            for uuid, idle in excess.items():
-                device = snap.by_uuid(uuid)
-                if device is not None and device.total and idle > bound * device.total:
-                    over[uuid] = (idle, device.total)
-        self._recycle &= set(over)
-        for uuid, (idle, total) in over.items():
-            if uuid in self._recycle:
-                continue
-            self._recycle.add(uuid)
-            log.warning(
-                "worker_recycle_recommended",
-                owner=self.owner,
-                device=uuid,
-                idle_bytes=idle,
-                idle_ratio=round(idle / total, 3),
-                bound=bound,
-                fix="torch.cuda.empty_cache() while idle, or restart this worker, staggered",
-            )
-            for cb in self._on_recycle:
-                try:
-                    cb(uuid, idle)
-                except Exception:  # a user callback must not kill the heartbeat
-                    log.exception("recycle_callback_failed", device=uuid)
-
-    def _gpus_record(self, snap: Snapshot | None) -> tuple[str, str]:
-        """(host, JSON of this host's snapshot) for the pool; ("", "") without one."""
-        if not self._register or snap is None:
-            return "", ""
-        now = time.monotonic()
-        devices = [
-            {
-                "uuid": d.uuid,
-                "index": d.index,
-                "name": d.name,
-                "total": d.total,
-                "used": d.used,
-                "utilization": d.utilization,
-                "age_ms": int(snap.device_age_s(d, now) * 1000),
-            }
-            for d in snap.devices
-        ]
-        faults = [
-            {"uuid": f.uuid, "index": f.index, "error": f.error, "quarantined": f.quarantined}
-            for f in snap.faults
-        ]
-        doc = {"backend": snap.backend, "devices": devices, "faults": faults}
-        return snap.host or self.owner.rsplit(":", 2)[0], json.dumps(doc, separators=(",", ":"))
-
-    def beat_now(self) -> None:
-        """Renew every held lease now, in this thread (tests, shutdown paths)."""
-        self._check_usable()
-        self._beat()
-
-    # -- overrides --------------------------------------------------------------
-
-    def pause(
-        self,
-        cls: str,
-        *,
-        duration: float | str | None = None,
-        reason: str = "",
-        who: str | None = None,
-    ) -> dict[str, Any]:
-        """Pause ``cls``: its requests DEFER (reason ``paused``).
-
-        The pause lasts until :meth:`resume`, or until ``duration`` passes when one is given.
-        """
-        return self._override("pause", cls, 0, duration, reason, who)
-
-    def resume(self, cls: str, *, who: str | None = None) -> dict[str, Any]:
-        """Lift a pause of ``cls``."""
-        return self._override("resume", cls, 0, None, "", who)
-
-    def cap(
-        self,
-        cls: str,
-        n: int,
-        *,
-        duration: float | str | None = None,
-        reason: str = "",
-        who: str | None = None,
-    ) -> dict[str, Any]:
-        """Lower ``cls``'s pool-wide cap to ``n`` until ``duration`` passes.
-
-        A runtime cap never raises the policy's: one at or above it changes
-        nothing, and the gate logs a warning (``cap_changes_nothing``).
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError("a cap is a whole number >= 0", key="n", value=n)
-        reply = self._override("cap", cls, n, duration, reason, who)
-        cp = self.effective_policy.classes.get(cls)
-        if cp is not None and not cp.lowered_by(n):
-            log.warning(
-                "cap_changes_nothing",
-                cls=cls,
-                n=n,
-                policy_cap=cp.max_concurrent,
-                fix="a runtime cap only lowers the policy's; apply a new policy to raise it",
-            )
-        return reply
-
-    def uncap(self, cls: str, *, who: str | None = None) -> dict[str, Any]:
-        """Remove a runtime cap of ``cls``."""
-        return self._override("uncap", cls, 0, None, "", who)
-
-    def drain(
-        self,
-        cls: str | None = None,
-        *,
-        duration: float | str | None = None,
-        reason: str = "",
-        who: str | None = None,
-    ) -> dict[str, Any]:
-        """Pause ``cls``, or with no class every class but the highest (all the
-        classes that share the highest priority keep running)."""
-        if cls is not None:
-            return self.pause(cls, duration=duration, reason=reason or "drain", who=who)
-        policy = self.effective_policy
-        result: dict[str, Any] = {}
-        for name in policy.classes:
-            if name not in policy.highest_classes:
-                result = self.pause(name, duration=duration, reason=reason or "drain", who=who)
-        return result
-
-    def overrides(self) -> dict[str, Any]:
-        """The pool's overrides as stored (expired entries may still show until the next change)."""
-        self._check_usable()
-        raw = self._call(self._client.hget, self._keys.state, "ovr")
-        return json.loads(raw) if raw else {"pause": {}, "cap": {}}
-
-    def _override(
-        self,
-        kind: str,
-        cls: str,
-        n: int,
-        duration: float | str | None,
-        reason: str,
-        who: str | None,
-    ) -> dict[str, Any]:
-        self._check_usable()
-        for_ms = lifetime_ms(duration)
-        who = who or _process.operator_name()
-        try:
-            raw = self._call(
-                self._scripts.set_override,
-                keys=[self._keys.state],
-                args=[self._keys.prefix, self._now_arg(), kind, cls, n, for_ms, who, reason],
-            )
-        except redis.ResponseError as exc:
-            if "unknown_class" in str(exc):
-                raise self._unknown_class(cls) from None
-            raise BackendError(str(exc)) from exc
-        log.info(
-            "override_set",
-            kind=kind,
-            cls=cls,
-            n=n,
-            duration_s=for_ms / 1000 if for_ms else None,  # None: until lifted
-            who=who,
-            reason=reason,
-        )
-        return json.loads(raw)  # type: ignore[no-any-return]
-
-    # -- plumbing ---------------------------------------------------------------
-
-    def _unknown_class(self, cls: str) -> UsageError:
-        """The error for a class the pool's policy does not define ("did you mean" included)."""
-        try:
-            self.effective_policy.class_policy(cls)
-        except UsageError as exc:
-            return UsageError(f"pool {quote(self.pool)}: {exc}")
-        return UsageError(f"pool {quote(self.pool)}: its policy has no class {quote(cls)}")
-
-    def _now_arg(self) -> int:
-        return self._clock_ms() if self._clock_ms is not None else 0
-
-    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except REDIS_DOWN as exc:
-            raise self._unreachable(exc) from exc
-        except redis.ResponseError as exc:
-            if refuses_writes(exc):
-                raise self._unreachable(exc) from exc
-            raise
-
-    def _unreachable(self, exc: BaseException) -> BackendError:
-        return BackendError(f"Redis at {self.redis_url} is unreachable: {exc}")
+    # -- waiters and closing ----------------------------------------------------
 
     def _wake_listener(self) -> WakeListener:
         with self._lock:
@@ -1346,26 +667,6 @@ class Gate:
     def _hdel_waiters(self, waiters: Sequence[str]) -> None:
         with contextlib.suppress(BackendError, redis.RedisError):
             self._call(self._client.hdel, self._keys.waiters, *waiters)
-
-    def _late(self, tell: Callable[[], object]) -> None:
-        """What an operation in flight when the gate closed still has to tell
-        Redis (a release, a waiter's end): done once close() is done, on a
-        connection closed again after, so that close() never has its client
-        closed under it."""
-        with self._close_lock:
-            try:
-                tell()
-            finally:
-                self._scripts.close()
-                self._client.close()
-
-    def _check_usable(self) -> None:
-        if _process.pid != self._pid:
-            raise UsageError(
-                "this Gate was made in a parent process; make a new Gate in the child after fork"
-            )
-        if self._closed:
-            raise UsageError("this Gate is closed")
 
     def close(self) -> None:
         """Release every lease this gate holds, leave the worker registry (its
@@ -1519,10 +820,11 @@ class _AsyncAdmission:
 
 
 def _close_all_at_exit() -> None:
-    for gate in list(_live_gates):
+    for gate in live_gates():
         # Exiting anyway; the leases expire within one TTL.
-        with contextlib.suppress(Exception):
-            gate.close()
+        if isinstance(gate, Gate):
+            with contextlib.suppress(Exception):
+                gate.close()
 
 
 atexit.register(_close_all_at_exit)

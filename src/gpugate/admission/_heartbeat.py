@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from ._gate import Gate
+    from ._keeping import LeaseKeeping
 
 log = structlog.get_logger(__name__)
 
@@ -23,7 +23,7 @@ log = structlog.get_logger(__name__)
 class Heartbeat:
     """Renews a gate's leases from a daemon thread."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: LeaseKeeping) -> None:
         self._gate = gate
         self._stop = threading.Event()
         self._kick = threading.Event()

@@ -1,0 +1,231 @@
+"""What every part of a gate shares: its connection, the pool's policy, and
+how a Redis failure becomes a gpugate error.
+
+:class:`GateCore` declares the state a gate keeps (set by ``Gate.__init__``)
+for the parts built on it: lease keeping (``_keeping``), the worker record and
+idle memory (``_workers``), overrides (``_overrides``) and the decisions
+(``_gate``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import structlog
+
+from .. import _process
+from .._exceptions import BackendError, ConfigError, UsageError
+from .._units import quote
+from ..metrics import Metrics
+from ..policy import Policy
+from ..sampling import Sampler
+from ..state._connect import REDIS_DOWN, refuses_writes
+from ..state._keys import PoolKeys
+from ..state._scripts import Scripts
+from ..state._wire import publish_args
+from ._heartbeat import Heartbeat
+from ._idle import IdleMemory
+from ._lease import LeaseRegistry
+
+log = structlog.get_logger(__name__)
+
+RecycleCallback = Callable[[str, int], None]
+
+
+@functools.cache
+def _default_policy() -> Policy:
+    # Frozen, so one parse serves every gate of the process.
+    return Policy.default()
+
+
+def _b2s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class GateCore:
+    """A gate's connection, policy and shared state (see ``Gate``)."""
+
+    pool: str
+    redis_url: str
+    owner: str
+    policy: Policy | None
+    pool_policy: Policy | None
+    pool_policy_version: str | None
+    policy_mismatch: bool
+    sampler: Sampler
+    metrics: Metrics
+    stats: dict[str, int]
+    _keys: PoolKeys
+    _client: redis.Redis | redis.RedisCluster
+    _scripts: Scripts
+    _socket_timeout_s: float
+    _pool_version_b: bytes
+    _clock_ms: Callable[[], int] | None
+    _pid: int
+    _gpu_pid: int
+    _seq: int
+    _register: bool
+    _started_ms: int
+    _closed: bool
+    _maybe_orphans: bool
+    _lock: threading.Lock
+    _beat_lock: threading.Lock
+    _close_lock: threading.RLock
+    _leases: LeaseRegistry
+    _heartbeat: Heartbeat | None
+    _idle: IdleMemory
+    _idle_sent: dict[str, int]
+    _recycle: set[str]
+    _on_recycle: list[RecycleCallback]
+
+    @property
+    def client(self) -> redis.Redis | redis.RedisCluster:
+        """The Redis client this gate talks through (for metrics exporters, inspection)."""
+        return self._client
+
+    @property
+    def effective_policy(self) -> Policy:
+        """The pool's policy when known, else this gate's own, else the default."""
+        return self.pool_policy or self.policy or _default_policy()
+
+    @property
+    def lease_ttl_s(self) -> float:
+        """The pool's lease TTL."""
+        return self.effective_policy.pool.lease_ttl_s
+
+    def sync_policy(self, *, force: bool = False) -> str:
+        """Publish this gate's policy if the pool has none (or ``force``); read the pool's.
+
+        Returns the pool's policy version. Without a policy of its own the gate
+        publishes to an empty pool the pool's policy it last knew (Redis lost
+        its state: the operator's policy is restored, with a warning), else
+        :meth:`Policy.default`.
+        """
+        self._check_usable()
+        restoring = self.policy is None and self.pool_policy is not None
+        mine = self.policy or self.pool_policy or Policy.default()
+        if self.policy is None and not force:
+            current, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
+            if current is not None:
+                self._adopt(_b2s(current), _b2s(stored) if stored is not None else None)
+                return self.pool_policy_version or ""
+        published, version = self._call(
+            self._scripts.publish_policy,
+            keys=[self._keys.state],
+            args=publish_args(mine, force=force),
+        )
+        version = _b2s(version)
+        if published and restoring and not force:
+            log.warning(
+                "pool_policy_restored",
+                pool=self.pool,
+                version=version,
+                note="the pool had lost its policy (Redis lost its state): "
+                "this gate published the one it last knew",
+            )
+        if published:
+            log.info("policy_published", pool=self.pool, version=version)
+            self.pool_policy = mine
+            self._adopt(None, version)
+        else:
+            doc = self._call(self._client.hget, self._keys.state, "pdoc")
+            self._adopt(_b2s(doc) if doc is not None else None, version)
+        self._check_mismatch()
+        return self.pool_policy_version or ""
+
+    def _check_mismatch(self) -> None:
+        self.policy_mismatch = (
+            self.policy is not None and self.pool_policy_version != self.policy.version
+        )
+        if self.policy_mismatch:
+            log.warning(
+                "policy_mismatch",
+                pool=self.pool,
+                pool_version=self.pool_policy_version,
+                local_version=self.policy.version if self.policy else None,
+                fix="the pool's policy is enforced; run `gpugate policy apply FILE` to change it",
+            )
+
+    def _follow_pool_policy(self, version: bytes) -> None:
+        """The pool's policy changed while this gate runs (`gpugate policy apply`):
+        read it again, and beat at once so that renewals follow a new lease TTL."""
+        was = self.pool_policy_version
+        try:
+            doc = self._call(self._client.hget, self._keys.state, "pdoc")
+        except BackendError:
+            return  # the next decision or beat tries again
+        self._adopt(_b2s(doc) if doc is not None else None, _b2s(version))
+        log.info("pool_policy_changed", pool=self.pool, was=was, now=self.pool_policy_version)
+        self._check_mismatch()
+        if self._heartbeat is not None:
+            self._heartbeat.kick()
+
+    def read_pool_policy(self) -> Policy | None:
+        """The policy stored in the pool (``None`` if it has none); publishes nothing."""
+        self._check_usable()
+        doc, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
+        if doc is None:
+            return None
+        self._adopt(_b2s(doc), _b2s(stored) if stored is not None else None)
+        return self.pool_policy
+
+    def _adopt(self, doc: str | None, version: str | None = None) -> None:
+        if doc is not None:
+            try:
+                self.pool_policy = Policy.from_dict(json.loads(doc), source=f"pool {self.pool}")
+            except (ConfigError, ValueError) as exc:
+                log.warning("pool_policy_unreadable", error=str(exc))
+        self.pool_policy_version = version or (
+            self.pool_policy.version if self.pool_policy else None
+        )
+        # As the scripts' replies carry it: a decision compares it in one step.
+        self._pool_version_b = (self.pool_policy_version or "").encode()
+
+    def _unknown_class(self, cls: str) -> UsageError:
+        """The error for a class the pool's policy does not define ("did you mean" included)."""
+        try:
+            self.effective_policy.class_policy(cls)
+        except UsageError as exc:
+            return UsageError(f"pool {quote(self.pool)}: {exc}")
+        return UsageError(f"pool {quote(self.pool)}: its policy has no class {quote(cls)}")
+
+    def _now_arg(self) -> int:
+        return self._clock_ms() if self._clock_ms is not None else 0
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except REDIS_DOWN as exc:
+            raise self._unreachable(exc) from exc
+        except redis.ResponseError as exc:
+            if refuses_writes(exc):
+                raise self._unreachable(exc) from exc
+            raise
+
+    def _unreachable(self, exc: BaseException) -> BackendError:
+        return BackendError(f"Redis at {self.redis_url} is unreachable: {exc}")
+
+    def _late(self, tell: Callable[[], object]) -> None:
+        """What an operation in flight when the gate closed still has to tell
+        Redis (a release, a waiter's end): done once close() is done, on a
+        connection closed again after, so that close() never has its client
+        closed under it."""
+        with self._close_lock:
+            try:
+                tell()
+            finally:
+                self._scripts.close()
+                self._client.close()
+
+    def _check_usable(self) -> None:
+        if _process.pid != self._pid:
+            raise UsageError(
+                "this Gate was made in a parent process; make a new Gate in the child after fork"
+            )
+        if self._closed:
+            raise UsageError("this Gate is closed")
