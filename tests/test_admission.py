@@ -1654,7 +1654,8 @@ class TestFragmentation:
     def test_a_fragmented_device_is_skipped_by_a_class_with_a_bound(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
-        from gpugate.state._inspect import assess, read_pool
+        from gpugate.state._inspect import read_pool
+        from gpugate.state._verdict import assess
 
         clock = FakeClock()
         pol = policy(

@@ -27,9 +27,10 @@ from gpugate.cli._common import clock
 from gpugate.cli._status import run_status
 from gpugate.metrics import Metrics, PoolCollector
 from gpugate.state._connect import connect
-from gpugate.state._inspect import assess, read_pool
+from gpugate.state._inspect import read_pool
 from gpugate.state._queues import read_pool_queues
 from gpugate.state._server import RedisProcess
+from gpugate.state._verdict import assess
 from test_asynq_inspect import load, server_ms, step
 
 # Not test_asynq_inspect's database: each module flushes its own.

@@ -24,7 +24,8 @@ from gpugate import Gate, NoGpuSampler, Outcome, Policy, SimulatedSampler
 from gpugate.cli import main
 from gpugate.cli._status import run_status
 from gpugate.state._connect import connect
-from gpugate.state._inspect import PoolView, assess, read_pool
+from gpugate.state._inspect import PoolView, read_pool
+from gpugate.state._verdict import assess
 
 GiB = 1 << 30
 

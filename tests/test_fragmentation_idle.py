@@ -28,9 +28,10 @@ from gpugate import Gate, Lease, Outcome, Policy, SimulatedSampler
 from gpugate.admission._idle import IdleMemory
 from gpugate.metrics import PoolCollector
 from gpugate.sampling import DeviceSample, GpuProcess, Snapshot
-from gpugate.state._inspect import PoolView, assess, read_pool
+from gpugate.state._inspect import PoolView, read_pool
 from gpugate.state._keys import PoolKeys
 from gpugate.state._server import RedisProcess
+from gpugate.state._verdict import assess
 
 GiB = 1 << 30
 WORKER = 4242  # pids for the IdleMemory unit tests (a Pool has its own)

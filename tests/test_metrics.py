@@ -20,8 +20,9 @@ from gpugate import Gate, Policy, SimulatedSampler
 from gpugate.cli._serve import PoolEvents
 from gpugate.metrics import Metrics, PoolCollector, start_metrics_server
 from gpugate.state._connect import connect
-from gpugate.state._inspect import assess, read_pool
+from gpugate.state._inspect import read_pool
 from gpugate.state._keys import PoolKeys
+from gpugate.state._verdict import assess
 
 GiB = 1 << 30
 

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from ..metrics import MetricsServer, PoolCollector
 from ..state._connect import mask_url
-from ..state._inspect import PoolView, Verdict, assess
+from ..state._inspect import PoolView
+from ..state._verdict import Verdict, assess
 from ._common import open_asynq_client, open_client, pool_name
 
 log = structlog.get_logger(__name__)

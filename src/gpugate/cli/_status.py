@@ -30,12 +30,11 @@ from ..state._inspect import (
     RECENT_WINDOWS,
     DecisionCounts,
     PoolView,
-    Verdict,
     WorkerView,
-    assess,
     read_pool,
 )
 from ..state._queues import QueuesView, read_pool_queues
+from ..state._verdict import Verdict, assess
 from ._common import Style, ago, clock, describe_override, size
 from ._queues import HEADER as QUEUE_HEADER
 from ._queues import queue_cells, queue_json

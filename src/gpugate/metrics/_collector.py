@@ -39,8 +39,9 @@ from .._exceptions import BackendError
 from .._logging import Throttle
 from ..asynq import QueueStats
 from ..state._connect import Client
-from ..state._inspect import PoolView, Verdict, assess, read_pool
+from ..state._inspect import PoolView, read_pool
 from ..state._queues import QueuesView, read_pool_queues
+from ..state._verdict import Verdict, assess
 
 __all__ = ["PoolCollector"]
 

@@ -6,7 +6,7 @@ from the Redis Asynq uses (not necessarily the pool's), adds the throughput
 (measured against the caller's previous reading when there is one, else
 today's average), the drain time, and the lines they add to the pool's
 verdict. ``gpugate status`` and the metrics collector both call it and hand
-:attr:`QueuesView.concerns` to :func:`~gpugate.state._inspect.assess` as
+:attr:`QueuesView.concerns` to :func:`~gpugate.state._verdict.assess` as
 ``extra``, so the printed verdict and ``gpugate_pool_health`` agree.
 
 A queue's oldest pending task is a concern after the wait that makes its
@@ -27,7 +27,7 @@ from .._exceptions import BackendError
 from ..asynq import QueueStats, Throughput, eta_s, queue_concerns, read_queues, throughput
 from ..policy import Policy
 from ._connect import Client
-from ._inspect import OTHER_CLASS_WAIT_S, TOP_CLASS_WAIT_S
+from ._verdict import OTHER_CLASS_WAIT_S, TOP_CLASS_WAIT_S
 
 __all__ = ["QueueView", "QueuesView", "read_pool_queues"]
 
