@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from gpugate.state import _scripts
+from gpugate.state import _connect, _scripts
 from gpugate.state._connect import connect
 from gpugate.state._scripts import Scripts, _Lane
 
@@ -321,3 +321,57 @@ def test_another_encoding_is_packed_by_redis_py(
     finally:
         s.close()
         client.close()
+
+
+class _HangUp:
+    """A TCP server that accepts every connection and closes it at once, counting them."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)  # so that close() need not wait for a connection
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_a_connection_that_cannot_be_made_is_tried_as_often_as_the_clients_path_tries_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connecting is retried by redis-py; the lane does not hand a failed
+    connect to the client's path to be retried all over again (twice the wait
+    for every decision while Redis is down)."""
+    monkeypatch.setattr(_connect, "RETRY_BASE_S", 0.001)  # the same tries, less waiting
+    monkeypatch.setattr(_connect, "RETRY_CAP_S", 0.004)
+    server = _HangUp()
+    client = connect(f"redis://127.0.0.1:{server.port}/0?cluster=0")
+    s = Scripts(client)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            client.evalsha(s.release_lease.sha, 0)
+        tries = server.accepted  # what one call on the client's own path makes
+        assert tries >= 1
+        for attempt in (1, 2):  # the lane's first connection, then a reconnection
+            before = server.accepted
+            with pytest.raises(redis.ConnectionError):
+                _unknown_release(s)
+            assert server.accepted - before == tries, attempt
+    finally:
+        s.close()
+        client.close()
+        server.close()

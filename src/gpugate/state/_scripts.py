@@ -150,14 +150,24 @@ class _Lane:
     def call(self, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """EVALSHA on the lane, or :data:`OFF_LANE` when the client's path is to
         make the call: the lane is busy (another thread holds it), or the call
-        failed with NOSCRIPT or on a failed connection (closed by then)."""
+        failed with NOSCRIPT or on a connection that failed mid-call (closed by
+        then). Raises when the lane cannot connect."""
         lock = self.lock
         if not lock.acquire(False):
             return OFF_LANE
         try:
+            # A failure to connect is raised, not left to the client's path:
+            # redis-py retried it already, and that path would retry it all
+            # over again (twice the wait for a caller while Redis is down).
             conn = self._conn
             if conn is None or self._pid != _process.pid:
                 conn = self._take()
+            elif getattr(conn, "_sock", False) is None:
+                conn.connect()
+        except BaseException:
+            lock.release()
+            raise
+        try:
             command = ("EVALSHA", sha, len(keys), *keys, *args)
             packed = None
             if self._pack is not None:
