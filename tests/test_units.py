@@ -57,12 +57,18 @@ class TestParseSize:
         assert parse_size(".5MB") == 500_000
         assert (parse_size(0.5), parse_size(1.5), parse_size("2.5")) == (1, 2, 3)
 
-    @pytest.mark.parametrize("value", [2**50 + 1, 2**64 - 1, 10**20, "1025TiB", "2000000GB", 1e300])
+    @pytest.mark.parametrize(
+        "value", [2**50 + 1, 2**64 - 1, 10**20, "1025TiB", "2000000GB", "2PiB", "1.2PB", 1e300]
+    )
     def test_sizes_past_a_pebibyte_are_refused(self, value: object) -> None:
         # The scripts hold numbers as doubles and write records with %d.
         with pytest.raises(ConfigError, match="more than 1PiB"):
             parse_size(value, key="vram")  # type: ignore[arg-type]
-        assert parse_size(2**50) == parse_size("1024TiB") == 2**50
+        assert parse_size(2**50) == parse_size("1024TiB") == parse_size("1PiB") == 2**50
+
+    def test_the_limit_is_written_in_its_own_unit(self) -> None:
+        assert parse_size("1pib") == 2**50
+        assert parse_size("1PB") == 10**15
 
     def test_whole_numbers_are_bytes(self) -> None:
         assert parse_size(0) == 0
@@ -71,7 +77,7 @@ class TestParseSize:
     def test_integral_floats_are_bytes(self) -> None:
         assert parse_size(8e9) == 8_000_000_000
 
-    @pytest.mark.parametrize("letter", ["K", "M", "G", "T", "g"])
+    @pytest.mark.parametrize("letter", ["K", "M", "G", "T", "P", "g"])
     def test_single_letter_units_are_refused_as_ambiguous(self, letter: str) -> None:
         with pytest.raises(ConfigError, match="ambiguous") as caught:
             parse_size(f"4{letter}")

@@ -8,9 +8,10 @@ module sees bytes (``int``), seconds (``float``) and events per second
 happens once, in :meth:`gpugate.policy.Policy.to_wire`.
 
 Sizes: a number of bytes, or a number and a unit: ``B``, ``KB``, ``MB``,
-``GB``, ``TB`` (powers of 1000) or ``KiB``, ``MiB``, ``GiB``, ``TiB`` (powers
-of 1024), in any letter case.  A bare ``K``, ``M``, ``G`` or ``T`` is refused:
-it is 7% apart between the two readings at ``G``.
+``GB``, ``TB``, ``PB`` (powers of 1000) or ``KiB``, ``MiB``, ``GiB``,
+``TiB``, ``PiB`` (powers of 1024), in any letter case, up to 1PiB.  A bare
+``K``, ``M``, ``G``, ``T`` or ``P`` is refused: it is 7% apart between the two
+readings at ``G``.
 
 Durations: a number of seconds, or parts like ``"500ms"``, ``"30s"``, ``"5m"``
 (or ``"5min"``), ``"2h"``, ``"1d"``, largest first: ``"1h30m"``.
@@ -42,12 +43,14 @@ _SIZE_UNITS: dict[str, int] = {
     "mb": 1000**2,
     "gb": 1000**3,
     "tb": 1000**4,
+    "pb": 1000**5,
     "kib": 1024,
     "mib": 1024**2,
     "gib": 1024**3,
     "tib": 1024**4,
+    "pib": 1024**5,
 }
-_AMBIGUOUS_SIZE_UNITS = frozenset("kmgt")
+_AMBIGUOUS_SIZE_UNITS = frozenset("kmgtp")
 _BINARY_UNITS: tuple[tuple[str, int], ...] = (
     ("TiB", 1024**4),
     ("GiB", 1024**3),
