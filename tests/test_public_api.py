@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gpugate
 
 
@@ -63,3 +65,27 @@ class TestPublicApi:
             assert issubclass(getattr(gpugate, name), gpugate.GpugateError)
         assert issubclass(gpugate.AdmissionTimeout, TimeoutError)
         assert issubclass(gpugate.ConfigError, ValueError)
+
+
+class TestReadme:
+    """The README's "Use it" example runs as written (its Redis URL aside)."""
+
+    def test_the_use_it_example_runs(self, redis_url: str, pool_name: str) -> None:
+        readme = (Path(__file__).parent.parent / "README.md").read_text()
+        section = readme.split("## Use it", 1)[1]
+        block = section.split("```python\n", 1)[1].split("```", 1)[0]
+        assert 'redis_url="redis://127.0.0.1:6379/0", pool="p1"' in block
+        code = block.replace(
+            'redis_url="redis://127.0.0.1:6379/0", pool="p1"',
+            f"redis_url={redis_url!r}, pool={pool_name!r}",
+        )
+        namespace: dict[str, object] = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        d = namespace["d"]
+        assert isinstance(d, gpugate.Decision)
+        assert d.outcome is gpugate.Outcome.ADMIT
+        assert isinstance(d.lease, gpugate.Lease)
+        assert d.lease.released
+        gate = namespace["gate"]
+        assert isinstance(gate, gpugate.Gate)
+        assert gate._closed
