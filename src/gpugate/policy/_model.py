@@ -52,6 +52,9 @@ _MAX_COUNT = 1_000_000
 # A lease is renewed every lease_ttl / 3: shorter leases would be lost to a
 # slow round trip or a garbage collection pause.
 _SHORTEST_LEASE_TTL_S = 1.0
+# A deferred poller is told to come back after at least 100 ms, +50 % jitter:
+# it must be back within 3/4 of the waiter TTL to keep counting as a waiter.
+_SHORTEST_WAITER_TTL_S = 0.2
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # The Lua scripts count in whole milliseconds; anything shorter would reach
 # them as 0, which means "already expired".
@@ -110,7 +113,7 @@ class PoolSettings:
         A GPU memory sample older than this is not trusted (``sample_max_age``).
     ``waiter_ttl_s``
         A deferred request counts as waiting this long after its last try
-        (``waiter_ttl``).
+        (``waiter_ttl``, at least 200ms).
     ``priority_aging``
         Priority points a waiting request gains per second of waiting
         (``priority_aging``, a rate such as ``"6/min"``; 0 turns aging off).
@@ -141,6 +144,13 @@ class PoolSettings:
                 'every third of it; use at least "1s", like "30s"',
                 key=key["lease_ttl_s"],
                 value=self.lease_ttl_s,
+            )
+        if self.waiter_ttl_s < _SHORTEST_WAITER_TTL_S:
+            raise ConfigError(
+                f"{quote(format_duration(self.waiter_ttl_s))} is too short: a deferred request "
+                'is told to retry after 100ms or more; use at least "200ms", like "5s"',
+                key=key["waiter_ttl_s"],
+                value=self.waiter_ttl_s,
             )
         _check_choice(self.placement, _PLACEMENTS, key=key["placement"])
         _set(self, "priority_aging", parse_rate(self.priority_aging, key=key["priority_aging"]))
