@@ -10,6 +10,7 @@ variables are cleared and the embedded Redis lives in a session directory.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -112,6 +113,17 @@ def redis_both(request: pytest.FixtureRequest) -> RedisProcess:
     """The newest Redis found, then Redis 6.2: a test using this runs on each."""
     name = "redis_server" if request.param == "7" else "redis_server_62"
     return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+@contextmanager
+def frozen(server: RedisProcess) -> Iterator[None]:
+    """The server hangs (SIGSTOP): connections open, nothing answers."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
 
 
 @contextmanager

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
-import signal
 import socket
 import threading
 import time
@@ -17,6 +15,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
+from conftest import frozen
 from gpugate import (
     AdmissionRejected,
     AdmissionTimeout,
@@ -1366,17 +1365,6 @@ class TestRedisUnreachable:
         finally:
             server.stop()
             gate.close()
-
-
-@contextlib.contextmanager
-def frozen(server: RedisProcess) -> Iterator[None]:
-    """The server hangs (SIGSTOP): connections open, nothing answers."""
-    assert server.pid is not None
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
 
 
 class TestRedisHangs:

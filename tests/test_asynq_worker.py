@@ -34,8 +34,16 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from asynq_support import assert_state, at, captured, expected, load
-from conftest import empty_database
-from gpugate import BackendError, ConfigError, Gate, Policy, SimulatedSampler, UsageError
+from conftest import empty_database, frozen
+from gpugate import (
+    BackendError,
+    ConfigError,
+    Gate,
+    NoGpuSampler,
+    Policy,
+    SimulatedSampler,
+    UsageError,
+)
 from gpugate.asynq import (
     AsynqKeys,
     AsynqWorker,
@@ -363,10 +371,14 @@ class TestLifecycle:
 
         a = enqueue(asynq, "ocr:bulk", "skip", b"")
         b = enqueue(asynq, "ocr:bulk", "revoke", b"")
+        kept = enqueue(asynq, "ocr:bulk", "revoke", b"", retention=600)
         with serving(worker):
-            wait_until(lambda: worker.stats["archived"] == 1 and worker.stats["done"] == 1)
+            wait_until(lambda: worker.stats["archived"] == 1 and worker.stats["done"] == 2)
         assert task_state(asynq, "ocr:bulk", a)["msg"].error_msg == "corrupt input"
         assert not asynq.exists(AsynqKeys("ocr:bulk").task(b))
+        # As Asynq's RevokeTask: deleted whatever its retention, not kept completed.
+        assert not asynq.exists(AsynqKeys("ocr:bulk").task(kept))
+        assert asynq.zcard("asynq:{ocr:bulk}:completed") == 0
 
     def test_retry_later_keeps_the_retry_count_and_counts_nothing(
         self, gate: Gate, asynq: redis.Redis, asynq_url: str
@@ -388,6 +400,41 @@ class TestLifecycle:
         assert before + 590 <= score <= time.time() + 601
         q = read_queue(asynq, "ocr:bulk")
         assert (q.processed_total, q.failed_total) == (0, 0)
+
+    def test_retry_later_with_no_retries_left_archives_as_asynq(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        # Asynq checks retried >= max retry before it asks whether the error is a failure.
+        worker = make_worker(gate, asynq_url)
+
+        @worker.handle("later", vram="1GiB")
+        def later(task: Task) -> None:
+            raise RetryLater("1s")
+
+        tid = enqueue(asynq, "ocr:bulk", "later", b"", max_retry=0)
+        with serving(worker):
+            wait_until(lambda: worker.stats["archived"] == 1)
+        assert task_state(asynq, "ocr:bulk", tid)["state"] == b"archived"
+        assert asynq.zcard("asynq:{ocr:bulk}:retry") == 0
+
+    def test_is_failure_is_asked_of_the_workers_own_failures_too(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        seen: list[str] = []
+
+        def is_failure(exc: BaseException) -> bool:
+            seen.append(str(exc))
+            return False
+
+        worker = make_worker(gate, asynq_url, is_failure=is_failure)
+        worker.handle("slow", lambda task: task.wait_cancelled(30), vram="1GiB")
+        tid = enqueue(asynq, "ocr:bulk", "slow", b"", timeout=1)
+        with serving(worker):
+            wait_until(lambda: asynq.zcard("asynq:{ocr:bulk}:retry") == 1)
+        assert seen == ["context deadline exceeded"]
+        m = task_state(asynq, "ocr:bulk", tid)["msg"]
+        assert (m.retried, m.error_msg) == (0, "context deadline exceeded")  # not a failure
+        assert read_queue(asynq, "ocr:bulk").failed_total == 0
 
     def test_retention_keeps_the_task_completed_with_its_result(
         self, gate: Gate, asynq: redis.Redis, asynq_url: str
@@ -643,6 +690,129 @@ class TestCancellation:
         assert gate.leases_held() == []
 
 
+# -- faults: Redis lost at the end, shutdown, a handler past its deadline --------------
+
+
+class TestFaults:
+    def test_an_end_redis_did_not_take_is_written_at_a_later_heartbeat(
+        self, redis_server: RedisProcess, pool_name: str
+    ) -> None:
+        # Redis hangs just as the handler returns: the done is written once it
+        # answers, while the lease lasts (Asynq's syncer), not lost to a retry.
+        server = RedisProcess(redis_server.executable).start()
+        gate = Gate(
+            server.url,
+            pool=pool_name,
+            policy=Policy.from_dict(POLICY),
+            sampler=SimulatedSampler(["24GiB"]),
+            socket_timeout_s=0.3,
+            metrics=Metrics(CollectorRegistry()),
+        )
+        client = redis.Redis.from_url(server.url)
+        started, finish = threading.Event(), threading.Event()
+        runs: list[str] = []
+        try:
+            worker = AsynqWorker(gate, asynq_redis=gate.client, **{**FAST, "lease_duration": 20.0})
+
+            @worker.handle("ocr:page", vram="1GiB")
+            def page(task: Task) -> None:
+                runs.append(task.id)
+                started.set()
+                finish.wait(30)
+
+            tid = enqueue(client, "ocr:bulk", "ocr:page", b"")
+            with serving(worker):
+                wait_until(started.is_set)
+                with frozen(server):
+                    finish.set()
+                    wait_until(lambda: worker._unwritten)  # the done timed out
+                wait_until(lambda: worker.stats["done"] == 1, timeout_s=10)
+            assert runs == [tid]
+            assert not client.exists(AsynqKeys("ocr:bulk").task(tid))
+            q = read_queue(client, "ocr:bulk")
+            assert (q.active, q.retry, q.processed_total, q.failed_total) == (0, 0, 1, 0)
+        finally:
+            client.close()
+            gate.close()
+            server.stop()
+
+    def test_running_tasks_keep_their_lease_through_shutdown(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        # Asynq stops its heartbeater last: a task finishing within the
+        # shutdown timeout keeps its lease, so no recoverer takes it meanwhile.
+        started, finish = threading.Event(), threading.Event()
+        worker = make_worker(
+            gate, asynq_url, lease_duration=2.0, recover_grace=0.0, shutdown_timeout=20.0
+        )
+
+        @worker.handle("ocr:page", vram="1GiB")
+        def page(task: Task) -> None:
+            started.set()
+            finish.wait(30)
+
+        tid = enqueue(asynq, "ocr:bulk", "ocr:page", b"")
+        with serving(worker):
+            wait_until(started.is_set)
+            worker.stop()
+            time.sleep(3.0)  # longer than the lease: only extensions keep it ahead
+            score = asynq.zscore("asynq:{ocr:bulk}:lease", tid)
+            assert score is not None
+            assert score > time.time()
+            assert [s.status for s in list_servers(asynq)] == ["closed"]
+            finish.set()
+        assert worker.stats["done"] == 1
+        assert worker.stats["requeued"] == 0
+        assert read_queue(asynq, "ocr:bulk").processed_total == 1
+        assert list_servers(asynq) == []
+
+    def test_a_handler_past_its_deadline_does_not_drop_the_next_attempt(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        # A plain handler keeps running past its attempt's end (here a cancel it
+        # ignores); the retried task is taken again by this worker meanwhile.
+        # When the first attempt returns, the second keeps its lease.
+        second_started, first_may_return, second_may_return = (
+            threading.Event(),
+            threading.Event(),
+            threading.Event(),
+        )
+        attempts: list[int] = []
+        worker = make_worker(
+            gate,
+            asynq_url,
+            concurrency=2,
+            lease_duration=2.0,
+            recover_grace=0.0,
+            retry_delay=lambda retried, exc, task: 0.0,
+        )
+
+        @worker.handle("ocr:page", vram="1GiB")
+        def page(task: Task) -> None:
+            attempts.append(task.retried)
+            if len(attempts) == 1:
+                first_may_return.wait(30)  # ignores the cancel
+            else:
+                second_started.set()
+                second_may_return.wait(30)
+
+        tid = enqueue(asynq, "ocr:bulk", "ocr:page", b"")
+        with serving(worker):
+            wait_until(lambda: attempts)
+            wait_until(lambda: asynq.publish("asynq:cancel", tid) >= 1 and second_started.wait(0.5))
+            first_may_return.set()
+            time.sleep(2.5)  # longer than the lease: only extensions keep it
+            score = asynq.zscore("asynq:{ocr:bulk}:lease", tid)
+            assert score is not None
+            assert score > time.time()
+            assert [w.task_id for w in list_workers(asynq)] == [tid]
+            second_may_return.set()
+            wait_until(lambda: worker.stats["done"] == 1)
+        assert attempts == [0, 1]
+        q = read_queue(asynq, "ocr:bulk")
+        assert (q.processed_total, q.failed_total, q.active, q.retry) == (2, 1, 0, 0)
+
+
 # -- admission before dequeue ----------------------------------------------------------
 
 
@@ -685,6 +855,30 @@ class TestAdmission:
         with serving(worker):
             wait_until(lambda: len(order) == 6)
         assert order == ["ocr:realtime"] * 3 + ["ocr:bulk"] * 3
+
+    def test_a_class_this_host_cannot_run_leaves_its_tasks_pending(
+        self, redis_url: str, pool_name: str, asynq: redis.Redis, asynq_url: str
+    ) -> None:
+        # no_gpu = "reject" and no GPU here: the pool does not refuse the task,
+        # this host cannot run it; another host may.
+        pol = Policy.from_dict(
+            {
+                "pool": {"lease_ttl": "30s"},
+                "classes": {"batch": {"priority": 10, "queues": ["ocr:bulk"], "no_gpu": "reject"}},
+            }
+        )
+        gate = Gate(redis_url, pool=pool_name, policy=pol, sampler=NoGpuSampler())
+        try:
+            worker = make_worker(gate, asynq_url)
+            worker.handle("ocr:page", lambda task: None, vram="1GiB")
+            tid = enqueue(asynq, "ocr:bulk", "ocr:page", b"")
+            with serving(worker):
+                wait_until(lambda: worker.stats["deferred"] >= 3)
+            assert asynq.lrange("asynq:{ocr:bulk}:pending", 0, -1) == [tid.encode()]
+            assert task_state(asynq, "ocr:bulk", tid)["state"] == b"pending"
+            assert worker.stats["archived"] == 0
+        finally:
+            gate.close()
 
     def test_a_task_that_can_never_fit_is_archived_with_the_gates_reason(
         self, gate: Gate, asynq: redis.Redis, asynq_url: str

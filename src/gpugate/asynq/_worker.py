@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import os
 import random
 import signal
@@ -47,7 +48,7 @@ from .._units import format_size, parse_duration, parse_size
 
 # The admission package imports the metrics, which import this package: take
 # the modules, not the package, and the Gate for typing only.
-from ..admission._decision import Outcome
+from ..admission._decision import Outcome, Reason
 from ..admission._ticket import Ticket, is_cuda_oom
 from ..state._connect import Client, connect
 from . import _broker as broker
@@ -101,6 +102,17 @@ def default_is_failure(exc: BaseException) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class _Unwritten:
+    """An attempt's end Redis did not take: written again at each heartbeat
+    while the attempt's Asynq lease lasts (Asynq's syncer)."""
+
+    run: _Running
+    what: str
+    write: Callable[[], object]
+    written: Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
 class _Handler:
     fn: Handler
     vram: int
@@ -111,12 +123,16 @@ class _Failure(Exception):
     """An attempt that failed without a handler exception (deadline, cancel, no handler)."""
 
 
+_attempts = itertools.count()
+
+
 class _Running:
-    """One task this worker holds: its Asynq state and its gate admission."""
+    """One attempt at a task this worker holds: its Asynq state and its gate admission."""
 
     __slots__ = (
         "async_future",
         "handler",
+        "key",
         "lease_until",
         "lock",
         "lost",
@@ -137,6 +153,9 @@ class _Running:
         lease_until: int,
         started: float,
     ) -> None:
+        # Attempts, not task ids, key the running set: a plain handler past its
+        # deadline still runs when its task, retried, is taken again.
+        self.key = next(_attempts)
         self.msg = msg
         self.handler = handler
         self.ticket = ticket
@@ -148,6 +167,11 @@ class _Running:
         self.lost = False
         self.timer: threading.Timer | None = None
         self.async_future: Any = None
+
+    def lease_valid(self, now: float) -> bool:
+        """Whether this worker's Asynq lease on the task still runs (as Asynq's
+        ``Lease.IsValid``): past it another server may have taken the task."""
+        return now < self.lease_until
 
     def end_once(self) -> bool:
         """True for the one caller that ends this attempt (its handler, the
@@ -245,9 +269,14 @@ class AsynqWorker:
         self.pid = os.getpid()
         self.server_id = str(uuid.uuid4())
         self._started_ns = int(self._clock() * 1e9)
-        self._running: dict[str, _Running] = {}
+        self._running: dict[int, _Running] = {}  # by attempt (_Running.key)
+        self._unwritten: list[_Unwritten] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        # The heartbeat runs on through shutdown (Asynq stops its heartbeater
+        # last): running tasks keep their leases while they finish.
+        self._beats_end = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -385,17 +414,18 @@ class AsynqWorker:
         return restore
 
     def _start_threads(self) -> None:
-        def spawn(name: str, target: Callable[[], None]) -> None:
+        def spawn(name: str, target: Callable[[], None]) -> threading.Thread:
             t = threading.Thread(target=target, name=f"gpugate-asynq-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+            return t
 
         if any(h.is_async for h in self._handlers.values()):
             loop = asyncio.new_event_loop()
             self._loop = loop
             spawn("loop", loop.run_forever)
         self._beat()  # registered before the first task, as Asynq's server
-        spawn("heartbeat", self._heartbeat_loop)
+        self._heartbeat_thread = spawn("heartbeat", self._heartbeat_loop)
         spawn("housekeeping", self._housekeeping_loop)
         spawn("cancel", self._cancel_listener)
 
@@ -440,6 +470,14 @@ class AsynqWorker:
             if d.outcome is Outcome.DEFER:
                 self._count("deferred")
                 wait = d.retry_after if wait is None else min(wait, d.retry_after)
+                continue
+            if d.outcome is Outcome.REJECT and d.reason != Reason.TOO_LARGE:
+                # This host cannot run the class (no GPU visible, and the class's
+                # no_gpu is "reject"): the task is not the pool's to refuse, so
+                # it stays pending for a host that can.
+                self._count("deferred")
+                self._warn("asynq_class_rejected_here", queue=queue, cls=cls, reason=d.reason)
+                wait = self.task_check_interval if wait is None else wait
                 continue
             if d.outcome is Outcome.REJECT:
                 self._take_and_fail(
@@ -494,7 +532,7 @@ class AsynqWorker:
         )
         run = _Running(msg, handler, ticket, task, lease_until, now)
         with self._cond:
-            self._running[msg.id] = run
+            self._running[run.key] = run
         if ticket.lease is not None:
             # The GPU may be another job's now (Redis did not confirm the lease
             # for a TTL, or an operator expired it): the handler stops, and the
@@ -564,31 +602,98 @@ class AsynqWorker:
         """Write the attempt's end to Asynq's state, once (done, retry or archive)."""
         if not run.end_once():
             return
+        if not run.lost and not run.lease_valid(self._clock()):
+            # As Asynq: past the lease another server may have the task (its
+            # recoverer takes it back otherwise); writing now could end that run.
+            run.lost = True
         if run.lost:
             log.warning(
                 "asynq_task_lease_lost",
                 task_id=run.msg.id,
                 queue=run.msg.queue,
-                note="another server took the task back; its outcome is not written",
+                note="its Asynq lease is gone or over: the outcome is not written, and a "
+                "recoverer takes the task back if no other server has it",
             )
             return
-        if error is None or isinstance(error, RevokeTask):
-            self._succeed(run.msg)
+        if error is None:
+            self._succeed(run.msg, run)
+        elif isinstance(error, RevokeTask):
+            self._succeed(run.msg, run, revoke=True)
         else:
-            self._fail(run.msg, error, task=run.task)
+            self._fail(run.msg, error, task=run.task, run=run)
 
-    def _succeed(self, msg: TaskMessage) -> None:
+    def _succeed(self, msg: TaskMessage, run: _Running, *, revoke: bool = False) -> None:
+        """Done (deleted), or completed for its retention; a revoked task is
+        deleted whatever its retention, as Asynq's ``RevokeTask``."""
         now = self._clock()
+        complete = msg.retention > 0 and not revoke
+
+        def write() -> object:
+            if complete:
+                return broker.mark_complete(self.client, msg, now_s=now)
+            return broker.done(self.client, msg, now_s=now)
+
+        def written() -> None:
+            self._count("done")
+            log.debug("asynq_task_done", task_id=msg.id, queue=msg.queue, revoked=revoke)
+
+        self._write_end(run, msg, "done", write, written)
+
+    def _write_end(
+        self,
+        run: _Running | None,
+        msg: TaskMessage,
+        what: str,
+        write: Callable[[], object],
+        written: Callable[[], None],
+    ) -> None:
+        """Write an attempt's end; if Redis does not take it, the heartbeat
+        writes it again while the attempt's lease lasts (``run``; without one,
+        the recoverer or the next pass takes the task up again)."""
         try:
-            if msg.retention > 0:
-                ok = broker.mark_complete(self.client, msg, now_s=now)
-            else:
-                ok = broker.done(self.client, msg, now_s=now)
+            write()
         except BackendError as exc:
-            self._warn("asynq_task_done_unwritten", task_id=msg.id, error=str(exc))
+            if run is not None:
+                with self._cond:
+                    self._unwritten.append(_Unwritten(run, what, write, written))
+            self._warn(
+                f"asynq_task_{what}_unwritten",
+                task_id=msg.id,
+                error=str(exc),
+                note="written again at each heartbeat while its Asynq lease lasts"
+                if run is not None
+                else "taken up again by the recoverer",
+            )
             return
-        self._count("done")
-        log.debug("asynq_task_done", task_id=msg.id, queue=msg.queue, written=ok)
+        written()
+
+    def _write_unwritten(self) -> None:
+        """Write again the ends Redis did not take; drop those whose lease ran
+        out (Asynq's syncer: the recoverer takes those tasks back)."""
+        with self._cond:
+            pending, self._unwritten = self._unwritten, []
+        keep = []
+        for item in pending:
+            msg = item.run.msg
+            if item.run.lost or not item.run.lease_valid(self._clock()):
+                log.warning(
+                    "asynq_task_end_abandoned",
+                    task_id=msg.id,
+                    queue=msg.queue,
+                    what=item.what,
+                    note="its Asynq lease ran out before Redis took the write: "
+                    "a recoverer takes the task back",
+                )
+                continue
+            try:
+                item.write()
+            except BackendError:
+                keep.append(item)
+                continue
+            item.written()
+        if keep:
+            with self._cond:
+                self._unwritten = keep + self._unwritten
 
     def _fail(
         self,
@@ -597,59 +702,70 @@ class AsynqWorker:
         *,
         archive: bool = False,
         task: Task | None = None,
+        run: _Running | None = None,
     ) -> None:
+        """Archive (retries exhausted, ``SkipRetry``, ``archive``) or retry, as
+        Asynq's ``handleFailedMessage``: exhaustion is checked first, whether
+        or not the error counts as a failure."""
         now = self._clock()
         text = error_text(error)
-        if task is None:
-            task = Task(msg, deadline=now, ticket=None, write_result=lambda _: 0, clock=self._clock)
-        failure = (
-            True
-            if isinstance(error, _Failure)
-            else self._call_user("is_failure", self.is_failure, default_is_failure, error)
-        )
         # A handler's own exception is logged with its traceback; ours are sentences.
         why: dict[str, Any] = {} if isinstance(error, _Failure) else {"exc_info": error}
-        try:
-            if failure and (archive or isinstance(error, SkipRetry) or msg.retried >= msg.retry):
-                broker.archive(self.client, msg, error=text, now_s=now)
+        if archive or isinstance(error, SkipRetry) or msg.retried >= msg.retry:
+
+            def archived() -> None:
                 self._count("archived")
                 log.warning(
                     "asynq_task_archived", task_id=msg.id, queue=msg.queue, error=text, **why
                 )
-                return
-            delay = max(
-                0.0,
-                float(
-                    self._call_user(
-                        "retry_delay",
-                        self.retry_delay,
-                        default_retry_delay,
-                        msg.retried,
-                        error,
-                        task,
-                    )
-                ),
+
+            self._write_end(
+                run,
+                msg,
+                "archive",
+                lambda: broker.archive(self.client, msg, error=text, now_s=now),
+                archived,
             )
-            broker.retry(
+            return
+        if task is None:
+            task = Task(msg, deadline=now, ticket=None, write_result=lambda _: 0, clock=self._clock)
+        # Asynq asks its IsFailure of every error, its own (deadline, cancel,
+        # lease expired, no handler) included.
+        failure = bool(self._call_user("is_failure", self.is_failure, default_is_failure, error))
+        delay = max(
+            0.0,
+            float(
+                self._call_user(
+                    "retry_delay", self.retry_delay, default_retry_delay, msg.retried, error, task
+                )
+            ),
+        )
+
+        def retried() -> None:
+            self._count("retried")
+            log.info(
+                "asynq_task_retry",
+                task_id=msg.id,
+                queue=msg.queue,
+                error=text,
+                in_s=round(delay, 3),
+                failure=failure,
+                **why,
+            )
+
+        self._write_end(
+            run,
+            msg,
+            "retry",
+            lambda: broker.retry(
                 self.client,
                 msg,
                 retry_at_s=now + delay,
                 error=text,
-                is_failure=bool(failure),
+                is_failure=failure,
                 now_s=now,
-            )
-        except BackendError as exc:
-            self._warn("asynq_task_failure_unwritten", task_id=msg.id, error=str(exc))
-            return
-        self._count("retried")
-        log.info(
-            "asynq_task_retry",
-            task_id=msg.id,
-            queue=msg.queue,
-            error=text,
-            in_s=round(delay, 3),
-            failure=bool(failure),
-            **why,
+            ),
+            retried,
         )
 
     @staticmethod
@@ -673,19 +789,20 @@ class AsynqWorker:
             outcome = "oom" if is_cuda_oom(error) else "error"
         run.ticket.release(outcome)
         with self._cond:
-            self._running.pop(run.msg.id, None)
+            self._running.pop(run.key, None)
             self._cond.notify_all()
 
     # -- heartbeat: registration and Asynq leases ------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.heartbeat_interval):
+        while not self._beats_end.wait(self.heartbeat_interval):
             self._beat()
 
     def _beat(self) -> None:
         with self._cond:
             running = list(self._running.values())
         self._extend(running)
+        self._write_unwritten()
         info = ServerInfo(
             host=self.host,
             pid=self.pid,
@@ -696,7 +813,8 @@ class AsynqWorker:
                 for q, c in self.queues.items()
             },
             strict_priority=True,
-            status="active",
+            # Asynq's server state: "closed" from the start of its shutdown.
+            status="closed" if self._stop.is_set() else "active",
             start_time_ns=self._started_ns,
             active_worker_count=len(running),
         )
@@ -713,6 +831,7 @@ class AsynqWorker:
                 deadline_ns=int(r.task.deadline * 1e9),
             )
             for r in running
+            if not r.settled
         ]
         try:
             write_server_state(
@@ -785,12 +904,19 @@ class AsynqWorker:
         taken = 0
         for queue in self.queues:
             for msg in broker.lease_expired(self.client, queue, cutoff_s=now - self.recover_grace):
-                with self._cond:
-                    if msg.id in self._running:
-                        continue  # ours and alive: its lease is extended at the next beat
+                if self._holds(msg.id):
+                    continue  # ours and alive: its lease is extended at the next beat
                 self._fail(msg, _Failure(broker.ERR_LEASE_EXPIRED))
                 taken += 1
         return taken
+
+    def _holds(self, task_id: str) -> bool:
+        """Whether an attempt at ``task_id`` runs here unsettled, or its end
+        waits to be written."""
+        with self._cond:
+            return any(
+                r.msg.id == task_id and not r.settled for r in self._running.values()
+            ) or any(u.run.msg.id == task_id for u in self._unwritten)
 
     def clean_completed(self) -> int:
         """Delete completed tasks past their retention (Asynq's janitor)."""
@@ -812,8 +938,12 @@ class AsynqWorker:
                     data = message.get("data")
                     task_id = data.decode() if isinstance(data, bytes) else str(data)
                     with self._cond:
-                        run = self._running.get(task_id)
-                    if run is not None:
+                        runs = [
+                            r
+                            for r in self._running.values()
+                            if r.msg.id == task_id and not r.settled
+                        ]
+                    for run in runs:
                         log.info("asynq_task_cancel_requested", task_id=task_id)
                         self._cancel(run, "cancelled")
                         if not run.handler.is_async:
@@ -839,8 +969,8 @@ class AsynqWorker:
             if not run.end_once():
                 continue
             self._cancel(run, "shutdown")
-            if run.lost:
-                continue
+            if run.lost or not run.lease_valid(self._clock()):
+                continue  # as Asynq: no write past the lease; the recoverer has it
             try:
                 broker.requeue(self.client, run.msg)
                 self._count("requeued")
@@ -852,6 +982,21 @@ class AsynqWorker:
                 )
             except BackendError as exc:
                 self._warn("asynq_requeue_failed", task_id=run.msg.id, error=str(exc))
+        self._write_unwritten()  # a last try, as Asynq's syncer at shutdown
+        with self._cond:
+            for item in self._unwritten:
+                log.warning(
+                    "asynq_task_end_abandoned",
+                    task_id=item.run.msg.id,
+                    queue=item.run.msg.queue,
+                    what=item.what,
+                    note="Redis did not take it before shutdown: a recoverer takes the "
+                    "task back once its lease runs out",
+                )
+        # The heartbeat ends last, so that it does not register the server again.
+        self._beats_end.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=2.0)
         with contextlib.suppress(BackendError):
             clear_server_state(self.client, self.host, self.pid, self.server_id)
         if self._loop is not None:
