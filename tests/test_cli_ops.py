@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import structlog
 
-from gpugate import Gate, NoGpuSampler, Outcome, Policy, SimulatedSampler
+from gpugate import Gate, NoGpuSampler, Outcome, Policy, SimulatedSampler, UsageError
 from gpugate.cli import main
 from gpugate.cli._status import run_status
 from gpugate.state._connect import connect
 from gpugate.state._inspect import PoolView, read_pool
+from gpugate.state._keys import PoolKeys
 from gpugate.state._verdict import assess
 
 GiB = 1 << 30
@@ -37,6 +39,17 @@ POLICY = {
         "batch": {"priority": 10, "max_concurrent": 2, "rate": "1/s", "burst": 5},
     },
 }
+
+
+def _toml(policy: dict[str, Any]) -> str:
+    """A policy dict of strings and whole numbers as a TOML file."""
+    tables = [("pool", policy.get("pool", {}))]
+    tables += [(f"classes.{name}", c) for name, c in policy["classes"].items()]
+    lines = []
+    for table, knobs in tables:
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in knobs.items()]
+    return "\n".join(lines) + "\n"
 
 
 class FakeClock:
@@ -651,6 +664,62 @@ class TestOverrideCommands:
         run = gpugate("uncap", "batch")
         assert run.out.strip() == "batch uncapped: the policy's cap (2) applies again"
         assert gate.try_admit("batch", vram="1GiB").admitted
+
+    def test_a_policy_that_drops_a_class_lifts_its_overrides(
+        self,
+        make_gate: Callable[..., Gate],
+        gpugate: Callable[..., Run],
+        tmp_path: Path,
+        redis_client: redis.Redis,
+        pool_name: str,
+    ) -> None:
+        gate = make_gate()
+        gpugate("pause", "batch", "--for", "2h")
+        gpugate("cap", "batch", "1")
+        gpugate("pause", "notebook", "--for", "1h")
+        without = {
+            **POLICY,
+            "classes": {k: v for k, v in POLICY["classes"].items() if k != "batch"},
+        }
+        f = tmp_path / "gpugate.toml"
+        f.write_text(_toml(without))
+        run = gpugate("policy", "apply", str(f))
+        assert run.code == 0, run.err
+        assert "batch's pause lifted: the policy has no class batch now" in run.out
+        assert "batch's cap of 1 lifted" in run.out
+        assert "still in force: notebook paused until" in run.out
+        state = redis_client.hgetall(PoolKeys(pool_name).state)
+        assert b"pause:batch" not in state
+        assert b"cap:batch" not in state
+        assert set(gate.overrides()["pause"]) == {"notebook"}
+        assert gate.overrides()["cap"] == {}
+        run = gpugate("resume")  # every pause: notebook's, nothing left of batch
+        assert run.code == 0, run.err
+        assert run.out.splitlines()[0] == "notebook resumed"
+        # The class back: it starts without the old pause or cap.
+        f.write_text(_toml(POLICY))
+        assert gpugate("policy", "apply", str(f)).code == 0
+        assert gate.try_admit("batch", vram="1GiB").admitted
+        assert gate.try_admit("batch", vram="1GiB").admitted
+
+    def test_a_pause_left_from_a_dropped_class_can_be_lifted(
+        self,
+        make_gate: Callable[..., Gate],
+        gpugate: Callable[..., Run],
+        redis_client: redis.Redis,
+        pool_name: str,
+    ) -> None:
+        # As an earlier version left it: the class gone, its pause still stored.
+        gate = make_gate()
+        gate.pause("batch")
+        state = PoolKeys(pool_name).state
+        redis_client.hdel(state, "c:batch")
+        run = gpugate("resume")
+        assert run.code == 0, run.err
+        assert "batch resumed" in run.out
+        assert not redis_client.hexists(state, "pause:batch")
+        with pytest.raises(UsageError, match="no class"):
+            gate.pause("batch")  # only lifting is allowed for a class the policy lacks
 
     def test_an_unknown_class_is_one_line_with_a_suggestion(
         self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]

@@ -101,10 +101,11 @@ class GateCore:
     def sync_policy(self, *, force: bool = False) -> str:
         """Publish this gate's policy if the pool has none (or ``force``); read the pool's.
 
-        Returns the pool's policy version. Without a policy of its own the gate
-        publishes to an empty pool the pool's policy it last knew (Redis lost
-        its state: the operator's policy is restored, with a warning), else
-        :meth:`Policy.default`.
+        Returns the pool's policy version. Without a policy of its own the
+        gate publishes to an empty pool the pool's policy it last knew (Redis
+        lost its state: the operator's policy is restored, with a warning),
+        else :meth:`Policy.default`. A forced publish that drops classes lifts
+        their pauses and caps with them (logged ``overrides_lifted_with_class``).
         """
         self._check_usable()
         restoring = self.policy is None and self.pool_policy is not None
@@ -114,12 +115,20 @@ class GateCore:
             if current is not None:
                 self._adopt(_b2s(current), _b2s(stored) if stored is not None else None)
                 return self.pool_policy_version or ""
-        published, version = self._call(
+        published, version, *lifted = self._call(
             self._scripts.publish_policy,
             keys=[self._keys.state],
             args=publish_args(mine, force=force),
         )
         version = _b2s(version)
+        if lifted:
+            # The policy dropped classes that had a pause or cap in force.
+            log.warning(
+                "overrides_lifted_with_class",
+                pool=self.pool,
+                lifted=[_b2s(x) for x in lifted],
+                note="the new policy has no such class",
+            )
         if published and restoring and not force:
             log.warning(
                 "pool_policy_restored",

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -378,10 +379,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ..admission import Gate
 
         if args.action == "apply":
+            from ._common import describe_override, overrides_from_reply
+
             p = Policy.from_file(args.file)
             with Gate(args.redis_url, pool=args.pool, policy=p, register=False) as gate:
+                before = overrides_from_reply(gate.overrides())
                 version = gate.sync_policy(force=True)
+                after = overrides_from_reply(gate.overrides())
             print(f"pool {gate.pool}: policy {version} applied from {args.file}")
+            now_ms = int(time.time() * 1000)
+            kept = {(o.kind, o.cls) for o in after}
+            for o in before:
+                if (o.kind, o.cls) not in kept and o.cls not in p.classes:
+                    what = "pause" if o.kind == "pause" else f"cap of {o.n}"
+                    print(f"{o.cls}'s {what} lifted: the policy has no class {o.cls} now")
+            for o in after:
+                # A runtime cap at or above the old policy's may bind under the new one.
+                if o.until_ms == 0 or o.until_ms > now_ms:
+                    print(f"still in force: {describe_override(o, now_ms)}")
             return 0
         with Gate(args.redis_url, pool=args.pool, register=False) as gate:
             stored = gate.read_pool_policy()

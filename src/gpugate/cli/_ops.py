@@ -195,7 +195,8 @@ def run_resume(args: argparse.Namespace) -> int:
                 reply = gate.resume(cls, who=who)
                 state = "resumed" if cls in paused else "was not paused"
                 out(f"{cls} {state}")
-                for queue in policy.class_policy(cls).queues:
+                cp = policy.classes.get(cls)  # None: a pause left from a dropped class
+                for queue in cp.queues if cp is not None else ():
                     assert asynq is not None
                     try:
                         result = unpause_queue(asynq, queue, only_own=True)

@@ -6,7 +6,8 @@
 --   n: the cap (kind "cap"); for_ms: how long it lasts, 0 = until cleared
 -- -> JSON of every override still in force, {"pause": {class: {until, who,
 --    why, at}}, "cap": {class: {n, until, who, why, at}}}.
---    Error replies "nopolicy", "unknown_class <name>".
+--    Error replies "nopolicy", "unknown_class <name>" (a class the policy
+--    does not have, unless lifting an override of it that is still stored).
 --
 -- Key schema: state pause:<class> = "until_ms", cap:<class> = "n until_ms"
 -- (what admit_job.lua reads; until 0 = no expiry), ovr = the JSON above (for
@@ -29,7 +30,14 @@ local last = tonumber(st[1]) or 0
 local now = script_now(clock_ms, last)
 if now > last then redis.call('HSET', state_key, 'clock', now) end
 if not st[2] then return redis.error_reply('nopolicy') end
-if not st[3] then return redis.error_reply('unknown_class ' .. cls) end
+if not st[3] then
+  -- A class the policy no longer has: only an override of it still stored
+  -- (written before its class was dropped) may be lifted.
+  local field = ({resume = 'pause:', uncap = 'cap:'})[kind]
+  if not field or redis.call('HEXISTS', state_key, field .. cls) == 0 then
+    return redis.error_reply('unknown_class ' .. cls)
+  end
+end
 
 local ovr = {pause = {}, cap = {}}
 if st[4] then ovr = cjson.decode(st[4]) end
