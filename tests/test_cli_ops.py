@@ -388,6 +388,32 @@ class TestVerdict:
         assert verdict.level == "DEGRADED"
         assert any("lost (quarantined)" in r for r in verdict.reasons), verdict.reasons
 
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "",
+            "garbage",
+            "123",
+            "123 not json",
+            "123 []",
+            '123 {"devices": 5}',
+            '123 {"devices": [{"uuid": "GPU-x", "total": "lots"}]}',
+        ],
+    )
+    def test_an_unreadable_gpus_entry_is_skipped(
+        self,
+        make_gate: Callable[..., Gate],
+        view: Callable[..., PoolView],
+        redis_client: Any,
+        pool_name: str,
+        value: str,
+    ) -> None:
+        sampler = SimulatedSampler(["80GiB"])
+        make_gate(sampler).beat_now()
+        redis_client.hset(PoolKeys(pool_name).gpus, "somewhere", value)
+        assert [d.uuid for d in view().devices] == sampler.uuids
+        assert assess(view()).line == "OK"
+
 
 class TestStatusCommand:
     """gpugate status: GPUs, classes, overrides, workers and a verdict; JSON; watch."""

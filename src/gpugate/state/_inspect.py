@@ -637,7 +637,10 @@ def _lease(uuid: str, lid: str, raw: str, exp: Mapping[str, int]) -> LeaseView |
 
 
 def _host_gpus(raw: Mapping[Any, Any]) -> dict[str, dict[str, Any]]:
-    """Per device uuid, what the freshest host snapshot says (``P gpus``)."""
+    """Per device uuid, what the freshest host snapshot says (``P gpus``).
+
+    An entry that cannot be read is skipped.
+    """
     out: dict[str, dict[str, Any]] = {}
     for host_b, value_b in raw.items():
         host, value = _s(host_b), _s(value_b)
@@ -645,11 +648,17 @@ def _host_gpus(raw: Mapping[Any, Any]) -> dict[str, dict[str, Any]]:
         try:
             at = int(stamp)
             snap = json.loads(doc)
-        except ValueError:
+            devices = [d for d in snap.get("devices") or [] if d.get("uuid")]
+            faults = [f for f in snap.get("faults") or [] if f.get("uuid")]
+            samples = [
+                (d, int(d.get("total", 0)), int(d.get("used", 0)), at - int(d.get("age_ms", 0)))
+                for d in devices
+            ]
+        except (AttributeError, TypeError, ValueError):
             continue
-        for d in snap.get("devices", []):
-            uuid = d.get("uuid")
-            if not uuid or out.get(uuid, {}).get("at", -1) >= at:
+        for d, total, used, taken_ms in samples:
+            uuid = d["uuid"]
+            if out.get(uuid, {}).get("at", -1) >= at:
                 continue
             out[uuid] = {
                 "at": at,
@@ -657,13 +666,13 @@ def _host_gpus(raw: Mapping[Any, Any]) -> dict[str, dict[str, Any]]:
                 "name": d.get("name") or "",
                 "utilization": d.get("utilization"),
                 "quarantined": False,
-                "total": int(d.get("total", 0)),
-                "used": int(d.get("used", 0)),
-                "taken_ms": at - int(d.get("age_ms", 0)),
+                "total": total,
+                "used": used,
+                "taken_ms": taken_ms,
             }
-        for f in snap.get("faults", []):
-            uuid = f.get("uuid")
-            if not uuid or out.get(uuid, {}).get("at", -1) > at:
+        for f in faults:
+            uuid = f["uuid"]
+            if out.get(uuid, {}).get("at", -1) > at:
                 continue
             kept = out.get(uuid, {})
             out[uuid] = {
