@@ -686,12 +686,20 @@ class Gate(LeaseKeeping, Overrides):
                 if self._heartbeat is not None:
                     self._heartbeat.stop()
                 if self._register and reachable:
-                    # Its idle excess leaves the devices' fragmentation in the same step.
+                    # Its idle excess leaves the devices' fragmentation, and its
+                    # GPU snapshot the pool, in the same step.
                     k = self._keys
                     with contextlib.suppress(BackendError, redis.RedisError):
                         self._call(
                             self._scripts.remove_worker,
-                            keys=[k.state, k.workers, k.workerinfo, k.idle_memory, k.idle_seen],
+                            keys=[
+                                k.state,
+                                k.workers,
+                                k.workerinfo,
+                                k.idle_memory,
+                                k.idle_seen,
+                                k.gpus,
+                            ],
                             args=[self.owner],
                         )
                 if self._wake is not None:

@@ -190,9 +190,15 @@ class WorkerRecord(GateCore):
                     log.exception("recycle_callback_failed", device=uuid)
 
     def _gpus_record(self, snap: Snapshot | None) -> tuple[str, str]:
-        """(host, JSON of this host's snapshot) for the pool; ("", "") without one."""
+        """(host, JSON of this gate's snapshot of its host's GPUs) for the pool;
+        ("", "") without one.
+
+        The pool keeps it under the gate's worker id, so the JSON names the
+        host: another gate of the same host name may see other devices.
+        """
         if not self._register or snap is None:
             return "", ""
+        host = snap.host or self.owner.rsplit(":", 2)[0]
         now = time.monotonic()
         devices = [
             {
@@ -210,5 +216,5 @@ class WorkerRecord(GateCore):
             {"uuid": f.uuid, "index": f.index, "error": f.error, "quarantined": f.quarantined}
             for f in snap.faults
         ]
-        doc = {"backend": snap.backend, "devices": devices, "faults": faults}
-        return snap.host or self.owner.rsplit(":", 2)[0], json.dumps(doc, separators=(",", ":"))
+        doc = {"host": host, "backend": snap.backend, "devices": devices, "faults": faults}
+        return host, json.dumps(doc, separators=(",", ":"))

@@ -1,16 +1,24 @@
 -- renew_leases.lua: extend the leases one process holds, in one call.
 --
 -- KEYS = [state, exp, waiters, workers, workerinfo, idlemem, idleseen]
+--   (and P gpus, built from the prefix)
 -- ARGV = [prefix, clock_ms, owner, info, host, gpus, excess, n,
 --         (uuid, id, actual, actual_age_ms, idle) * n]
 --   actual < 0 leaves the reported actual VRAM (and idle, the bytes its
 --   allocator holds unused) as they were. owner "" renews
 --   without registering; otherwise the call is also the worker's heartbeat:
 --   workers (zset) owner -> last beat ms, workerinfo (hash) owner -> info
---   (JSON from the gate). Workers silent for 10 TTLs are pruned here.
---   gpus: the host's last snapshot (JSON: devices with utilisation, faults,
---   quarantined devices), stored as gpus[host] = "<now> <json>" so status and
---   metrics see every host's GPUs from anywhere; "" stores nothing.
+--   (JSON from the gate). Workers silent for 10 TTLs are pruned here, with
+--   their gpus entry.
+--   gpus: the worker's last snapshot of its host's GPUs (JSON: its host,
+--   devices with utilisation, faults, quarantined devices), stored as
+--   gpus[owner] = "<now> <json>" so status and metrics see every worker's
+--   GPUs from anywhere; "" stores nothing, and so does a call without an
+--   owner (nothing would remove its entry). Keyed by worker, not host: gates
+--   of one host name may see different devices (host-network containers), and
+--   readers merge the entries per device. host: the host's name, under which
+--   the previous version kept one entry per host; a beat removes that entry
+--   once it is 10 TTLs old (no gate of that version beats there any more).
 --   excess: the worker's idle excess, "<uuid> <bytes> <uuid> <bytes> ..."
 --   (what NVML shows for its pid on each device above its warm baseline
 --   while it holds no lease); "" none; "-" leaves it as it was. Ignored
@@ -51,6 +59,7 @@ local host = ARGV[5]
 local gpus = ARGV[6]
 local excess = ARGV[7]
 local n = tonumber(ARGV[8])
+local gpus_key = prefix .. 'gpus'
 
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion')
 local last = tonumber(st[1]) or 0
@@ -122,12 +131,18 @@ local function drop_excess(who)
   redis.call('ZREM', idleseen_key, who)
 end
 
-if gpus ~= '' then
-  redis.call('HSET', prefix .. 'gpus', host, now .. ' ' .. gpus)
-end
 if owner ~= '' then
   redis.call('ZADD', workers_key, now, owner)
   redis.call('HSET', workerinfo_key, owner, info)
+  if gpus ~= '' then
+    redis.call('HSET', gpus_key, owner, now .. ' ' .. gpus)
+    if host ~= '' and host ~= owner then
+      local legacy = redis.call('HGET', gpus_key, host)
+      if legacy and (tonumber(string.match(legacy, '^(%d+)')) or 0) <= now - 10 * ttl then
+        redis.call('HDEL', gpus_key, host)
+      end
+    end
+  end
   if excess ~= '-' then
     local old = redis.call('HGET', idlemem_key, owner)
     if excess == '' then
@@ -150,6 +165,7 @@ if owner ~= '' then
   for i = 1, #silent do
     redis.call('ZREM', workers_key, silent[i])
     redis.call('HDEL', workerinfo_key, silent[i])
+    redis.call('HDEL', gpus_key, silent[i])
     drop_excess(silent[i])
   end
 end

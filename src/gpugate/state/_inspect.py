@@ -121,8 +121,8 @@ class DeviceView:
     jobs' allocators report holding unused, plus ``idle_workers``, the bytes
     idle registered workers hold there above their warm baseline (NVML's
     per-process figures); ``None`` when neither was reported.
-    Utilisation, quarantine, host and name come from the snapshot its host's
-    gates publish with every heartbeat (``None`` when none has).
+    Utilisation, quarantine, host and name come from the snapshots the gates
+    that see it publish with every heartbeat, merged (``None`` when none has).
     """
 
     uuid: str
@@ -637,17 +637,23 @@ def _lease(uuid: str, lid: str, raw: str, exp: Mapping[str, int]) -> LeaseView |
 
 
 def _host_gpus(raw: Mapping[Any, Any]) -> dict[str, dict[str, Any]]:
-    """Per device uuid, what the freshest host snapshot says (``P gpus``).
+    """Per device uuid, what the gates' snapshots (``P gpus``) say of it.
 
+    Each registered gate keeps its own entry, and gates of one host may see
+    the same devices or different ones, so the entries are merged per device:
+    its freshest sample (memory, utilisation, name), and whether the freshest
+    report of it, sample or fault, has it quarantined (a fault wins a tie).
+    Entries of the previous version were keyed by host and do not name it.
     An entry that cannot be read is skipped.
     """
     out: dict[str, dict[str, Any]] = {}
-    for host_b, value_b in raw.items():
-        host, value = _s(host_b), _s(value_b)
+    for field_b, value_b in raw.items():
+        field, value = _s(field_b), _s(value_b)
         stamp, _, doc = value.partition(" ")
         try:
             at = int(stamp)
             snap = json.loads(doc)
+            host = str(snap.get("host") or field)
             devices = [d for d in snap.get("devices") or [] if d.get("uuid")]
             faults = [f for f in snap.get("faults") or [] if f.get("uuid")]
             samples = [
@@ -657,31 +663,23 @@ def _host_gpus(raw: Mapping[Any, Any]) -> dict[str, dict[str, Any]]:
         except (AttributeError, TypeError, ValueError):
             continue
         for d, total, used, taken_ms in samples:
-            uuid = d["uuid"]
-            if out.get(uuid, {}).get("at", -1) >= at:
-                continue
-            out[uuid] = {
-                "at": at,
-                "host": host,
-                "name": d.get("name") or "",
-                "utilization": d.get("utilization"),
-                "quarantined": False,
-                "total": total,
-                "used": used,
-                "taken_ms": taken_ms,
-            }
+            seen = out.setdefault(d["uuid"], {"at": -1})
+            if taken_ms > seen.get("taken_ms", -1):
+                seen.update(
+                    name=d.get("name") or "",
+                    utilization=d.get("utilization"),
+                    total=total,
+                    used=used,
+                    taken_ms=taken_ms,
+                )
+            if at > seen["at"]:
+                seen.update(at=at, host=host, quarantined=False, fault=None)
         for f in faults:
-            uuid = f["uuid"]
-            if out.get(uuid, {}).get("at", -1) > at:
-                continue
-            kept = out.get(uuid, {})
-            out[uuid] = {
-                **kept,
-                "at": at,
-                "host": host,
-                "quarantined": bool(f.get("quarantined")),
-                "fault": f.get("error"),
-            }
+            seen = out.setdefault(f["uuid"], {"at": -1})
+            if at >= seen["at"]:
+                seen.update(
+                    at=at, host=host, quarantined=bool(f.get("quarantined")), fault=f.get("error")
+                )
     return out
 
 

@@ -36,9 +36,14 @@ key                 type     meaning
                              into the idle field of ``m:<uuid>``
 ``P idleseen``      zset     worker with an ``idlemem`` entry -> last
                              heartbeat (ms); one TTL silent: the entry goes
-``P gpus``          hash     host -> ``<ms> <JSON>``: its last GPU snapshot
-                             (utilisation, faults, quarantined devices), sent
-                             with each heartbeat
+``P gpus``          hash     worker -> ``<ms> <JSON>``: its last snapshot of
+                             its host's GPUs (host, utilisation, faults,
+                             quarantined devices), sent with each heartbeat,
+                             removed with its registration; readers merge the
+                             entries per device (gates of one host name may
+                             see different devices). The previous version
+                             keyed it by host: such an entry is read, and a
+                             gate of that host removes it 10 TTLs stale
 ``P wake``          channel  published on release, expiry and override change
 ==================  =======  ==================================================
 """

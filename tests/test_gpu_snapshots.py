@@ -1,0 +1,261 @@
+"""Every registered gate's GPU snapshot counts, not only its host's last one.
+
+Each registered gate's heartbeat publishes what its sampler sees (devices,
+utilisation, faults) in ``P gpus``, under its worker id; status, the verdict
+and the metrics merge the entries per device. Gates sharing a host name may
+see different devices (host-network containers with one GPU each): here,
+gates on one test host with simulated GPUs of their own. Against a real
+Redis (the newest and 6.2), with the scripts' injectable clock.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from gpugate import Gate, Policy, SimulatedSampler
+from gpugate.metrics import PoolCollector
+from gpugate.sampling._sample import hostname
+from gpugate.state._inspect import DeviceView, PoolView, _host_gpus, read_pool
+from gpugate.state._keys import PoolKeys
+from gpugate.state._server import RedisProcess
+from gpugate.state._verdict import assess
+
+TTL_S = 30
+POLICY = Policy.from_dict(
+    {"pool": {"lease_ttl": f"{TTL_S}s"}, "classes": {"batch": {"priority": 10}}}
+)
+
+
+class FakeClock:
+    """The scripts' injectable clock (ms), ahead of Redis TIME so that it wins."""
+
+    def __init__(self) -> None:
+        self.ms = int(time.time() * 1000) + 3_600_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
+
+
+class Host:
+    """One host name, gates on it each with simulated GPUs of its own, and the pool."""
+
+    def __init__(self, url: str, pool: str) -> None:
+        self.url = url
+        self.pool = pool
+        self.keys = PoolKeys(pool)
+        self.clock = FakeClock()
+        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.gates: list[Gate] = []
+
+    def gate(self, name: str, devices: int = 1) -> tuple[Gate, SimulatedSampler]:
+        """A registered gate seeing ``devices`` GPUs ``SIM-<name>-<i>``, whose
+        heartbeats come only from the test (``beat_now``)."""
+        sim = SimulatedSampler(["80GiB"] * devices, name=name)
+        g = Gate(self.url, pool=self.pool, policy=POLICY, sampler=sim, _clock_ms=self.clock)
+        if g._heartbeat is not None:
+            g._heartbeat.stop()
+        self.gates.append(g)
+        return g, sim
+
+    def entries(self) -> set[str]:
+        """The fields of ``P gpus``."""
+        return set(self.redis.hkeys(self.keys.gpus))
+
+    def view(self) -> PoolView:
+        client = redis.Redis.from_url(self.url)
+        try:
+            return read_pool(client, self.pool, now_ms=self.clock.ms)
+        finally:
+            client.close()
+
+    def device(self, uuid: str) -> DeviceView:
+        return next(d for d in self.view().devices if d.uuid == uuid)
+
+    def gpus_metric(self) -> float | None:
+        registry = CollectorRegistry()
+        client = redis.Redis.from_url(self.url)
+        try:
+            registry.register(PoolCollector(client, self.pool, now_ms=self.clock))
+            return registry.get_sample_value("gpugate_gpus", {"pool": self.pool})
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        for g in self.gates:
+            g.close()
+        self.redis.close()
+
+
+@pytest.fixture
+def host(redis_both: RedisProcess, pool_name: str) -> Iterator[Host]:
+    h = Host(redis_both.url, pool_name)
+    yield h
+    h.close()
+
+
+class TestGatesOfOneHost:
+    """Gates of one host name each keep their own devices in the pool's view."""
+
+    def test_a_gpu_lost_to_one_gate_is_degraded_while_another_gate_of_the_host_beats(
+        self, host: Host
+    ) -> None:
+        # given a busy gate and an idle one on the same host, their devices apart
+        busy, _ = host.gate("a")
+        idle, sim = host.gate("b", devices=2)
+        assert busy.try_admit("batch", vram="10GiB").admitted
+        # when the idle gate's first device is lost, and the busy gate beats last
+        sim.lose(0)
+        host.clock.advance(20)
+        idle.beat_now()
+        busy.beat_now()
+        # then the loss shows, and every device still seen is fresh
+        view = host.view()
+        verdict = assess(view)
+        assert verdict.level == "DEGRADED", verdict.line
+        assert any("lost (quarantined)" in r for r in verdict.reasons), verdict.reasons
+        by_uuid = {d.uuid: d for d in view.devices}
+        assert by_uuid["SIM-b-0"].quarantined is True
+        for uuid in ("SIM-a-0", "SIM-b-1"):
+            assert by_uuid[uuid].quarantined is False
+            assert by_uuid[uuid].sample_age_s(view.now_ms) < 5
+        assert len(view.reporting_devices()) == 2
+        assert host.gpus_metric() == 2
+
+    def test_an_idle_gate_refreshes_its_devices_and_drops_released_memory(self, host: Host) -> None:
+        busy, _ = host.gate("a")
+        idle, _ = host.gate("b")
+        assert busy.try_admit("batch", vram="10GiB").admitted
+        done = idle.try_admit("batch", vram="20GiB")
+        assert done.lease is not None
+        done.lease.release()  # a ghost: its memory counts until a later sample
+        assert host.device("SIM-b-0").reserved == 20 * (1 << 30)
+        for _ in range(5):
+            host.clock.advance(10)
+            idle.beat_now()
+            busy.beat_now()
+        device = host.device("SIM-b-0")
+        assert device.sample_age_s(host.clock.ms) < 5
+        assert device.reserved == 0
+        assert device.host == hostname()
+
+
+class TestEntriesLeaveWithTheirGate:
+    """A gate's snapshot leaves the pool with its registration."""
+
+    def test_a_closed_gate_takes_its_snapshot_with_it(self, host: Host) -> None:
+        staying, _ = host.gate("a")
+        leaving, _ = host.gate("b")
+        staying.beat_now()
+        leaving.beat_now()
+        assert host.entries() == {staying.owner, leaving.owner}
+        leaving.close()
+        assert host.entries() == {staying.owner}
+        assert [d.uuid for d in host.view().devices] == ["SIM-a-0"]
+
+    def test_a_gate_silent_for_ten_ttls_is_pruned_with_its_snapshot(self, host: Host) -> None:
+        living, _ = host.gate("a")
+        dead, _ = host.gate("b")  # its heartbeat is stopped: it never beats again
+        living.beat_now()
+        dead.beat_now()
+        host.clock.advance(10 * TTL_S + 1)
+        living.beat_now()
+        assert host.entries() == {living.owner}
+        assert dead.owner not in {w.owner for w in host.view().workers}
+
+
+class TestEntriesOfThePreviousVersion:
+    """A pool written by the previous version, one entry per host name, still reads."""
+
+    def legacy(self, host: Host, at_ms: int, devices: list[str], lost: list[str]) -> None:
+        doc: dict[str, Any] = {
+            "backend": "simulated",
+            "devices": [
+                {
+                    "uuid": u,
+                    "index": 0,
+                    "name": "Old GPU",
+                    "total": 80 << 30,
+                    "used": 1 << 30,
+                    "utilization": 0.5,
+                    "age_ms": 0,
+                }
+                for u in devices
+            ],
+            "faults": [
+                {"uuid": u, "index": 1, "error": "GPU_IS_LOST", "quarantined": True} for u in lost
+            ],
+        }
+        host.redis.hset(host.keys.gpus, hostname(), f"{at_ms} {json.dumps(doc)}")
+
+    def test_a_host_named_entry_is_read(self, host: Host) -> None:
+        gate, _ = host.gate("a")
+        gate.beat_now()
+        self.legacy(host, host.clock.ms, ["SIM-old-0"], ["SIM-old-1"])
+        view = host.view()
+        by_uuid = {d.uuid: d for d in view.devices}
+        assert by_uuid["SIM-old-0"].host == hostname()
+        assert by_uuid["SIM-old-0"].utilization == 0.5
+        assert by_uuid["SIM-old-1"].quarantined is True
+        assert assess(view).level == "DEGRADED"
+
+    def test_a_stale_host_named_entry_goes_with_a_beat_of_that_host(self, host: Host) -> None:
+        gate, _ = host.gate("a")
+        self.legacy(host, host.clock.ms, ["SIM-old-0"], [])
+        host.clock.advance(TTL_S)
+        gate.beat_now()
+        assert hostname() in host.entries()  # a gate of the old version may still beat
+        host.clock.advance(9 * TTL_S)
+        gate.beat_now()
+        assert host.entries() == {gate.owner}
+
+
+def entry(at_ms: int, devices: list[dict[str, Any]], faults: Sequence[str] = ()) -> str:
+    """A gate's ``P gpus`` value: its snapshot at ``at_ms``, ``faults`` lost."""
+    doc = {
+        "host": "node-1",
+        "devices": devices,
+        "faults": [{"uuid": u, "error": "GPU_IS_LOST", "quarantined": True} for u in faults],
+    }
+    return f"{at_ms} {json.dumps(doc)}"
+
+
+class TestOneDeviceSeenByManyGates:
+    """Several gates' entries on one device merge: its freshest sample, and its
+    state as the freshest report of it has it."""
+
+    def test_the_freshest_sample_counts_whichever_entry_beat_last(self) -> None:
+        merged = _host_gpus(
+            {
+                "node-1:1:a": entry(10_000, [{"uuid": "GPU-0", "used": 1, "age_ms": 5_000}]),
+                "node-1:2:b": entry(9_000, [{"uuid": "GPU-0", "used": 2, "age_ms": 0}]),
+            }
+        )
+        assert merged["GPU-0"]["used"] == 2
+        assert merged["GPU-0"]["taken_ms"] == 9_000
+        assert merged["GPU-0"]["host"] == "node-1"
+
+    def test_a_device_is_quarantined_while_its_freshest_report_says_so(self) -> None:
+        seen = [{"uuid": "GPU-0", "total": 80, "used": 1, "age_ms": 0}]
+        lost_last = _host_gpus(
+            {"node-1:1:a": entry(10_000, [], ["GPU-0"]), "node-1:2:b": entry(9_000, seen)}
+        )
+        assert lost_last["GPU-0"]["quarantined"] is True
+        assert lost_last["GPU-0"]["total"] == 80  # the last sample still stands
+        same_beat = _host_gpus(
+            {"node-1:1:a": entry(10_000, [], ["GPU-0"]), "node-1:2:b": entry(10_000, seen)}
+        )
+        assert same_beat["GPU-0"]["quarantined"] is True
+        back_last = _host_gpus(
+            {"node-1:1:a": entry(10_000, [], ["GPU-0"]), "node-1:2:b": entry(11_000, seen)}
+        )
+        assert back_last["GPU-0"]["quarantined"] is False
