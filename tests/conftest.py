@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,6 +114,31 @@ def redis_both(request: pytest.FixtureRequest) -> RedisProcess:
     """The newest Redis found, then Redis 6.2: a test using this runs on each."""
     name = "redis_server" if request.param == "7" else "redis_server_62"
     return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+class FakeClock:
+    """The scripts' injectable clock (ms), ``Gate(_clock_ms=clock)``: tests move
+    time instead of sleeping. It starts at a fixed instant, or with
+    :meth:`from_now` at the real time (plus ``ahead_s``: a clock ahead of
+    Redis TIME stays the later one for gates without it)."""
+
+    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
+        self.ms = start_ms
+
+    @classmethod
+    def from_now(cls, ahead_s: float = 0.0) -> FakeClock:
+        return cls(int((time.time() + ahead_s) * 1000))
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
+
+    def next_minute(self, second: float = 0) -> int:
+        """Jump to ``second`` into the next minute of the clock; return that minute."""
+        self.ms = (self.ms // 60_000 + 1) * 60_000 + int(second * 1000)
+        return self.ms // 60_000
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from conftest import frozen
+from conftest import FakeClock, frozen
 from gpugate import (
     AdmissionRejected,
     AdmissionTimeout,
@@ -34,19 +34,6 @@ from gpugate.state._keys import PoolKeys
 from gpugate.state._server import RedisProcess
 
 GiB = 1 << 30
-
-
-class FakeClock:
-    """An injectable script clock (ms): tests move time instead of sleeping."""
-
-    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
-        self.ms = start_ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
 
 
 @pytest.fixture(params=["7", "6.2"], ids=["redis7", "redis62"])

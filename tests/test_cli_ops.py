@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import redis
 import structlog
 
+from conftest import FakeClock
 from gpugate import Gate, NoGpuSampler, Outcome, Policy, SimulatedSampler, UsageError
 from gpugate.cli import main
 from gpugate.cli._status import run_status
@@ -50,24 +50,6 @@ def _toml(policy: dict[str, Any]) -> str:
         lines.append(f"[{table}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in knobs.items()]
     return "\n".join(lines) + "\n"
-
-
-class FakeClock:
-    """The scripts' injectable clock (ms), ahead of Redis TIME so that it wins."""
-
-    def __init__(self) -> None:
-        self.ms = int(time.time() * 1000) + 3_600_000
-
-    def __call__(self) -> int:
-        return self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
-
-    def next_minute(self, second: float = 0) -> int:
-        """Jump to ``second`` into the next minute of the scripts' clock; return that minute."""
-        self.ms = (self.ms // 60_000 + 1) * 60_000 + int(second * 1000)
-        return self.ms // 60_000
 
 
 @pytest.fixture
@@ -184,7 +166,7 @@ class TestPoolView:
     def test_an_unrenewed_lease_is_overdue_until_reaped_then_counted_expired(
         self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
     ) -> None:
-        clock = FakeClock()
+        clock = FakeClock.from_now(ahead_s=3600)
         holder = make_gate(_clock_ms=clock)
         d = holder.try_admit("notebook", vram="10GiB")
         assert d.outcome is Outcome.ADMIT
@@ -205,7 +187,7 @@ class TestPoolView:
     def test_overrides_carry_who_why_and_expiry_and_vanish_once_expired(
         self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
     ) -> None:
-        clock = FakeClock()
+        clock = FakeClock.from_now(ahead_s=3600)
         gate = make_gate(_clock_ms=clock)
         gate.pause("batch", duration="60s", reason="incident 42", who="alice@ops")
         gate.cap("interactive", 1, reason="load test", who="bob@ops")
@@ -230,7 +212,7 @@ class TestPoolView:
     def test_decisions_are_counted_by_minute_into_1_5_and_15_minute_windows(
         self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
     ) -> None:
-        clock = FakeClock()
+        clock = FakeClock.from_now(ahead_s=3600)
         gate = make_gate(_clock_ms=clock)
         m = clock.next_minute(10)
         assert gate.try_admit("batch", vram="1GiB").admitted
@@ -317,7 +299,7 @@ class TestVerdict:
     def test_the_highest_class_waiting_half_a_minute_is_degraded(
         self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
     ) -> None:
-        clock = FakeClock()
+        clock = FakeClock.from_now(ahead_s=3600)
         gate = make_gate(SimulatedSampler(["80GiB"]), _clock_ms=clock)
         held = gate.try_admit("batch", vram="70GiB")  # kept: a dropped lease is released
         assert held.admitted
@@ -340,7 +322,7 @@ class TestVerdict:
         # 10 for the others).
         sampler = SimulatedSampler(["80GiB"])
         sampler.set_used(0, "75GiB")
-        clock = FakeClock()
+        clock = FakeClock.from_now(ahead_s=3600)
         gate = make_gate(sampler, _clock_ms=clock)
         m = clock.next_minute(1)
         verdicts = []
@@ -450,7 +432,7 @@ class TestStatusCommand:
     def test_each_class_shows_its_answers_of_the_last_5_minutes_as_text_and_json(
         self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]
     ) -> None:
-        clock = FakeClock()  # never advanced: the batch bucket does not refill
+        clock = FakeClock.from_now(ahead_s=3600)  # never advanced: the batch bucket does not refill
         gate = make_gate(_clock_ms=clock)
         held = [gate.try_admit("batch", vram="1GiB").lease for _ in range(2)]
         assert gate.try_admit("batch", vram="2GiB").reason == "cap"

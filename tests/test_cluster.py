@@ -17,25 +17,13 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from conftest import FakeClock
 from gpugate import AdmissionTimeout, BackendError, Gate, Outcome, Policy, SimulatedSampler
 from gpugate.state._connect import connect
 from gpugate.state._keys import PoolKeys
 from gpugate.state._server import LocalCluster, free_port, redis_server_candidates, server_version
 
 MASTERS = 3
-
-
-class FakeClock:
-    """An injectable script clock (ms): tests move time instead of sleeping."""
-
-    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
-        self.ms = start_ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
 
 
 def _version_key(executable: str) -> tuple[int, ...]:

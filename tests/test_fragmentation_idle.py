@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from conftest import FakeClock
 from gpugate import Gate, Lease, Outcome, Policy, SimulatedSampler
 from gpugate.admission._idle import IdleMemory
 from gpugate.metrics import PoolCollector
@@ -37,19 +38,6 @@ GiB = 1 << 30
 WORKER = 4242  # pids for the IdleMemory unit tests (a Pool has its own)
 OTHER = 5151
 _pids = itertools.count(100_000)
-
-
-class FakeClock:
-    """The scripts' injectable clock (ms), starting at the real time."""
-
-    def __init__(self) -> None:
-        self.ms = int(time.time() * 1000)
-
-    def __call__(self) -> int:
-        return self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
 
 
 @pytest.fixture(params=["7", "6.2"], ids=["redis7", "redis62"])
@@ -80,7 +68,7 @@ class Pool:
         self.pool = pool
         self.keys = PoolKeys(pool)
         self.policy = policy(ttl)
-        self.clock = FakeClock()
+        self.clock = FakeClock.from_now()
         self.sim = SimulatedSampler(["80GiB"], name=pool)
         self.uuid = self.sim.uuid(0)
         self.redis = redis.Redis.from_url(url, decode_responses=True)

@@ -11,7 +11,6 @@ Redis (the newest and 6.2), with the scripts' injectable clock.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
+from conftest import FakeClock
 from gpugate import Gate, Policy, SimulatedSampler
 from gpugate.metrics import PoolCollector
 from gpugate.sampling._sample import hostname
@@ -33,19 +33,6 @@ POLICY = Policy.from_dict(
 )
 
 
-class FakeClock:
-    """The scripts' injectable clock (ms), ahead of Redis TIME so that it wins."""
-
-    def __init__(self) -> None:
-        self.ms = int(time.time() * 1000) + 3_600_000
-
-    def __call__(self) -> int:
-        return self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += int(seconds * 1000)
-
-
 class Host:
     """One host name, gates on it each with simulated GPUs of its own, and the pool."""
 
@@ -53,7 +40,7 @@ class Host:
         self.url = url
         self.pool = pool
         self.keys = PoolKeys(pool)
-        self.clock = FakeClock()
+        self.clock = FakeClock.from_now(ahead_s=3600)
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.gates: list[Gate] = []
 

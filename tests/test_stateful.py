@@ -63,6 +63,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from conftest import FakeClock
 from gpugate import Gate, Lease, Outcome, Policy, SimulatedSampler, Snapshot
 from gpugate.state._keys import PoolKeys
 from gpugate.state._server import RedisProcess
@@ -123,16 +124,6 @@ def machine_policy(placement: str = "best-fit", aging: str = "0/s") -> Policy:
             },
         }
     )
-
-
-class FakeClock:
-    """The injectable script clock (ms): tests move time instead of sleeping."""
-
-    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
-        self.ms = start_ms
-
-    def __call__(self) -> int:
-        return self.ms
 
 
 class _NowSnapshot(Snapshot):
