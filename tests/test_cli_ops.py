@@ -23,7 +23,7 @@ import structlog
 from conftest import FakeClock
 from gpugate import Gate, NoGpuSampler, Outcome, Policy, SimulatedSampler, UsageError
 from gpugate.cli import main
-from gpugate.cli._status import run_status
+from gpugate.cli._status import run_status, to_json
 from gpugate.state._connect import connect
 from gpugate.state._inspect import PoolView, read_pool
 from gpugate.state._keys import PoolKeys
@@ -183,6 +183,28 @@ class TestPoolView:
         assert v.classes["notebook"].overdue == 0
         assert v.classes["notebook"].expired == 1
         assert v.classes["notebook"].admitted == 1
+
+    def test_an_overdue_lease_counts_on_its_device_as_in_its_class_on_an_idle_pool(
+        self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
+    ) -> None:
+        clock = FakeClock()
+        # Not registered: no beat at once, the first renews a TTL/3 later.
+        gate = make_gate(SimulatedSampler(["80GiB"]), register=False, _clock_ms=clock)
+        assert gate.try_admit("notebook", vram="20GiB").admitted  # expires at 30 s
+        clock.advance(15)
+        assert gate.try_admit("batch", vram="10GiB").admitted  # expires at 45 s
+        # Given the notebook's holder silent past its expiry and no decision to reap it,
+        clock.advance(16)
+
+        v = view(now_ms=clock.ms)
+        (dev,) = v.devices
+        assert (v.classes["notebook"].leases, v.classes["notebook"].overdue) == (0, 1)
+        # the device counts what the classes count: the batch lease alone,
+        assert dev.leases == sum(c.leases for c in v.classes.values()) == 1
+        assert dev.reserved == sum(c.reserved for c in v.classes.values()) == 10 * GiB
+        # and so does status.
+        gpu = to_json(v, assess(v), False, None)["gpus"][0]
+        assert (gpu["leases"], gpu["reserved_bytes"]) == (1, 10 * GiB)
 
     def test_overrides_carry_who_why_and_expiry_and_vanish_once_expired(
         self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]

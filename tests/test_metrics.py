@@ -189,6 +189,39 @@ class TestPoolCollector:
         assert decisions("interactive", "reject", "too_large") == 0  # seen within 15 minutes
         assert decisions("interactive", "admit", "ok") is None  # never answered
 
+    def test_an_overdue_lease_on_an_idle_pool_leaves_the_device_series_as_the_class_ones(
+        self, redis_url: str, pool_name: str, scrape: Callable[..., CollectorRegistry]
+    ) -> None:
+        now = [int(time.time() * 1000) + 3_600_000]
+        gate = Gate(
+            redis_url,
+            pool=pool_name,
+            policy=POLICY,
+            sampler=SimulatedSampler(["80GiB"], name=pool_name),
+            metrics=Metrics(CollectorRegistry()),
+            register=False,  # no beat at once: its first renews a TTL/3 later
+            _clock_ms=lambda: now[0],
+        )
+        try:
+            d = gate.try_admit("batch", vram="30GiB")
+            assert d.lease is not None
+            # Its holder stops renewing it (SIGKILLed) and no decision comes to reap it.
+            now[0] += 31_000
+            body = generate_latest(scrape(now_ms=lambda: now[0])).decode()
+        finally:
+            gate.close()
+        series = {
+            (s.name, s.labels.get("class") or s.labels.get("device")): s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+        }
+        (dev,) = gate.sampler.sample().devices
+        device = dev.uuid
+        assert series["gpugate_leases_overdue", "batch"] == 1
+        assert series["gpugate_leases", "batch"] == series["gpugate_gpu_leases", device] == 0
+        assert series["gpugate_class_reserved_bytes", "batch"] == 0
+        assert series["gpugate_gpu_memory_reserved_bytes", device] == 0
+
     def test_an_unreachable_redis_scrapes_as_pool_up_0_and_nothing_else(self) -> None:
         client = connect("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
         registry = CollectorRegistry()

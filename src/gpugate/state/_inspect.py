@@ -115,8 +115,10 @@ class DeviceView:
 
     ``used`` is what the device reported (NVML); ``reserved`` what the gate
     holds for leases (``Σ max(estimate, actual)``, ghosts included until a
-    later sample); ``unmanaged`` what the device uses beyond the leases'
-    measured actuals (notebooks, contexts, foreign processes).
+    later sample); ``leases`` the live leases on it. A lease past its expiry
+    but not reaped (overdue) is in neither, as in :class:`ClassView`.
+    ``unmanaged`` is what the device uses beyond the leases' measured actuals
+    (notebooks, contexts, foreign processes).
     ``fragmentation`` is the share of its memory held but unused: what its
     jobs' allocators report holding unused, plus ``idle_workers``, the bytes
     idle registered workers hold there above their warm baseline (NVML's
@@ -552,7 +554,9 @@ def read_pool(
         for uuid, b in per_device.items():
             idle_by_device[uuid] = idle_by_device.get(uuid, 0) + b
     devices = [
-        _device(uuid, samples.get(uuid), leases, hosts.get(uuid), idle_by_device.get(uuid, 0))
+        _device(
+            uuid, samples.get(uuid), leases, now_ms, hosts.get(uuid), idle_by_device.get(uuid, 0)
+        )
         for uuid in uuids
     ]
     waiters = [
@@ -698,6 +702,7 @@ def _device(
     uuid: str,
     sample: str | None,
     leases: list[LeaseView],
+    now_ms: int,
     seen: Mapping[str, Any] | None = None,
     idle_workers: int = 0,
 ) -> DeviceView:
@@ -708,7 +713,14 @@ def _device(
     mine = [lease for lease in leases if lease.device == uuid]
     # The admission script's arithmetic: ghosts released before the sample are
     # gone; actuals count as measured only if measured by the sample's time.
-    counted = [lease for lease in mine if lease.released_ms == 0 or lease.released_ms >= taken]
+    # An overdue lease (its holder stopped renewing it) is left out, as the
+    # classes leave it out: on an idle pool no decision comes to reap it, and
+    # the per-device and per-class figures must agree meanwhile.
+    counted = [
+        lease
+        for lease in mine
+        if lease.live(now_ms) or (lease.released_ms and lease.released_ms >= taken)
+    ]
     reserved = sum(lease.held for lease in counted)
     measured = sum(
         lease.actual for lease in counted if lease.actual and lease.actual_at_ms <= taken
@@ -720,7 +732,7 @@ def _device(
         sample_ms=taken,
         reserved=reserved,
         unmanaged=max(0, used - measured),
-        leases=sum(1 for lease in mine if lease.released_ms == 0),
+        leases=sum(1 for lease in mine if lease.live(now_ms)),
         ghosts=sum(1 for lease in counted if lease.released_ms > 0),
         fragmentation=(
             (sum(lease.idle for lease in counted) + idle_workers) / total
