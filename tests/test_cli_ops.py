@@ -855,6 +855,28 @@ class TestLeasesCommand:
         assert "no live lease '999'" in one_line_error(gpugate("leases", "--expire", "999"))
 
 
+class TestAPoolWithoutAPolicy:
+    """The read commands refuse a pool without a policy (a wrong --pool?), as the overrides do."""
+
+    @pytest.mark.parametrize(
+        "args",
+        [("leases",), ("leases", "--json"), ("leases", "--expire", "1"), ("queues",)],
+        ids=["leases", "leases-json", "leases-expire", "queues"],
+    )
+    def test_is_one_line_naming_the_fix_and_exit_2(
+        self, gpugate: Callable[..., Run], args: tuple[str, ...]
+    ) -> None:
+        line = one_line_error(gpugate(*args))
+        assert "has no policy yet" in line
+        assert "check --pool" in line
+        assert "gpugate policy apply" in line
+
+    def test_status_still_reads_it_as_unknown(self, gpugate: Callable[..., Run]) -> None:
+        run = gpugate("status")
+        assert run.code == 0, run.err
+        assert "UNKNOWN" in run.out
+
+
 class TestConfigCheck:
     """gpugate config check FILE validates without Redis and says what the file sets."""
 

@@ -86,14 +86,19 @@ def open_gate(explicit_url: str | None, pool: str | None) -> Gate:
     gate = Gate(url, pool=pool_name(pool), register=False)
     try:
         if gate.read_pool_policy() is None:
-            raise UsageError(
-                f"pool {gate.pool!r} has no policy yet, so it has no classes to change; "
-                "check --pool, or set one with `gpugate policy apply FILE`"
-            )
+            raise no_policy(gate.pool, "it has no classes to change")
     except BaseException:
         gate.close()
         raise
     return gate
+
+
+def no_policy(pool: str, consequence: str, hint: str = "") -> UsageError:
+    """The error of a command on a pool without a policy (most often a wrong ``--pool``)."""
+    return UsageError(
+        f"pool {pool!r} has no policy yet, so {consequence}; "
+        f"check --pool, or set one with `gpugate policy apply FILE`{hint}"
+    )
 
 
 def who_am_i(explicit: str | None) -> str:

@@ -32,6 +32,7 @@ from ..state._scripts import Scripts
 from ._common import (
     ago,
     describe_override,
+    no_policy,
     open_asynq_client,
     open_client,
     open_gate,
@@ -297,6 +298,8 @@ def run_leases(args: argparse.Namespace) -> int:
     pool = pool_name(args.pool)
     try:
         view = read_pool(client, pool, redis_url=url)
+        if view.policy is None and view.policy_error is None:
+            raise no_policy(pool, "it has no leases")
         if args.expire is not None:
             return _expire(client, view, args)
         if args.cls is not None and view.policy is not None:

@@ -3,8 +3,10 @@
 ``gpugate queues`` lists every queue in ``asynq:queues`` (and the queues of
 the pool's classes that nobody has enqueued to yet), read from the Redis
 Asynq uses: tasks by state, latency, today's counts, drain time at today's
-average, and who paused it. With the pool's policy at hand it says which
-class each queue feeds; it also works with only ``--asynq-redis-url``.
+average, and who paused it. It says which class of the pool's policy each
+queue feeds; a pool without a policy is an error, as for the other commands
+(a wrong ``--pool``). With only ``--asynq-redis-url`` (no pool Redis) it lists
+the queues without classes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ._common import (
     ago,
     asynq_redis_url,
     clock,
+    no_policy,
     open_asynq_client,
     open_client,
     out,
@@ -187,6 +190,13 @@ def run_queues(args: argparse.Namespace) -> int:
         owners: dict[str, str] = {}
         if pool_client is not None:
             view = read_pool(pool_client, pool, redis_url=url)
+            if view.policy is None and view.policy_error is None:
+                raise no_policy(
+                    pool,
+                    "none of its classes feeds a queue",
+                    " (with --asynq-redis-url and no pool Redis, `gpugate queues` lists "
+                    "Asynq's queues without classes)",
+                )
             if view.policy is not None:
                 owners = view.policy.queue_classes()
             asynq, asynq_url = open_asynq_client(args.asynq_redis_url, pool_client, url)
