@@ -737,7 +737,7 @@ class TestLeases:
 
     def test_a_dropped_lease_object_releases_its_slot(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
-        labels = {"class": "batch", "outcome": "dropped"}
+        labels = {"pool": gate.pool, "class": "batch", "outcome": "dropped"}
 
         def dropped() -> float:
             got = gate.metrics.registry.get_sample_value("gpugate_job_outcomes_total", labels)
@@ -1280,7 +1280,7 @@ class TestMetrics:
             pass
 
         def value(name: str, **labels: str) -> float | None:
-            return registry.get_sample_value(name, labels)
+            return registry.get_sample_value(name, {"pool": gate.pool, **labels})
 
         admitted_ok = {"class": "batch", "outcome": "admit", "reason": "ok"}
         deferred_cap = {"class": "batch", "outcome": "defer", "reason": "cap"}

@@ -283,6 +283,75 @@ class TestInstruments:
             == 1
         )
 
+    def test_each_gate_counts_under_its_own_pool_on_one_registry(
+        self, redis_url: str, pool_name: str
+    ) -> None:
+        registry = CollectorRegistry()
+        metrics = Metrics(registry)
+        now = [int(time.time() * 1000) + 3_600_000]
+        policy = Policy.from_dict(
+            {
+                "pool": {"lease_ttl": "5s"},
+                "classes": {
+                    "batch": {"priority": 10, "max_concurrent": 1},
+                    "notebook": {"priority": 50, "max_duration": "10s"},
+                },
+            }
+        )
+
+        def gate(pool: str) -> Gate:
+            return Gate(
+                redis_url,
+                pool=pool,
+                policy=policy,
+                sampler=SimulatedSampler(["80GiB"], name=pool),
+                metrics=metrics,
+                register=False,
+                _clock_ms=lambda: now[0],
+            )
+
+        # Given two gates of two pools in one process, on one set of instruments,
+        a, b = gate(f"{pool_name}-a"), gate(f"{pool_name}-b")
+        try:
+            # when pool a admits, defers for its cap and ends a job,
+            held = a.try_admit("batch", vram="1GiB")
+            assert held.lease is not None
+            assert a.try_admit("batch", vram="1GiB").reason == "cap"
+            held.lease.release()
+            # and pool b's notebook lease reaches its max duration, then is lost,
+            nb = b.try_admit("notebook", vram="1GiB")
+            assert nb.lease is not None
+            for step_s in (3, 3, 3, 1.5):
+                now[0] += int(step_s * 1000)
+                b.beat_now()
+            assert nb.lease.max_duration_reached
+            now[0] += 5001
+            b.beat_now()
+            assert nb.lease.lost
+        finally:
+            a.close()
+            b.close()
+
+        # then each pool's series carry its own name.
+        def value(name: str, pool: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, {"pool": f"{pool_name}-{pool}", **labels})
+
+        batch, notebook = {"class": "batch"}, {"class": "notebook"}
+        admitted, capped = (
+            {"outcome": "admit", "reason": "ok"},
+            {"outcome": "defer", "reason": "cap"},
+        )
+        assert value("gpugate_decisions_total", "a", **batch, **admitted) == 1
+        assert value("gpugate_decisions_total", "a", **batch, **capped) == 1
+        assert value("gpugate_decisions_total", "b", **notebook, **admitted) == 1
+        assert value("gpugate_decisions_total", "b", **batch, **admitted) is None
+        assert value("gpugate_decision_duration_seconds_count", "a", **batch) == 2
+        assert value("gpugate_decision_duration_seconds_count", "b", **notebook) == 1
+        assert value("gpugate_job_outcomes_total", "a", **batch, outcome="ok") == 1
+        assert value("gpugate_leases_max_duration_total", "b", **notebook) == 1
+        assert value("gpugate_leases_lost_total", "b", **notebook) == 1
+        assert value("gpugate_leases_lost_total", "a", **batch) is None
+
     def test_decisions_are_exposed_as_a_prometheus_counter_and_histogram_would_be(
         self,
     ) -> None:
@@ -292,28 +361,29 @@ class TestInstruments:
         from gpugate.metrics._instruments import _LATENCY_BUCKETS
 
         seen = [
-            ("batch", Outcome.ADMIT, "ok", 3e-5),
-            ("batch", Outcome.DEFER, "cap", 1e-4),  # on a bucket's bound: counted in it
-            ("batch", Outcome.DEFER, "cap", 0.7),
-            ("interactive", Outcome.REJECT, "too_large", 9.0),  # past the last bound: +Inf
+            ("a", "batch", Outcome.ADMIT, "ok", 3e-5),
+            ("a", "batch", Outcome.DEFER, "cap", 1e-4),  # on a bucket's bound: counted in it
+            ("a", "batch", Outcome.DEFER, "cap", 0.7),
+            ("a", "interactive", Outcome.REJECT, "too_large", 9.0),  # past the last bound: +Inf
+            ("b", "batch", Outcome.ADMIT, "ok", 0.002),  # another pool's gate, same process
         ]
         ours = CollectorRegistry()
         m = Metrics(ours)
         reference = CollectorRegistry()
         counter = Counter(
-            "gpugate_decisions", "d", ["class", "outcome", "reason"], registry=reference
+            "gpugate_decisions", "d", ["pool", "class", "outcome", "reason"], registry=reference
         )
         hist = Histogram(
             "gpugate_decision_duration_seconds",
             "s",
-            ["class"],
+            ["pool", "class"],
             buckets=_LATENCY_BUCKETS,
             registry=reference,
         )
-        for cls, outcome, reason, seconds in seen:
-            m.decisions.record(cls, outcome, reason, seconds)
-            counter.labels(cls, outcome.value, reason).inc()
-            hist.labels(cls).observe(seconds)
+        for pool, cls, outcome, reason, seconds in seen:
+            m.for_pool(pool).decisions.record(cls, outcome, reason, seconds)
+            counter.labels(pool, cls, outcome.value, reason).inc()
+            hist.labels(pool, cls).observe(seconds)
 
         def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[Any, ...], float]]:
             return {
@@ -324,11 +394,17 @@ class TestInstruments:
             }
 
         assert samples(ours) == samples(reference)
-        assert len(samples(ours)) == 3 + 2 * (len(_LATENCY_BUCKETS) + 3)
+        assert len(samples(ours)) == 4 + 3 * (len(_LATENCY_BUCKETS) + 3)
         body = generate_latest(ours).decode()
-        assert 'gpugate_decisions_total{class="batch",outcome="defer",reason="cap"} 2.0' in body
+        assert (
+            'gpugate_decisions_total{class="batch",outcome="defer",pool="a",reason="cap"} 2.0'
+            in body
+        )
         assert "gpugate_decisions_created" in body
-        assert 'gpugate_decision_duration_seconds_bucket{class="batch",le="0.0001"} 2.0' in body
+        assert (
+            'gpugate_decision_duration_seconds_bucket{class="batch",le="0.0001",pool="a"} 2.0'
+            in body
+        )
 
 
 class TestEndpoint:
@@ -341,7 +417,8 @@ class TestEndpoint:
             0, addr="127.0.0.1", registry=gate.metrics.registry, pool_of=gate
         ) as server:
             body = urllib.request.urlopen(server.url, timeout=10).read().decode()
-        assert 'gpugate_decisions_total{class="batch",outcome="admit",reason="ok"} 1.0' in body
+        decided = f'class="batch",outcome="admit",pool="{gate.pool}",reason="ok"'
+        assert f"gpugate_decisions_total{{{decided}}} 1.0" in body
         assert f'gpugate_pool_up{{pool="{gate.pool}"}} 1.0' in body
 
     def test_a_server_on_every_interface_gives_a_url_a_client_can_use(self, gate: Gate) -> None:

@@ -156,7 +156,7 @@ class Gate(LeaseKeeping, Overrides):
         self.policy_mismatch = False
         self.sampler: Sampler = sampler if sampler is not None else default_sampler()
         self._clock_ms = _clock_ms
-        self.metrics = metrics if metrics is not None else default_metrics()
+        self.metrics = (metrics if metrics is not None else default_metrics()).for_pool(self.pool)
         self._pid = _process.pid
         # The pid NVML lists this process under (tests and simulation give others).
         self._gpu_pid = _gpu_pid if _gpu_pid is not None else self._pid

@@ -1,9 +1,16 @@
 """The process-side Prometheus instruments a gate updates.
 
 Names follow ``gpugate_<what>_<unit>`` with base units and low-cardinality
-labels only (class, outcome, reason). State that lives in Redis (leases,
+labels only (pool, class, outcome, reason). State that lives in Redis (leases,
 tokens, waiters, GPU memory) is exported by a collector reading Redis at
 scrape time (:mod:`gpugate.metrics._collector`), not here.
+
+What a gate counts carries its pool (``pool``): one Prometheus scraping the
+workers of several pools must not add one pool's decisions to another's. A
+gate updates them through :meth:`Metrics.for_pool`, the same instruments with
+the pool label set, so a process with gates of several pools counts each
+under its own. The samplers' instruments have no pool: a host's sampler serves
+every gate of the process, whatever their pools.
 
 ``sampler_seconds`` and ``nvml_errors`` are for the samplers: the NVML
 sampler observes every sample and counts every failed NVML call there.
@@ -16,10 +23,12 @@ takes one lock and a few dict updates (0.7 µs), where prometheus_client's
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from functools import partial
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -46,44 +55,71 @@ class _Durations:
         self.sum = 0.0
 
 
-class DecisionRecorder(Collector):
-    """``gpugate_decisions_total`` (class, outcome, reason) and
-    ``gpugate_decision_duration_seconds`` (class), exposed as prometheus_client's
-    Counter and Histogram expose theirs (buckets ``le`` cumulative, ``+Inf`` last)."""
+class PoolDecisions:
+    """One pool's decisions in a :class:`DecisionRecorder`: what its gates record into.
 
-    def __init__(self, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
-        self._bounds = (*buckets, float("inf"))
-        self._lock = threading.Lock()
-        self._counts: dict[tuple[str, Hashable, str], int] = {}
-        self._created: dict[tuple[str, Hashable, str], float] = {}
-        self._durations: dict[str, _Durations] = {}
+    Each pool has its own counts, so recording one costs what it did before
+    decisions carried a pool (no label tuple built with the pool in it).
+    """
+
+    __slots__ = ("_bounds", "_lock", "counts", "created", "durations")
+
+    def __init__(self, bounds: tuple[float, ...], lock: threading.Lock) -> None:
+        self._bounds = bounds
+        self._lock = lock
+        self.counts: dict[tuple[str, Hashable, str], int] = {}
+        self.created: dict[tuple[str, Hashable, str], float] = {}
+        self.durations: dict[str, _Durations] = {}
 
     def record(self, cls: str, outcome: Hashable, reason: str, seconds: float) -> None:
         """Count one decision (``outcome``: an :class:`~gpugate.Outcome` or its value)."""
         key = (cls, outcome, reason)
         with self._lock:
-            n = self._counts.get(key)
+            n = self.counts.get(key)
             if n is None:
                 n = 0
-                self._created[key] = time.time()
-            self._counts[key] = n + 1
-            hist = self._durations.get(cls)
+                self.created[key] = time.time()
+            self.counts[key] = n + 1
+            hist = self.durations.get(cls)
             if hist is None:
-                hist = self._durations[cls] = _Durations(len(self._bounds))
+                hist = self.durations[cls] = _Durations(len(self._bounds))
             hist.counts[bisect_left(self._bounds, seconds)] += 1
             hist.sum += seconds
+
+
+class DecisionRecorder(Collector):
+    """``gpugate_decisions_total`` (pool, class, outcome, reason) and
+    ``gpugate_decision_duration_seconds`` (pool, class), exposed as prometheus_client's
+    Counter and Histogram expose theirs (buckets ``le`` cumulative, ``+Inf`` last)."""
+
+    def __init__(self, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
+        self._bounds = (*buckets, float("inf"))
+        self._lock = threading.Lock()
+        self._pools: dict[str, PoolDecisions] = {}
+
+    def for_pool(self, pool: str) -> PoolDecisions:
+        """Pool ``pool``'s decisions (made on first use)."""
+        with self._lock:
+            found = self._pools.get(pool)
+            if found is None:
+                found = self._pools[pool] = PoolDecisions(self._bounds, self._lock)
+            return found
+
+    def record(self, pool: str, cls: str, outcome: Hashable, reason: str, seconds: float) -> None:
+        """Count one decision of pool ``pool``; a gate records through :meth:`for_pool`."""
+        self.for_pool(pool).record(cls, outcome, reason, seconds)
 
     def _families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
         return (
             CounterMetricFamily(
                 "gpugate_decisions",
-                "Admission decisions, by class, outcome and reason.",
-                labels=["class", "outcome", "reason"],
+                "Admission decisions, by pool, class, outcome and reason.",
+                labels=["pool", "class", "outcome", "reason"],
             ),
             HistogramMetricFamily(
                 "gpugate_decision_duration_seconds",
                 "Time to decide one request, Redis round trip included.",
-                labels=["class"],
+                labels=["pool", "class"],
             ),
         )
 
@@ -96,19 +132,22 @@ class DecisionRecorder(Collector):
         decisions, durations = self._families()
         with self._lock:
             counts = []
-            for key, n in self._counts.items():
-                cls, outcome, reason = key
-                labels = [cls, str(getattr(outcome, "value", outcome)), reason]
-                counts.append((labels, n, self._created[key]))
-            hists = [(c, list(h.counts), h.sum) for c, h in sorted(self._durations.items())]
+            hists = []
+            for pool, mine in self._pools.items():
+                for key, n in mine.counts.items():
+                    cls, outcome, reason = key
+                    labels = [pool, cls, str(getattr(outcome, "value", outcome)), reason]
+                    counts.append((labels, n, mine.created[key]))
+                for cls, h in mine.durations.items():
+                    hists.append(([pool, cls], list(h.counts), h.sum))
         for labels, n, created in sorted(counts):
             decisions.add_metric(labels, n, created=created)
-        for cls, bucket_counts, total in hists:
+        for labels, bucket_counts, total in sorted(hists):
             cumulative, buckets = 0, []
             for bound, n in zip(self._bounds, bucket_counts, strict=True):
                 cumulative += n
                 buckets.append((_le(bound), cumulative))
-            durations.add_metric([cls], buckets, total)
+            durations.add_metric(labels, buckets, total)
         yield decisions
         yield durations
 
@@ -118,29 +157,51 @@ def _le(bound: float) -> str:
     return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
 
 
+class PoolCounter:
+    """A Counter whose first label, ``pool``, is set: ``labels`` takes the others
+    (class, and outcome where it has one) and gives the child to ``inc``."""
+
+    __slots__ = ("labels",)
+
+    def __init__(self, counter: Counter, pool: str) -> None:
+        self.labels: Callable[..., Counter] = partial(counter.labels, pool)
+
+
 class Metrics:
-    """One set of instruments on one registry."""
+    """One set of instruments on one registry.
+
+    ``Metrics(registry)`` makes and registers the instruments; their ``pool``
+    label is ``""`` until :meth:`for_pool` gives a view with it set, which is
+    what a :class:`~gpugate.Gate` updates (its own pool's). Views share the
+    instruments and the registry.
+    """
+
+    decisions: PoolDecisions
+    leases_lost: PoolCounter
+    leases_max_duration: PoolCounter
+    job_outcomes: PoolCounter
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.decisions = DecisionRecorder()
-        registry.register(self.decisions)
-        self.leases_lost = Counter(
+        self.pool = ""
+        self._recorder = DecisionRecorder()
+        registry.register(self._recorder)
+        self._leases_lost = Counter(
             "gpugate_leases_lost",
             "Leases found gone while their holder still held them (expired or reaped).",
-            ["class"],
+            ["pool", "class"],
             registry=registry,
         )
-        self.leases_max_duration = Counter(
+        self._leases_max_duration = Counter(
             "gpugate_leases_max_duration",
             "Leases whose renewal stopped at their class's max duration.",
-            ["class"],
+            ["pool", "class"],
             registry=registry,
         )
-        self.job_outcomes = Counter(
+        self._job_outcomes = Counter(
             "gpugate_job_outcomes",
             "Released leases by how the job ended (ok, error, oom, dropped).",
-            ["class", "outcome"],
+            ["pool", "class", "outcome"],
             registry=registry,
         )
         self.sampler_seconds = Histogram(
@@ -156,6 +217,20 @@ class Metrics:
             ["call"],
             registry=registry,
         )
+        self._bind()
+
+    def _bind(self) -> None:
+        self.decisions = self._recorder.for_pool(self.pool)
+        self.leases_lost = PoolCounter(self._leases_lost, self.pool)
+        self.leases_max_duration = PoolCounter(self._leases_max_duration, self.pool)
+        self.job_outcomes = PoolCounter(self._job_outcomes, self.pool)
+
+    def for_pool(self, pool: str) -> Metrics:
+        """The same instruments, as the gates of ``pool`` update them (``pool`` label set)."""
+        view = copy.copy(self)
+        view.pool = pool
+        view._bind()
+        return view
 
 
 _default: Metrics | None = None
