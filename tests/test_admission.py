@@ -1354,6 +1354,35 @@ class TestRedisUnreachable:
             gate.close()
 
 
+class TestRedisRefuses:
+    """An error reply from Redis reaches callers as a BackendError, never redis-py's own."""
+
+    def test_a_pool_key_of_another_type_is_a_backend_error(
+        self, redis_url: str, redis_client: redis.Redis, pool_name: str
+    ) -> None:
+        gate = Gate(
+            redis_url,
+            pool=pool_name,
+            policy=policy(),
+            sampler=SimulatedSampler(["80GiB"]),
+            register=False,
+        )
+        try:
+            # Someone overwrote the pool's state hash (a script, a hand edit).
+            redis_client.set(PoolKeys(pool_name).state, "not a hash")
+            for call in (
+                gate.overrides,
+                gate.read_pool_policy,
+                lambda: gate.pause("batch", duration="1m"),
+                lambda: gate.sync_policy(force=True),
+            ):
+                with pytest.raises(BackendError, match="WRONGTYPE"):
+                    call()
+        finally:
+            redis_client.delete(PoolKeys(pool_name).state)
+            gate.close()
+
+
 class TestRedisHangs:
     """A hung Redis costs a call one socket timeout; what fails meanwhile is
     sent again, and holders are told when their leases may be gone."""

@@ -4,7 +4,7 @@
 
     GpugateError
     ├── ConfigError (also ValueError)      bad policy file, size, duration, rate
-    ├── BackendError                      Redis unreachable, timed out, or a script failed
+    ├── BackendError                      Redis unreachable, timed out, or refused a call
     ├── NvmlError                         NVML failed in a way the sampler cannot work around
     │   └── NvmlUnavailable               no NVML library or driver here (no-GPU mode)
     ├── UsageError                        the API used the wrong way (unknown class,
@@ -51,7 +51,9 @@ class ConfigError(GpugateError, ValueError):
 
 
 class BackendError(GpugateError):
-    """Redis could not be reached in time, or a gpugate script failed there."""
+    """Redis could not be reached in time, or refused a call (an error reply:
+    a gpugate script's own, an ACL, a key of another type); the reply is the
+    ``__cause__``."""
 
 
 class NvmlError(GpugateError):

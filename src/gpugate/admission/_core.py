@@ -47,6 +47,15 @@ def _b2s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def refusal(exc: BackendError) -> str:
+    """The error reply behind ``exc`` (``"nopolicy"``, ``"unknown_class x"``,
+    an ACL refusal...), or ``""`` when Redis did not answer."""
+    cause = exc.__cause__
+    if isinstance(cause, redis.ResponseError) and not refuses_writes(cause):
+        return str(cause)
+    return ""
+
+
 class GateCore:
     """A gate's connection, policy and shared state (see ``Gate``)."""
 
@@ -207,6 +216,10 @@ class GateCore:
         return self._clock_ms() if self._clock_ms is not None else 0
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, every Redis failure a :class:`BackendError`:
+        unreachable (also a server refusing writes: a replica, maxmemory), or
+        an error reply (a script's own, such as ``nopolicy``: see
+        :func:`refusal`; an ACL refusal; a key of another type)."""
         try:
             return fn(*args, **kwargs)
         except REDIS_DOWN as exc:
@@ -214,7 +227,7 @@ class GateCore:
         except redis.ResponseError as exc:
             if refuses_writes(exc):
                 raise self._unreachable(exc) from exc
-            raise
+            raise BackendError(f"Redis at {self.redis_url} refused a call: {exc}") from exc
 
     def _unreachable(self, exc: BaseException) -> BackendError:
         return BackendError(f"Redis at {self.redis_url} is unreachable: {exc}")

@@ -665,7 +665,7 @@ class Gate(LeaseKeeping, Overrides):
             self._hdel_waiters(waiters)
 
     def _hdel_waiters(self, waiters: Sequence[str]) -> None:
-        with contextlib.suppress(BackendError, redis.RedisError):
+        with contextlib.suppress(BackendError):
             self._call(self._client.hdel, self._keys.waiters, *waiters)
 
     def close(self) -> None:
@@ -689,7 +689,7 @@ class Gate(LeaseKeeping, Overrides):
                     # Its idle excess leaves the devices' fragmentation, and its
                     # GPU snapshot the pool, in the same step.
                     k = self._keys
-                    with contextlib.suppress(BackendError, redis.RedisError):
+                    with contextlib.suppress(BackendError):
                         self._call(
                             self._scripts.remove_worker,
                             keys=[

@@ -14,13 +14,13 @@ import contextlib
 import time
 from typing import Any
 
-import redis
 import structlog
 
 from .. import _process
 from .._exceptions import BackendError, GpugateError
 from ..sampling import Snapshot
 from ..state._inspect import read_pool
+from ._core import refusal
 from ._heartbeat import Heartbeat
 from ._lease import Lease, Unsent
 from ._workers import WorkerRecord
@@ -91,14 +91,11 @@ class LeaseKeeping(WorkerRecord):
 
     def _release(self, dev_uuid: str, lease_id: str, outcome: str, *, refund: bool = False) -> bool:
         """Run release_lease.lua for one lease; True if it was still live."""
-        try:
-            done = self._call(
-                self._scripts.release_lease,
-                keys=[self._keys.state, self._keys.exp, self._keys.buckets],
-                args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, outcome, int(refund)],
-            )
-        except redis.ResponseError as exc:
-            raise BackendError(f"the release script failed on {self.redis_url}: {exc}") from exc
+        done = self._call(
+            self._scripts.release_lease,
+            keys=[self._keys.state, self._keys.exp, self._keys.buckets],
+            args=[self._keys.prefix, self._now_arg(), dev_uuid, lease_id, outcome, int(refund)],
+        )
         return bool(done)
 
     def leases_held(self) -> list[Lease]:
@@ -188,8 +185,8 @@ class LeaseKeeping(WorkerRecord):
         try:
             try:
                 reply = self._call(self._scripts.renew_leases, keys=keys, args=args)
-            except redis.ResponseError as exc:
-                if "nopolicy" not in str(exc):
+            except BackendError as exc:
+                if not refusal(exc).startswith("nopolicy"):
                     raise
                 # The pool lost its policy (flushed, or new): publish this gate's
                 # (or the default) as a decision would, and beat again.

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import redis
 import structlog
 
 from .. import _process
 from .._exceptions import BackendError, ConfigError
 from .._units import lifetime_ms
-from ._core import GateCore
+from ._core import GateCore, refusal
 
 log = structlog.get_logger(__name__)
 
@@ -113,10 +112,10 @@ class Overrides(GateCore):
                 keys=[self._keys.state],
                 args=[self._keys.prefix, self._now_arg(), kind, cls, n, for_ms, who, reason],
             )
-        except redis.ResponseError as exc:
-            if "unknown_class" in str(exc):
+        except BackendError as exc:
+            if refusal(exc).startswith("unknown_class"):
                 raise self._unknown_class(cls) from None
-            raise BackendError(str(exc)) from exc
+            raise
         log.info(
             "override_set",
             kind=kind,
