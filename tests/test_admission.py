@@ -751,6 +751,32 @@ class TestLeases:
         # The worker's own metrics count it, as the pool's do.
         assert dropped() == before + 1
 
+    def test_a_lease_collected_while_the_registry_is_busy_does_not_hang(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # A dropped lease in a reference cycle is collected at any allocation,
+        # possibly in a thread that holds the registry's lock right then.
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
+        lease = gate.try_admit("batch", vram=1).lease
+        assert lease is not None
+        lease.on_lost(lambda _lost, lease=lease: None)  # lease -> callback -> lease
+        del lease
+        gc.disable()
+        try:
+            done = threading.Event()
+
+            def collect_while_busy() -> None:
+                with gate._leases._lock:
+                    gc.collect()
+                done.set()
+
+            threading.Thread(target=collect_while_busy, daemon=True).start()
+            assert done.wait(10), "garbage collection waited for the lock its thread held"
+        finally:
+            gc.enable()
+        gate.beat_now()  # releases it, as any dropped lease
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+
     def test_a_gate_refuses_to_work_in_a_forked_child(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())
         held = gate.try_admit("batch", vram=1)
@@ -1348,6 +1374,25 @@ class TestRedisUnreachable:
             assert third.lease.local
             del second, third  # a dropped local lease frees its local slot too
             gc.collect()
+            assert gate.try_admit("interactive", vram="1GiB").reason == "backend_open"
+            # Even collected in a thread that holds the gate's lock right then.
+            fourth = gate.try_admit("interactive", vram="1GiB").lease
+            assert fourth is not None
+            fourth.on_lost(lambda _lost, lease=fourth: None)  # a reference cycle
+            del fourth
+            gc.disable()
+            try:
+                done = threading.Event()
+
+                def collect_while_busy() -> None:
+                    with gate._lock:
+                        gc.collect()
+                    done.set()
+
+                threading.Thread(target=collect_while_busy, daemon=True).start()
+                assert done.wait(10), "garbage collection waited for the lock its thread held"
+            finally:
+                gc.enable()
             assert gate.try_admit("interactive", vram="1GiB").reason == "backend_open"
         finally:
             server.stop()

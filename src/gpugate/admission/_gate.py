@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import itertools
 import os
+import queue
 import random
 import threading
 import time
@@ -178,6 +179,10 @@ class Gate(LeaseKeeping, Overrides):
         # The sample arguments last packed, and the devices tuple they describe.
         self._packed: tuple[object, list[Any], list[int]] = ((), [], [])
         self._local_open: dict[str, int] = {}
+        # Local leases ended (released, or dropped: their finalizer may run in
+        # garbage collection, in a thread holding _lock): counted off under
+        # _lock by the next local admission.
+        self._local_ended: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._local_seq = 0
         self._log_throttle = Throttle(10.0)
         self._closed = False
@@ -583,6 +588,9 @@ class Gate(LeaseKeeping, Overrides):
             )
         if cp.on_backend_error == "open":
             with self._lock:
+                while not self._local_ended.empty():
+                    ended = self._local_ended.get_nowait()
+                    self._local_open[ended] = max(0, self._local_open.get(ended, 0) - 1)
                 running = self._local_open.get(cls, 0)
                 if cp.max_concurrent is None or running < cp.max_concurrent:
                     fits = [d for d in snap.devices if d.free >= vram]
@@ -620,8 +628,7 @@ class Gate(LeaseKeeping, Overrides):
         )
 
     def _local_done(self, cls: str) -> None:
-        with self._lock:
-            self._local_open[cls] = max(0, self._local_open.get(cls, 0) - 1)
+        self._local_ended.put(cls)  # no lock: see _local_ended
 
     # -- waiters and closing ----------------------------------------------------
 

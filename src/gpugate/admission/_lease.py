@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import weakref
@@ -229,34 +230,52 @@ class LeaseRegistry:
     (never from inside garbage collection), as is a release that failed
     while Redis was unreachable. ``touch`` is called whenever the set of held
     leases changes (also from garbage collection: it must not lock).
+
+    A dropped lease's weak-reference callback takes no lock: garbage
+    collection may run it in a thread that holds the registry's lock (a lease
+    in a reference cycle, collected at any allocation). It only queues the
+    lease's key; every method moves queued keys to the releases to send.
     """
 
     def __init__(self, touch: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str], weakref.ReferenceType[Lease]] = {}
         self._unsent: list[Unsent] = []
+        self._dropped: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
         self._touch = touch
 
     def add(self, lease: Lease) -> None:
         """Hold ``lease`` until it is released or dropped."""
         key = (lease.device_uuid, lease.id)
         cls = lease.cls
+        dropped_queue = self._dropped
+        touch = self._touch
 
         def dropped(_: object, key: tuple[str, str] = key) -> None:
-            with self._lock:
-                if self._held.pop(key, None) is not None:
-                    self._unsent.append(Unsent(*key, cls, "dropped", False))
-                    if self._touch is not None:
-                        self._touch()
+            dropped_queue.put((*key, cls))  # SimpleQueue.put: safe from garbage collection
+            if touch is not None:
+                touch()
 
         with self._lock:
+            self._settle_dropped()
             self._held[key] = weakref.ref(lease, dropped)
         if self._touch is not None:
             self._touch()
 
+    def _settle_dropped(self) -> None:
+        """Move the leases dropped since (queued by their callbacks) to the
+        releases to send. The caller holds the lock."""
+        while not self._dropped.empty():
+            uuid, lease_id, cls = self._dropped.get_nowait()
+            ref = self._held.get((uuid, lease_id))
+            if ref is not None and ref() is None:
+                del self._held[(uuid, lease_id)]
+                self._unsent.append(Unsent(uuid, lease_id, cls, "dropped", False))
+
     def discard(self, lease: Lease) -> None:
         """Stop renewing ``lease``."""
         with self._lock:
+            self._settle_dropped()
             found = self._held.pop((lease.device_uuid, lease.id), None)
         if found is not None and self._touch is not None:
             self._touch()
@@ -264,6 +283,7 @@ class LeaseRegistry:
     def live(self) -> list[Lease]:
         """The leases still held and worth renewing."""
         with self._lock:
+            self._settle_dropped()
             refs = list(self._held.values())
         out = []
         for ref in refs:
@@ -275,25 +295,29 @@ class LeaseRegistry:
     def send_later(self, *releases: Unsent) -> None:
         """Queue releases for the heartbeat to send (again)."""
         with self._lock:
+            self._settle_dropped()
             self._unsent.extend(releases)
 
     def take_unsent(self) -> list[Unsent]:
         """The releases queued since the last call, oldest first."""
         with self._lock:
+            self._settle_dropped()
             unsent, self._unsent = self._unsent, []
         return unsent
 
     def known(self) -> set[tuple[str, str]]:
         """(device uuid, lease id) of every lease held or with a release queued."""
         with self._lock:
+            self._settle_dropped()
             pairs = set(self._held)
             pairs.update((u.device_uuid, u.lease_id) for u in self._unsent)
         return pairs
 
     def has_unsent(self) -> bool:
         """Whether a release waits to be sent."""
-        return bool(self._unsent)
+        return bool(self._unsent) or not self._dropped.empty()
 
     def __len__(self) -> int:
         with self._lock:
+            self._settle_dropped()
             return len(self._held)
