@@ -58,6 +58,7 @@ from gpugate.asynq import (
     read_queue,
     unpause_queue,
 )
+from gpugate.asynq import _broker as broker
 from gpugate.asynq._keys import ALL_QUEUES
 from gpugate.asynq._servers import list_servers, list_workers
 from gpugate.metrics import Metrics
@@ -735,6 +736,42 @@ class TestFaults:
             client.close()
             gate.close()
             server.stop()
+
+    def test_an_end_written_again_leaves_a_later_attempt_alone(self, asynq: redis.Redis) -> None:
+        # Attempt 1's retry timed out on the client but ran in Redis after all;
+        # the task was retried and taken again (attempt 2). Attempt 1 writing
+        # its end again must not end attempt 2 (two runs at once).
+        tid = enqueue(asynq, "ocr:bulk", "ocr:page", b"", max_retry=5)
+        now = time.time()
+        first = broker.claim(asynq, "ocr:bulk", tid, lease_until_s=int(now) + 30)
+        assert first is not None
+
+        def retry_first(attempt_leases: str = "") -> bool:
+            return broker.retry(
+                asynq,
+                first,
+                retry_at_s=now,
+                error="boom",
+                is_failure=True,
+                now_s=now,
+                attempt_leases=attempt_leases,
+            )
+
+        assert retry_first()  # the try that "timed out"
+        broker.forward(asynq, "ocr:bulk", now_s=now + 1)
+        second = broker.claim(asynq, "ocr:bulk", tid, lease_until_s=int(now) + 45)
+        assert second is not None
+        assert second.retried == 1
+        again = f"{int(now) + 30} 0"  # attempt 1's lease: confirmed, none tried
+        assert not retry_first(attempt_leases=again)
+        assert not broker.done(asynq, first, now_s=now, attempt_leases=again)
+        assert not broker.archive(asynq, first, error="boom", now_s=now, attempt_leases=again)
+        st = task_state(asynq, "ocr:bulk", tid)
+        assert (st["state"], st["msg"].retried) == (b"active", 1)  # attempt 2's, untouched
+        assert asynq.zscore("asynq:{ocr:bulk}:lease", tid) == int(now) + 45
+        # Attempt 2 writing again with its own lease (one it tried to set) goes through.
+        assert broker.done(asynq, second, now_s=now, attempt_leases=f"0 {int(now) + 45}")
+        assert not asynq.exists(AsynqKeys("ocr:bulk").task(tid))
 
     def test_running_tasks_keep_their_lease_through_shutdown(
         self, gate: Gate, asynq: redis.Redis, asynq_url: str

@@ -196,13 +196,25 @@ def extend_leases(
 
 # -- ending an attempt --------------------------------------------------------------
 
+# An attempt's end written again (its first try timed out, and may have run
+# after all) names the leases its attempt held, "<last confirmed> <last
+# tried>" Unix s: the scripts answer NOT FOUND when the task's lease is none
+# of them (another attempt has the task by then). A first try passes none, as
+# Asynq writes it.
 
-def done(client: Client, msg: TaskMessage, *, now_s: float) -> bool:
+
+def _guard(attempt_leases: str) -> list[str]:
+    return [attempt_leases] if attempt_leases else []
+
+
+def done(client: Client, msg: TaskMessage, *, now_s: float, attempt_leases: str = "") -> bool:
     """Task ``msg`` succeeded and has no retention: delete it, as Asynq's ``Done`` does.
 
     Removes it from active and lease, deletes its hash, counts it processed
     (today's counter and the total) and releases its uniqueness lock if it
     still holds it. False when the task was no longer active and leased.
+    ``attempt_leases`` (an end written again, see ``_guard``):
+    also False when the task's lease is none of these.
     """
     keys = AsynqKeys(msg.queue)
     now = _whole_s(now_s)
@@ -220,19 +232,21 @@ def done(client: Client, msg: TaskMessage, *, now_s: float) -> bool:
         "asynq_done",
         f"mark task {msg.id!r} of Asynq queue {msg.queue!r} done",
         script_keys,
-        [_id(msg.id), now + _STATS_TTL_S, _MAX_INT64],
+        [_id(msg.id), now + _STATS_TTL_S, _MAX_INT64, *_guard(attempt_leases)],
         not_found=True,
     )
     return reply is not None
 
 
-def mark_complete(client: Client, msg: TaskMessage, *, now_s: float) -> bool:
+def mark_complete(
+    client: Client, msg: TaskMessage, *, now_s: float, attempt_leases: str = ""
+) -> bool:
     """Task ``msg`` succeeded and has a retention: keep it completed, as Asynq's ``MarkAsComplete``.
 
     Sets ``completed_at`` in the message, adds the task to the completed
     zset until ``now + retention``, counts it processed and releases its
     uniqueness lock if it still holds it. False when the task was no longer
-    active and leased.
+    active and leased (``attempt_leases``: as in :func:`done`).
     """
     keys = AsynqKeys(msg.queue)
     now = _whole_s(now_s)
@@ -252,7 +266,14 @@ def mark_complete(client: Client, msg: TaskMessage, *, now_s: float) -> bool:
         "asynq_complete",
         f"mark task {msg.id!r} of Asynq queue {msg.queue!r} completed",
         script_keys,
-        [_id(msg.id), now + _STATS_TTL_S, now + msg.retention, encoded, _MAX_INT64],
+        [
+            _id(msg.id),
+            now + _STATS_TTL_S,
+            now + msg.retention,
+            encoded,
+            _MAX_INT64,
+            *_guard(attempt_leases),
+        ],
         not_found=True,
     )
     return reply is not None
@@ -266,13 +287,15 @@ def retry(
     error: str,
     is_failure: bool,
     now_s: float,
+    attempt_leases: str = "",
 ) -> bool:
     """An attempt of ``msg`` failed: to the retry zset, due at ``retry_at_s`` (Asynq's ``Retry``).
 
     The message gets ``error_msg`` = ``error`` and ``last_failed_at`` = now;
     a failure (``is_failure``, Asynq's ``IsFailure``) also gets ``retried``
     + 1 and counts as processed and failed; a non-failure (a rate limit)
-    changes neither. False when the task was no longer active and leased.
+    changes neither. False when the task was no longer active and leased
+    (``attempt_leases``: as in :func:`done`).
     """
     keys = AsynqKeys(msg.queue)
     now = _whole_s(now_s)
@@ -304,20 +327,23 @@ def retry(
             now + _STATS_TTL_S,
             1 if is_failure else 0,
             _MAX_INT64,
+            *_guard(attempt_leases),
         ],
         not_found=True,
     )
     return reply is not None
 
 
-def archive(client: Client, msg: TaskMessage, *, error: str, now_s: float) -> bool:
+def archive(
+    client: Client, msg: TaskMessage, *, error: str, now_s: float, attempt_leases: str = ""
+) -> bool:
     """Move ``msg`` to the archive (retries exhausted, or ``SkipRetry``), as Asynq's ``Archive``.
 
     The message gets ``error_msg`` and ``last_failed_at`` (``retried`` stays);
     it counts as processed and failed. The archive is trimmed as Asynq trims
     it: entries older than 90 days go, then the oldest beyond
     :data:`ARCHIVE_MAX_SIZE` - 1, with their task hashes. False when the
-    task was no longer active and leased.
+    task was no longer active and leased (``attempt_leases``: as in :func:`done`).
     """
     keys = AsynqKeys(msg.queue)
     now = _whole_s(now_s)
@@ -346,6 +372,7 @@ def archive(client: Client, msg: TaskMessage, *, error: str, now_s: float) -> bo
             now + _STATS_TTL_S,
             _MAX_INT64,
             encode(keys.task_prefix),
+            *_guard(attempt_leases),
         ],
         not_found=True,
     )

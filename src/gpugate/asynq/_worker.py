@@ -108,7 +108,7 @@ class _Unwritten:
 
     run: _Running
     what: str
-    write: Callable[[], object]
+    write: Callable[[str], object]
     written: Callable[[], None]
 
 
@@ -133,6 +133,7 @@ class _Running:
         "async_future",
         "handler",
         "key",
+        "lease_tried",
         "lease_until",
         "lock",
         "lost",
@@ -161,12 +162,19 @@ class _Running:
         self.ticket = ticket
         self.task = task
         self.lease_until = lease_until
+        # An extension that failed may have run in Redis after all (a timeout):
+        # the expiry it tried to set, until one is confirmed.
+        self.lease_tried = 0
         self.started = started
         self.lock = threading.Lock()
         self.settled = False
         self.lost = False
         self.timer: threading.Timer | None = None
         self.async_future: Any = None
+
+    def leases(self) -> str:
+        """The leases this attempt may hold in Redis, for an end written again."""
+        return f"{self.lease_until} {self.lease_tried}"
 
     def lease_valid(self, now: float) -> bool:
         """Whether this worker's Asynq lease on the task still runs (as Asynq's
@@ -628,10 +636,12 @@ class AsynqWorker:
         now = self._clock()
         complete = msg.retention > 0 and not revoke
 
-        def write() -> object:
+        def write(attempt_leases: str) -> object:
             if complete:
-                return broker.mark_complete(self.client, msg, now_s=now)
-            return broker.done(self.client, msg, now_s=now)
+                return broker.mark_complete(
+                    self.client, msg, now_s=now, attempt_leases=attempt_leases
+                )
+            return broker.done(self.client, msg, now_s=now, attempt_leases=attempt_leases)
 
         def written() -> None:
             self._count("done")
@@ -644,14 +654,15 @@ class AsynqWorker:
         run: _Running | None,
         msg: TaskMessage,
         what: str,
-        write: Callable[[], object],
+        write: Callable[[str], object],
         written: Callable[[], None],
     ) -> None:
         """Write an attempt's end; if Redis does not take it, the heartbeat
         writes it again while the attempt's lease lasts (``run``; without one,
-        the recoverer or the next pass takes the task up again)."""
+        the recoverer or the next pass takes the task up again). ``written``
+        counts and logs it, once Redis says it took it."""
         try:
-            write()
+            took = write("")
         except BackendError as exc:
             if run is not None:
                 with self._cond:
@@ -665,15 +676,35 @@ class AsynqWorker:
                 else "taken up again by the recoverer",
             )
             return
-        written()
+        self._took(msg, what, took, written)
 
-    def _write_unwritten(self) -> None:
-        """Write again the ends Redis did not take; drop those whose lease ran
-        out (Asynq's syncer: the recoverer takes those tasks back)."""
+    @staticmethod
+    def _took(msg: TaskMessage, what: str, took: object, written: Callable[[], None]) -> None:
+        if took:
+            written()
+        else:
+            log.warning(
+                "asynq_task_end_not_found",
+                task_id=msg.id,
+                queue=msg.queue,
+                what=what,
+                note="the task was no longer this attempt's (another server took it "
+                "back, or a write that timed out had run after all)",
+            )
+
+    def _write_unwritten(self, *, last: bool = False) -> None:
+        """Write again the ends Redis did not take, each only while the task is
+        still its attempt's (its lease); drop those whose lease ran out
+        (Asynq's syncer: the recoverer takes those tasks back). ``last`` (at
+        shutdown): stop at the first failure, each try may wait a socket
+        timeout."""
         with self._cond:
             pending, self._unwritten = self._unwritten, []
-        keep = []
-        for item in pending:
+        keep: list[_Unwritten] = []
+        for n, item in enumerate(pending):
+            if last and keep:
+                keep.extend(pending[n:])
+                break
             msg = item.run.msg
             if item.run.lost or not item.run.lease_valid(self._clock()):
                 log.warning(
@@ -686,11 +717,11 @@ class AsynqWorker:
                 )
                 continue
             try:
-                item.write()
+                took = item.write(item.run.leases())
             except BackendError:
                 keep.append(item)
                 continue
-            item.written()
+            self._took(msg, item.what, took, item.written)
         if keep:
             with self._cond:
                 self._unwritten = keep + self._unwritten
@@ -723,7 +754,9 @@ class AsynqWorker:
                 run,
                 msg,
                 "archive",
-                lambda: broker.archive(self.client, msg, error=text, now_s=now),
+                lambda leases: broker.archive(
+                    self.client, msg, error=text, now_s=now, attempt_leases=leases
+                ),
                 archived,
             )
             return
@@ -757,13 +790,14 @@ class AsynqWorker:
             run,
             msg,
             "retry",
-            lambda: broker.retry(
+            lambda leases: broker.retry(
                 self.client,
                 msg,
                 retry_at_s=now + delay,
                 error=text,
                 is_failure=failure,
                 now_s=now,
+                attempt_leases=leases,
             ),
             retried,
         )
@@ -857,10 +891,12 @@ class AsynqWorker:
             except BackendError as exc:
                 self._warn("asynq_lease_extension_failed", queue=queue, error=str(exc))
                 present = {r.msg.id for r in runs if r.lease_until > now}
+                for r in runs:
+                    r.lease_tried = until  # it may have run all the same
             else:
                 for r in runs:
                     if r.msg.id in present:
-                        r.lease_until = until
+                        r.lease_until, r.lease_tried = until, 0
             for r in runs:
                 if r.msg.id not in present:
                     r.lost = True
@@ -982,7 +1018,7 @@ class AsynqWorker:
                 )
             except BackendError as exc:
                 self._warn("asynq_requeue_failed", task_id=run.msg.id, error=str(exc))
-        self._write_unwritten()  # a last try, as Asynq's syncer at shutdown
+        self._write_unwritten(last=True)  # a last try, as Asynq's syncer at shutdown
         with self._cond:
             for item in self._unwritten:
                 log.warning(

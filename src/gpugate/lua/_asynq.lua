@@ -8,11 +8,28 @@
 --   totals (failed_key nil: processed only); when processed has reached
 --   MaxInt64 both start again at 1. Compared as Lua numbers (doubles), as
 --   Asynq compares them.
+-- same_attempt(lease_key, task_id, leases): for an attempt's end written
+--   again (its first try timed out, and may have run in Redis after all):
+--   whether the task's lease is still one this attempt held ("<s> <s>": its
+--   last confirmed expiry, and one it tried to set). Another attempt (the
+--   task retried and taken again meanwhile) has a lease of its own, and
+--   ending that one would run the task twice. nil or "" (a first try, as
+--   Asynq writes it): true.
 
 local function count_day(key, expire_at_s)
   if redis.call('INCR', key) == 1 then
     redis.call('EXPIREAT', key, expire_at_s)
   end
+end
+
+local function same_attempt(lease_key, task_id, leases)
+  if leases == nil or leases == '' then return true end
+  local score = redis.call('ZSCORE', lease_key, task_id)
+  if not score then return false end
+  for held in string.gmatch(leases, '%S+') do
+    if tonumber(held) == tonumber(score) then return true end
+  end
+  return false
 end
 
 local function count_totals(processed_key, failed_key, max_int64)

@@ -1,7 +1,8 @@
 -- asynq_archive.lua: an Asynq task out of retries to the archive, trimmed, as Asynq's Archive does.
 --
 -- KEYS = [task, active, lease, archived, processed_day, failed_day, processed_total, failed_total]
--- ARGV = [task_id, msg, died_at_s, cutoff_s, max_size, stats_expire_at_s, max_int64, task_prefix]
+-- ARGV = [task_id, msg, died_at_s, cutoff_s, max_size, stats_expire_at_s, max_int64, task_prefix,
+--         attempt_leases?]
 --   msg: the TaskMessage with error_msg and last_failed_at (retried as it
 --   was); died_at_s: the archived entry's score (Unix s); cutoff_s: entries
 --   scored at or before it are deleted (Asynq: now - 90 days); max_size:
@@ -40,6 +41,7 @@ local max_size = tonumber(ARGV[5])
 local stats_expire_at_s = ARGV[6]
 local max_int64 = ARGV[7]
 local task_prefix = ARGV[8]
+local attempt_leases = ARGV[9]
 
 local CHUNK = 1000
 
@@ -54,6 +56,8 @@ local function drop(ids)
   end
 end
 
+-- attempt_leases: an end written again (same_attempt in _asynq.lua).
+if not same_attempt(lease_key, task_id, attempt_leases) then return redis.error_reply('NOT FOUND') end
 if redis.call('LREM', active_key, 0, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 if redis.call('ZREM', lease_key, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 redis.call('ZADD', archived_key, died_at_s, task_id)

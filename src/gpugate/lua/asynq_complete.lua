@@ -1,7 +1,7 @@
 -- asynq_complete.lua: an Asynq task succeeded with a retention: keep it, as MarkAsComplete does.
 --
 -- KEYS = [active, lease, completed, task, processed_day, processed_total, unique?]
--- ARGV = [task_id, stats_expire_at_s, expire_at_s, msg, max_int64]
+-- ARGV = [task_id, stats_expire_at_s, expire_at_s, msg, max_int64, attempt_leases?]
 --   expire_at_s: the completed entry's score (Asynq: now + retention, Unix s);
 --   msg: the TaskMessage with completed_at set; stats_expire_at_s: as in
 --   asynq_done.lua; unique: the task's uniqueness lock, when it has one
@@ -31,7 +31,10 @@ local stats_expire_at_s = ARGV[2]
 local expire_at_s = ARGV[3]
 local msg = ARGV[4]
 local max_int64 = ARGV[5]
+local attempt_leases = ARGV[6]
 
+-- attempt_leases: an end written again (same_attempt in _asynq.lua).
+if not same_attempt(lease_key, task_id, attempt_leases) then return redis.error_reply('NOT FOUND') end
 if redis.call('LREM', active_key, 0, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 if redis.call('ZREM', lease_key, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 if redis.call('ZADD', completed_key, expire_at_s, task_id) ~= 1 then

@@ -1,7 +1,7 @@
 -- asynq_done.lua: an Asynq task succeeded with no retention: delete it, as Asynq's Done does.
 --
 -- KEYS = [active, lease, task, processed_day, processed_total, unique?]
--- ARGV = [task_id, stats_expire_at_s, max_int64]
+-- ARGV = [task_id, stats_expire_at_s, max_int64, attempt_leases?]
 --   stats_expire_at_s: Unix s the daily counter expires at if this creates it
 --   (Asynq: now + 90 days); unique: the task's uniqueness lock, when it has one
 -- -> "OK", or the error "NOT FOUND" when the task is not active and leased
@@ -30,7 +30,10 @@ local unique_key = KEYS[6]
 local task_id = ARGV[1]
 local stats_expire_at_s = ARGV[2]
 local max_int64 = ARGV[3]
+local attempt_leases = ARGV[4]
 
+-- attempt_leases: an end written again (same_attempt in _asynq.lua).
+if not same_attempt(lease_key, task_id, attempt_leases) then return redis.error_reply('NOT FOUND') end
 if redis.call('LREM', active_key, 0, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 if redis.call('ZREM', lease_key, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 if redis.call('DEL', task_key) == 0 then return redis.error_reply('NOT FOUND') end

@@ -1,7 +1,8 @@
 -- asynq_retry.lua: an attempt of an Asynq task failed: schedule it again, as Asynq's Retry does.
 --
 -- KEYS = [task, active, lease, retry, processed_day, failed_day, processed_total, failed_total]
--- ARGV = [task_id, msg, retry_at_s, stats_expire_at_s, is_failure, max_int64]
+-- ARGV = [task_id, msg, retry_at_s, stats_expire_at_s, is_failure, max_int64,
+--         attempt_leases?]
 --   msg: the TaskMessage with error_msg, last_failed_at and (a failure only)
 --   retried + 1; retry_at_s: the retry entry's score (Unix s);
 --   stats_expire_at_s: Unix s a daily counter this creates expires at
@@ -39,7 +40,10 @@ local retry_at_s = ARGV[3]
 local stats_expire_at_s = ARGV[4]
 local is_failure = ARGV[5] == '1'
 local max_int64 = ARGV[6]
+local attempt_leases = ARGV[7]
 
+-- attempt_leases: an end written again (same_attempt in _asynq.lua).
+if not same_attempt(lease_key, task_id, attempt_leases) then return redis.error_reply('NOT FOUND') end
 if redis.call('LREM', active_key, 0, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 if redis.call('ZREM', lease_key, task_id) == 0 then return redis.error_reply('NOT FOUND') end
 redis.call('ZADD', retry_key, retry_at_s, task_id)
