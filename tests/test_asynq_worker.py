@@ -803,6 +803,37 @@ class TestFaults:
         assert read_queue(asynq, "ocr:bulk").processed_total == 1
         assert list_servers(asynq) == []
 
+    def test_a_policy_dropping_a_served_class_does_not_stop_the_heartbeat(
+        self, gate: Gate, asynq: redis.Redis, asynq_url: str, redis_url: str
+    ) -> None:
+        started, finish = threading.Event(), threading.Event()
+        worker = make_worker(gate, asynq_url, lease_duration=2.0, recover_grace=0.0)
+
+        @worker.handle("ocr:page", vram="1GiB")
+        def page(task: Task) -> None:
+            started.set()
+            finish.wait(30)
+
+        tid = enqueue(asynq, "ocr:bulk", "ocr:page", b"")
+        with serving(worker):
+            wait_until(started.is_set)
+            only = {"classes": {"interactive": POLICY["classes"]["interactive"]}}
+            with Gate(
+                redis_url, pool=gate.pool, policy=Policy.from_dict(only), register=False
+            ) as operator:
+                operator.sync_policy(force=True)  # `gpugate policy apply` without batch
+            gate.beat_now()  # the worker's gate reads the new policy
+            assert "batch" not in gate.effective_policy.classes
+            waiting = enqueue(asynq, "ocr:bulk", "ocr:page", b"")  # its class unknown now
+            time.sleep(3.0)  # longer than the lease: only extensions keep it
+            score = asynq.zscore("asynq:{ocr:bulk}:lease", tid)
+            assert score is not None
+            assert score > time.time()
+            finish.set()
+            wait_until(lambda: worker.stats["done"] == 1)
+        # The task of the dropped class waits; the worker ran on and stopped cleanly.
+        assert asynq.lrange("asynq:{ocr:bulk}:pending", 0, -1) == [waiting.encode()]
+
     def test_a_handler_past_its_deadline_does_not_drop_the_next_attempt(
         self, gate: Gate, asynq: redis.Redis, asynq_url: str
     ) -> None:

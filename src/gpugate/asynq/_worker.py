@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis
 import structlog
 
 from .._exceptions import BackendError, ConfigError, UsageError
@@ -52,7 +51,7 @@ from ..admission._decision import Outcome, Reason
 from ..admission._ticket import Ticket, is_cuda_oom
 from ..state._connect import Client, connect
 from . import _broker as broker
-from ._keys import CANCEL_CHANNEL, check_queue_name
+from ._keys import CANCEL_CHANNEL, check_queue_name, decode
 from ._proto import ServerInfo, TaskMessage, WorkerInfo
 from ._servers import clear_server_state, write_server_state
 from ._task import RetryLater, RevokeTask, SkipRetry, Task
@@ -474,7 +473,14 @@ class AsynqWorker:
                 # As Asynq: the task is taken and fails (retried, then archived).
                 self._take_and_fail(peeked, _handler_not_found(msg.type))
                 return 0.0
-            d = self.gate.try_admit(cls, handler.vram)
+            try:
+                d = self.gate.try_admit(cls, handler.vram)
+            except UsageError as exc:
+                # The pool's policy no longer has the class (`gpugate policy
+                # apply`): its queues wait, the others are served.
+                self._warn("asynq_class_unknown", queue=queue, cls=cls, error=str(exc))
+                wait = self.task_check_interval if wait is None else wait
+                continue
             if d.outcome is Outcome.DEFER:
                 self._count("deferred")
                 wait = d.retry_after if wait is None else min(wait, d.retry_after)
@@ -830,7 +836,10 @@ class AsynqWorker:
 
     def _heartbeat_loop(self) -> None:
         while not self._beats_end.wait(self.heartbeat_interval):
-            self._beat()
+            try:
+                self._beat()
+            except Exception as exc:  # the next beat still extends the leases
+                self._warn("asynq_heartbeat_failed", error=repr(exc))
 
     def _beat(self) -> None:
         with self._cond:
@@ -842,10 +851,8 @@ class AsynqWorker:
             pid=self.pid,
             server_id=self.server_id,
             concurrency=self.concurrency,
-            queues={
-                q: max(1, self.gate.effective_policy.class_policy(c).priority)
-                for q, c in self.queues.items()
-            },
+            # A class a new policy dropped still has its queues served here.
+            queues={q: max(1, self._priority(c)) for q, c in self.queues.items()},
             strict_priority=True,
             # Asynq's server state: "closed" from the start of its shutdown.
             status="closed" if self._stop.is_set() else "active",
@@ -873,6 +880,10 @@ class AsynqWorker:
             )
         except BackendError as exc:
             self._warn("asynq_server_state_unwritten", error=str(exc))
+
+    def _priority(self, cls: str) -> int:
+        cp = self.gate.effective_policy.classes.get(cls)
+        return cp.priority if cp is not None else 1
 
     def _extend(self, running: Iterable[_Running]) -> None:
         by_queue: dict[str, list[_Running]] = {}
@@ -923,6 +934,8 @@ class AsynqWorker:
                     self.clean_completed()
             except BackendError as exc:
                 self._warn("asynq_housekeeping_failed", error=str(exc))
+            except Exception as exc:  # a bug must not end the forwarder and recoverer
+                log.exception("asynq_housekeeping_failed", error=repr(exc))
             self._stop.wait(max(0.0, min(next_forward, next_recover, next_janitor) - clock()))
 
     def forward(self) -> int:
@@ -972,7 +985,7 @@ class AsynqWorker:
                     if message is None:
                         continue
                     data = message.get("data")
-                    task_id = data.decode() if isinstance(data, bytes) else str(data)
+                    task_id = decode(data)
                     with self._cond:
                         runs = [
                             r
@@ -984,8 +997,8 @@ class AsynqWorker:
                         self._cancel(run, "cancelled")
                         if not run.handler.is_async:
                             self._settle(run, _Failure(_CANCELED))
-            except (redis.RedisError, OSError) as exc:
-                self._warn("asynq_cancel_listener_failed", error=str(exc))
+            except Exception as exc:  # Redis gone, or a bug: listen again
+                self._warn("asynq_cancel_listener_failed", error=repr(exc))
                 self._stop.wait(self.task_check_interval)
             finally:
                 if pubsub is not None:
