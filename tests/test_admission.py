@@ -751,6 +751,23 @@ class TestLeases:
         # The worker's own metrics count it, as the pool's do.
         assert dropped() == before + 1
 
+    def test_a_release_outcome_outside_the_fixed_set_is_refused(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # It becomes a metric label and a pool counter: a fixed set, not free text.
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
+        d = gate.try_admit("batch", vram=1)
+        assert d.lease is not None
+        with pytest.raises(UsageError, match="'ok', 'error', 'oom', 'dropped'"):
+            d.lease.release("job 1234 failed")
+        assert d.lease.release("error") is True  # still releasable, with a good one
+        t = gate.admit("batch", vram=1, timeout=5)
+        with pytest.raises(UsageError):
+            t.release("timeout")
+        t.release("ok")
+        assert t.outcome == "ok"
+        assert gate.try_admit("batch", vram=1).admitted
+
     def test_a_lease_collected_while_the_registry_is_busy_does_not_hang(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -14,6 +14,7 @@ import structlog
 from .. import _process
 from .._exceptions import ConfigError, UsageError
 from .._units import format_size, parse_size
+from ..metrics._instruments import JOB_OUTCOMES
 
 if TYPE_CHECKING:
     from ._gate import Gate
@@ -139,7 +140,8 @@ class Lease:
         return report
 
     def release(self, outcome: str = "ok", *, refund: bool = False) -> bool:
-        """Give the slot back; ``outcome`` is "ok", "error" or "oom".
+        """Give the slot back; ``outcome`` is "ok", "error", "oom" or "dropped"
+        (unused; anything else is a :class:`~gpugate.UsageError`).
 
         ``refund``: the admission went unused (the job never started, e.g.
         another worker took the task first): the class's rate token is given
@@ -147,6 +149,7 @@ class Lease:
         In a child forked from the holder it raises :class:`~gpugate.UsageError`:
         the parent holds the lease and releases it.
         """
+        check_outcome(outcome)
         self._check_holder("release it")
         if self.released:
             return False
@@ -221,6 +224,14 @@ class Unsent(NamedTuple):
     cls: str
     outcome: str
     counted: bool
+
+
+def check_outcome(outcome: object) -> None:
+    """Raise :class:`~gpugate.UsageError` unless ``outcome`` is one of :data:`JOB_OUTCOMES`."""
+    if outcome not in JOB_OUTCOMES:
+        raise UsageError(
+            f"a release's outcome is one of {', '.join(map(repr, JOB_OUTCOMES))}, not {outcome!r}"
+        )
 
 
 class LeaseRegistry:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from ._decision import Decision
-from ._lease import Lease
+from ._lease import Lease, check_outcome
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
@@ -96,7 +96,9 @@ class Ticket:
         return True
 
     def release(self, outcome: str = "ok", *, refund: bool = False) -> None:
-        """Give the slot back (idempotent); ``refund`` as in :meth:`Lease.release`."""
+        """Give the slot back (idempotent); ``outcome`` and ``refund`` as in
+        :meth:`Lease.release`."""
+        check_outcome(outcome)
         if self.outcome is not None:
             return
         self.outcome = outcome

@@ -42,14 +42,14 @@ from ..state._connect import Client
 from ..state._inspect import PoolView, read_pool
 from ..state._queues import QueuesView, read_pool_queues
 from ..state._verdict import Verdict, assess
+from ._instruments import JOB_OUTCOMES
 
 __all__ = ["PoolCollector"]
 
 log = structlog.get_logger(__name__)
 
-# One scrape answers within Prometheus's default scrape timeout (10 s) even
-# when Redis is down: the client's own retries are bounded by its timeouts.
-_OUTCOMES = ("ok", "error", "oom", "dropped", "expired_by_operator")
+# The job outcomes a pool counts: the releases', and an operator's expiry.
+_OUTCOMES = (*JOB_OUTCOMES, "expired_by_operator")
 
 
 class PoolCollector(Collector):

@@ -35,6 +35,11 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+# How a job ended, as a release tells the pool and gpugate_job_outcomes_total
+# (a label: a fixed set). "dropped": released unused, or by the gate for its
+# holder (the object dropped, the gate closed).
+JOB_OUTCOMES = ("ok", "error", "oom", "dropped")
+
 # Decisions take tens of microseconds to a few milliseconds. 0.05 is the
 # threshold of the GpugateHighDecisionLatency alert: a bound there keeps
 # histogram_quantile from reading a p99 just over 25 ms as over 50 ms.
