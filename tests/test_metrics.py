@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from conftest import spawn_gpugate_metrics
-from gpugate import Gate, Policy, SimulatedSampler
+from gpugate import Gate, Policy, SimulatedSampler, UsageError
 from gpugate.cli._serve import PoolEvents
 from gpugate.metrics import Metrics, PoolCollector, start_metrics_server
 from gpugate.state._connect import connect
@@ -420,6 +420,21 @@ class TestEndpoint:
         decided = f'class="batch",outcome="admit",pool="{gate.pool}",reason="ok"'
         assert f"gpugate_decisions_total{{{decided}}} 1.0" in body
         assert f'gpugate_pool_up{{pool="{gate.pool}"}} 1.0' in body
+
+    def test_a_pool_exporter_can_be_started_again_after_close_but_not_twice_at_once(
+        self, gate: Gate
+    ) -> None:
+        registry = gate.metrics.registry
+        with (
+            start_metrics_server(0, addr="127.0.0.1", registry=registry, pool_of=gate),
+            pytest.raises(UsageError, match="exported on this registry already"),
+        ):
+            start_metrics_server(0, addr="127.0.0.1", registry=registry, pool_of=gate)
+        # Closed: its collector left the registry, so the pool can be exported again.
+        with start_metrics_server(0, addr="127.0.0.1", registry=registry, pool_of=gate) as server:
+            body = urllib.request.urlopen(server.url, timeout=10).read().decode()
+        assert body.count(f'gpugate_pool_up{{pool="{gate.pool}"}}') == 1
+        assert registry.get_sample_value("gpugate_pool_up", {"pool": gate.pool}) is None
 
     def test_a_server_on_every_interface_gives_a_url_a_client_can_use(self, gate: Gate) -> None:
         with start_metrics_server(0, registry=gate.metrics.registry) as server:

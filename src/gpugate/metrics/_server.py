@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import socket
 import threading
+import weakref
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
+from prometheus_client.registry import Collector
 
+from .._exceptions import UsageError
 from ._collector import PoolCollector
 
 if TYPE_CHECKING:
@@ -41,12 +44,20 @@ class _Quiet(WSGIRequestHandler):
         """Scrapes are not worth a log line each."""
 
 
+# The pools each registry exports (start_metrics_server's pool_of), until closed.
+_exported: weakref.WeakKeyDictionary[CollectorRegistry, set[str]] = weakref.WeakKeyDictionary()
+_exported_lock = threading.Lock()
+
 # Wildcard bind addresses and the loopback address that reaches each.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 class MetricsServer:
-    """A running endpoint: ``url``, ``port``; :meth:`close` stops it."""
+    """A running endpoint: ``url``, ``port``; :meth:`close` stops it (and takes
+    the pool collector it was started with off its registry)."""
+
+    _collector: Collector | None = None
+    _pool: str = ""
 
     def __init__(self, registry: CollectorRegistry, addr: str, port: int) -> None:
         server_class = _Server6 if ":" in addr else _Server
@@ -80,6 +91,11 @@ class MetricsServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            self.registry.unregister(collector)
+            with _exported_lock:
+                _exported.get(self.registry, set()).discard(self._pool)
 
     def __enter__(self) -> MetricsServer:
         return self
@@ -101,9 +117,24 @@ def start_metrics_server(
     every gate's instruments (unless a gate was given its own ``metrics``).
     With ``pool_of=gate`` the pool's state in Redis is exported too, read
     at each scrape through that gate's client: do that in one process per
-    pool, not in every worker. Raises :class:`OSError` when the port is taken.
+    pool, not in every worker (a second exporter of the same pool on the same
+    registry is a :class:`~gpugate.UsageError` while the first runs). Raises
+    :class:`OSError` when the port is taken.
     """
     registry = REGISTRY if registry is None else registry
-    if pool_of is not None:
-        registry.register(PoolCollector(pool_of.client, pool_of.pool, redis_url=pool_of.redis_url))
-    return MetricsServer(registry, addr, port)
+    if pool_of is None:
+        return MetricsServer(registry, addr, port)
+    with _exported_lock:
+        pools = _exported.setdefault(registry, set())
+        if pool_of.pool in pools:
+            # prometheus_client would take it, and serve every series twice.
+            raise UsageError(
+                f"pool {pool_of.pool!r} is exported on this registry already; "
+                "close that MetricsServer first"
+            )
+        server = MetricsServer(registry, addr, port)
+        collector = PoolCollector(pool_of.client, pool_of.pool, redis_url=pool_of.redis_url)
+        registry.register(collector)
+        server._collector, server._pool = collector, pool_of.pool
+        pools.add(pool_of.pool)
+    return server
