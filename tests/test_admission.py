@@ -1445,6 +1445,39 @@ class TestRedisRefuses:
             gate.close()
 
 
+class TestWakeListener:
+    """The thread that wakes blocked admissions outlives any error Redis replies."""
+
+    def test_a_user_without_pub_sub_still_admits_on_timers(
+        self, redis_server: RedisProcess, redis_client: redis.Redis, pool_name: str
+    ) -> None:
+        user = f"nosub-{pool_name}"
+        redis_client.execute_command(
+            "ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "-subscribe", "-psubscribe"
+        )
+        url = redis_server.url.replace("redis://", f"redis://{user}:pw@")
+        gate = Gate(
+            url,
+            pool=pool_name,
+            policy=policy(),
+            sampler=SimulatedSampler(["80GiB"]),
+            register=False,
+        )
+        try:
+            with capture_logs() as logs:
+                with gate.admit("batch", vram=1, timeout=10) as ticket:
+                    assert ticket.device is not None
+                deadline = time.monotonic() + 10
+                while not any(e["event"] == "wake_listener_failed" for e in logs):
+                    assert time.monotonic() < deadline, logs
+                    time.sleep(0.05)
+            assert gate._wake is not None
+            assert gate._wake._thread.is_alive()
+        finally:
+            gate.close()
+            redis_client.execute_command("ACL", "DELUSER", user)
+
+
 class TestRedisHangs:
     """A hung Redis costs a call one socket timeout; what fails meanwhile is
     sent again, and holders are told when their leases may be gone."""

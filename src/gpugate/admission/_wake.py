@@ -18,6 +18,10 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
+# The connection lost: the listener reconnects (logged at debug level).
+_LOST = (redis.ConnectionError, redis.TimeoutError, OSError, redis.RedisClusterException)
+
+
 class WakeListener:
     """Turns messages on the pool's wake channel into wake-ups."""
 
@@ -97,14 +101,14 @@ class WakeListener:
                 while not self._stop.is_set():
                     if pubsub.get_message(timeout=0.5) is not None:
                         self._bump()
-            except (
-                redis.ConnectionError,
-                redis.TimeoutError,
-                OSError,
-                redis.RedisClusterException,
-            ) as exc:
+            except Exception as exc:
+                # Redis gone (reconnect), or an error reply (an ACL without
+                # pub/sub, say): the thread lives on and tries again.
                 failures += 1
-                log.debug("wake_listener_reconnecting", error=str(exc), failures=failures)
+                if isinstance(exc, _LOST):
+                    log.debug("wake_listener_reconnecting", error=str(exc), failures=failures)
+                else:
+                    log.warning("wake_listener_failed", error=str(exc), failures=failures)
                 # Waiters fall back to their timers meanwhile; wake them so they retry now.
                 self._bump()
                 self._stop.wait(min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0))
