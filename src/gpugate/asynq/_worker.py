@@ -674,8 +674,9 @@ class AsynqWorker:
                 with self._cond:
                     self._unwritten.append(_Unwritten(run, what, write, written))
             self._warn(
-                f"asynq_task_{what}_unwritten",
+                "asynq_task_end_unwritten",
                 task_id=msg.id,
+                what=what,
                 error=str(exc),
                 note="written again at each heartbeat while its Asynq lease lasts"
                 if run is not None
