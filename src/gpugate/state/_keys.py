@@ -1,8 +1,12 @@
 """Every Redis key name of a pool, in one place.
 
 All keys of a pool share the hash tag ``{<pool>}`` so that every script touches
-one Redis Cluster slot. The Lua scripts receive the prefix and build the
-per-device lease keys from it with the same layout as :meth:`PoolKeys.device`.
+one Redis Cluster slot. The Lua scripts receive the prefix and build some keys
+from it themselves (``P dev:<uuid>``, with the layout of
+:meth:`PoolKeys.device`; ``P ghosts``, ``P dec:<minute>``, ``P gpus``, the
+``P wake`` channel) instead of taking them in KEYS: on Redis Cluster that is
+safe only because they carry the same hash tag, so every key of a pool must
+be made from this prefix.
 
 Key schema (``P`` = ``gpugate:{<pool>}:``):
 
