@@ -633,6 +633,28 @@ class TestLeases:
         assert d.lease.lost  # type: ignore[union-attr]
         assert lost == [d.lease.id]  # type: ignore[union-attr]
 
+    def test_a_callback_may_call_back_into_the_gate(self, make_gate: Callable[..., Gate]) -> None:
+        # on_lost runs once the beat is over: beat_now() in it used to wait for
+        # the beat lock its own thread held, and the heartbeat stopped for good.
+        clock = FakeClock()
+        gate = make_gate(policy({"lease_ttl": "5s"}), _clock_ms=clock)
+        first = gate.try_admit("batch", vram=1).lease
+        assert first is not None
+        first.on_lost(lambda _lease: gate.beat_now())
+        clock.advance(5.001)
+        kept = gate.try_admit("batch", vram=1).lease  # reaps the first
+        assert kept is not None
+        beat = threading.Thread(target=gate.beat_now, daemon=True)
+        beat.start()
+        beat.join(10)
+        assert not beat.is_alive(), "the beat waited for itself"
+        assert first.lost
+        clock.advance(4)
+        gate.beat_now()  # beats go on: the other lease is renewed
+        clock.advance(4)
+        assert gate.try_admit("batch", vram=1).admitted
+        assert not kept.lost
+
     def test_renewal_keeps_a_lease_alive_past_its_ttl(self, make_gate: Callable[..., Gate]) -> None:
         clock = FakeClock()
         gate = make_gate(
@@ -903,9 +925,10 @@ class TestLeases:
             return reply
 
         gate._scripts.admit_job = close_in_flight  # type: ignore[assignment]
-        d = gate.try_admit("batch", vram="1GiB")
-        assert d.lease is not None
-        assert (d.lease.lost, d.lease.lost_reason) == (True, "gate_closed")
+        # The caller hears that the gate is closed, not of a lease it cannot use
+        # (admit() returned a ticket whose lease was already gone).
+        with pytest.raises(UsageError, match="closed"):
+            gate.try_admit("batch", vram="1GiB")
         assert read_redis(server, lambda client: client.zcard(PoolKeys(pool_name).exp)) == 0
 
     def test_a_closed_gate_refuses_every_use(self, make_gate: Callable[..., Gate]) -> None:
@@ -1170,6 +1193,63 @@ class TestBlockingAdmit:
         assert state(server, pool_name).get("out:batch:dropped") == "1"
         slow.delay_s = 0
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+
+    def test_a_cancelled_admit_async_leaves_no_waiter_its_decision_in_flight_wrote(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # Cancelled while a decision that defers is in flight: that decision
+        # writes the waiter entry after the cancellation deleted it.
+        pol = policy({"waiter_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 0})
+        slow = _SlowSampler(SimulatedSampler(["80GiB"]), delay_s=0)
+        gate = make_gate(pol, slow)
+
+        async def cancel_mid_decision() -> None:
+            task = asyncio.ensure_future(gate.admit_async("batch", vram="1GiB"))
+            await asyncio.sleep(0.3)  # deferred once: it waits (its timer, a wake-up)
+            slow.delay_s = 0.6
+            gate._wake_listener()._bump()  # wake it: a decision starts, slow
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(1.5)  # the decision finishes in its thread meanwhile
+
+        asyncio.run(cancel_mid_decision())
+        assert waiter_ids(server, pool_name) == []
+
+    def test_cancelling_admit_async_does_not_block_the_loop_while_redis_hangs(
+        self, server: RedisProcess, pool_name: str
+    ) -> None:
+        private = RedisProcess(server.executable).start()
+        pol = policy(batch={"priority": 10, "max_concurrent": 0})
+        gate = Gate(
+            private.url,
+            pool=pool_name,
+            policy=pol,
+            sampler=SimulatedSampler(["80GiB"]),
+            socket_timeout_s=3.0,
+            register=False,
+        )
+
+        async def cancel_waiting_admissions() -> float:
+            tasks = [asyncio.ensure_future(gate.admit_async("batch", vram=1)) for _ in range(4)]
+            await asyncio.sleep(0.5)  # each deferred (cap) and sleeps till its retry
+            with frozen(private):
+                started = time.monotonic()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                took = time.monotonic() - started
+                await asyncio.sleep(0)
+            return took
+
+        try:
+            took = asyncio.run(cancel_waiting_admissions())
+            # Each HDEL inline would hold the loop a socket timeout (3 s): 12 s.
+            assert took < 3.0, took
+        finally:
+            gate.close()
+            private.stop()
 
     def test_closing_with_decisions_in_flight_leaves_nothing_behind(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str

@@ -91,6 +91,8 @@ class GateCore:
     _idle_sent: dict[str, int]
     _recycle: set[str]
     _on_recycle: list[RecycleCallback]
+    # What a beat has to tell holders, called once its lock is released.
+    _told: list[Callable[[], None]]
 
     @property
     def client(self) -> redis.Redis | redis.RedisCluster:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -165,6 +166,7 @@ class Gate(LeaseKeeping, Overrides):
         self._idle_sent = {}
         self._recycle = set()
         self._on_recycle = []
+        self._told = []
         self._seq = next(_gate_seq)
         self.owner = f"{self.sampler.sample().host or 'host'}:{self._pid}:{_uuid.uuid4().hex[:8]}"
         self._leases = LeaseRegistry(self._idle.touch)
@@ -310,8 +312,15 @@ class Gate(LeaseKeeping, Overrides):
             await asyncio.to_thread(self._check_device, device)
         wake = self._wake_listener()
         woke_at = None
-        # The waiter entry goes on any exit (forgetting it is one quick HDEL).
-        with self._waiting_as(request.waiter):
+        loop = asyncio.get_running_loop()
+        waiter = request.waiter
+
+        def forget() -> None:
+            # Off the loop: with Redis hung the HDEL waits a socket timeout.
+            _off_loop(loop, self._forget_waiter, waiter)
+
+        # The waiter entry goes on any exit.
+        with self._waiting_as(waiter, forget):
             while True:
                 generation = wake.generation
                 deciding = asyncio.ensure_future(
@@ -322,8 +331,12 @@ class Gate(LeaseKeeping, Overrides):
                 try:
                     d = await asyncio.shield(deciding)
                 except asyncio.CancelledError:
-                    # The decision runs on in its thread: what it admits goes back unused.
-                    deciding.add_done_callback(_give_back_unused)
+                    # The decision runs on in its thread: what it admits goes
+                    # back unused, and the waiter entry it writes goes too,
+                    # once it is done (both off the loop).
+                    deciding.add_done_callback(
+                        functools.partial(self._after_cancelled, loop, waiter)
+                    )
                     raise
                 if d.outcome is Outcome.ADMIT:
                     return Ticket(d)
@@ -640,10 +653,13 @@ class Gate(LeaseKeeping, Overrides):
         return self._wake
 
     @contextlib.contextmanager
-    def _waiting_as(self, waiter: str) -> Generator[None, None, None]:
+    def _waiting_as(
+        self, waiter: str, forget: Callable[[], object] | None = None
+    ) -> Generator[None, None, None]:
         """A blocking admission's waiter entry: gone when the admission ends
         without a lease, however it ends (timed out, rejected, interrupted,
-        cancelled, the gate closed), not one waiter TTL later."""
+        cancelled, the gate closed), not one waiter TTL later. ``forget``
+        deletes it (default: :meth:`_forget_waiter`, in this thread)."""
         with self._lock:
             self._waiting.add(waiter)
         try:
@@ -654,11 +670,28 @@ class Gate(LeaseKeeping, Overrides):
             # timeout is not held up by one more socket timeout.
             last = getattr(exc, "decision", None)
             if last is None or last.reason != Reason.BACKEND_UNAVAILABLE:
-                self._forget_waiter(waiter)
+                if forget is not None:
+                    forget()
+                else:
+                    self._forget_waiter(waiter)
             raise
         finally:
             with self._lock:
                 self._waiting.discard(waiter)
+
+    def _after_cancelled(
+        self, loop: asyncio.AbstractEventLoop, waiter: str, deciding: asyncio.Future[Decision]
+    ) -> None:
+        """A decision whose awaiting task was cancelled is done: release what it
+        admitted, unused (rate token refunded, counted ``dropped``), or delete
+        the waiter entry it wrote; off the loop."""
+        lease = None
+        if not deciding.cancelled() and deciding.exception() is None:
+            lease = deciding.result().lease
+        if lease is not None:
+            _off_loop(loop, functools.partial(lease.release, "dropped", refund=True))
+        else:
+            _off_loop(loop, self._forget_waiter, waiter)
 
     def _forget_waiter(self, *waiters: str) -> None:
         """Delete waiter entries; on failure they expire by themselves within
@@ -749,14 +782,13 @@ class Gate(LeaseKeeping, Overrides):
         return f"<Gate pool={self.pool!r} redis={self.redis_url} leases={len(self._leases)}>"
 
 
-def _give_back_unused(deciding: asyncio.Future[Decision]) -> None:
-    """A decision whose awaiting task was cancelled: release what it admitted,
-    unused (rate token refunded), counted as ``dropped``."""
-    if deciding.cancelled() or deciding.exception() is not None:
-        return
-    lease = deciding.result().lease
-    if lease is not None:
-        lease.release("dropped", refund=True)
+def _off_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    """Run ``fn(*args)`` in the loop's executor, not waiting for it (a daemon
+    thread when the loop no longer takes work)."""
+    try:
+        loop.run_in_executor(None, fn, *args)
+    except RuntimeError:  # closed, or shutting its executor down
+        threading.Thread(target=fn, args=args, daemon=True).start()
 
 
 def _check_request(cls: object, tenant: object) -> None:

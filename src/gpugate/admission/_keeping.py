@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from .. import _process
-from .._exceptions import BackendError, GpugateError
+from .._exceptions import BackendError, GpugateError, UsageError
 from ..sampling import Snapshot
 from ..state._inspect import read_pool
 from ._core import refusal
@@ -32,16 +33,20 @@ class LeaseKeeping(WorkerRecord):
     """Renewal and release of a gate's leases (see ``Gate``)."""
 
     def _hold(self, lease: Lease) -> None:
+        """Renew ``lease`` from now on; raises :class:`UsageError` when the gate
+        closed meanwhile (the lease is given back: nothing would renew it)."""
         self._leases.add(lease)
         if self._closed:
-            # Admitted while close() ran: nothing would renew it. close() sets
-            # _closed before it goes through the leases, so one of the two
-            # releases it (both may: the second finds it gone).
+            # Admitted while close() ran. close() sets _closed before it goes
+            # through the leases, so one of the two releases it (both may: the
+            # second finds it gone). The caller hears that the gate is closed,
+            # as a decision that started a moment later would, not of a lease
+            # it cannot use.
             if not lease.released:
-                lease._mark_lost("gate_closed")  # before: a released lease is not lost
                 lease.released = True
+                self._leases.discard(lease)
                 self._late(lambda: self._release_lease(lease, "dropped"))
-            return
+            raise UsageError("this Gate is closed")
         self._ensure_heartbeat()
 
     def _kick_heartbeat(self) -> None:
@@ -109,10 +114,21 @@ class LeaseKeeping(WorkerRecord):
         Beats (the heartbeat thread's, :meth:`beat_now`) go one at a time, so
         that a beat computed earlier never lands after a later one and
         overwrites its figures (idle memory, reported actuals). Decisions do
-        not wait for this lock.
+        not wait for this lock. What the beat has to tell holders (their
+        ``on_lost``, ``on_max_duration``, ``on_recycle_recommended``
+        callbacks) runs after the lock is released: a callback may call back
+        into the gate (``beat_now`` included).
         """
-        with self._beat_lock:
-            self._beat_once()
+        told: list[Callable[[], None]] = []
+        try:
+            with self._beat_lock:
+                try:
+                    self._beat_once()
+                finally:
+                    told, self._told = self._told, []
+        finally:
+            for tell in told:
+                tell()
 
     def _send_releases(self) -> None:
         """Send the queued releases (dropped leases, releases that failed); on a
@@ -215,12 +231,12 @@ class LeaseKeeping(WorkerRecord):
             elif status == 2:
                 lease.expires_ms = expires
                 lease._renewed_mono = beat_started
-                if lease._mark_max_duration():
+                if lease._mark_max_duration(later=self._told):
                     self.metrics.leases_max_duration.labels(lease.cls).inc()
             else:
                 self._leases.discard(lease)
                 # The background heartbeat and beat_now() may both see it gone.
-                if lease._mark_lost("expired"):
+                if lease._mark_lost("expired", later=self._told):
                     self.stats["leases_lost"] += 1
                     self.metrics.leases_lost.labels(lease.cls).inc()
 
@@ -269,7 +285,7 @@ class LeaseKeeping(WorkerRecord):
         ttl = self.effective_policy.pool.lease_ttl_s
         now = time.monotonic()
         for lease in leases:
-            if now - lease._renewed_mono > ttl and lease._mark_lost("unrenewed"):
+            if now - lease._renewed_mono > ttl and lease._mark_lost("unrenewed", later=self._told):
                 self._leases.discard(lease)
                 self._leases.send_later(
                     Unsent(lease.device_uuid, lease.id, lease.cls, "dropped", False)

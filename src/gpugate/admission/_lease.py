@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -164,8 +165,9 @@ class Lease:
         if _process.pid != self._gate._pid:
             raise UsageError(f"this lease is held by the parent process's gate; {what} there")
 
-    def _mark_lost(self, reason: str) -> bool:
-        """Tell the holder, once; True for the call that did (two heartbeats may race)."""
+    def _mark_lost(self, reason: str, *, later: list[Callable[[], None]] | None = None) -> bool:
+        """Tell the holder, once; True for the call that did (two heartbeats may race).
+        ``later``: its callbacks are appended there instead of run now."""
         with self._lock:
             if self.lost or self.released:
                 return False
@@ -174,8 +176,7 @@ class Lease:
         log.warning(
             "lease_lost", lease_id=self.id, cls=self.cls, device=self.device_uuid, reason=reason
         )
-        for cb in self._on_lost:
-            _run_callback(cb, self)
+        _call_back(self._on_lost, self, later)
         return True
 
     def _recommend_recycle(self, idle: int, total: int, bound: float) -> None:
@@ -193,8 +194,9 @@ class Lease:
             fix="torch.cuda.empty_cache() between jobs, or restart this worker when idle",
         )
 
-    def _mark_max_duration(self) -> bool:
-        """Tell the holder, once; True for the call that did."""
+    def _mark_max_duration(self, *, later: list[Callable[[], None]] | None = None) -> bool:
+        """Tell the holder, once; True for the call that did (``later`` as in
+        :meth:`_mark_lost`)."""
         with self._lock:
             if self.max_duration_reached:
                 return False
@@ -202,9 +204,18 @@ class Lease:
         log.warning(
             "lease_max_duration_reached", lease_id=self.id, cls=self.cls, device=self.device_uuid
         )
-        for cb in self._on_max:
-            _run_callback(cb, self)
+        _call_back(self._on_max, self, later)
         return True
+
+
+def _call_back(
+    callbacks: list[LeaseCallback], lease: Lease, later: list[Callable[[], None]] | None
+) -> None:
+    for cb in callbacks:
+        if later is None:
+            _run_callback(cb, lease)
+        else:
+            later.append(functools.partial(_run_callback, cb, lease))
 
 
 def _run_callback(cb: LeaseCallback, lease: Lease) -> None:

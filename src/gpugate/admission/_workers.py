@@ -9,6 +9,7 @@ baseline while no gate of the process holds a lease. See ``docs/sampling.md``,
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -46,6 +47,13 @@ def live_gates() -> list[WorkerRecord]:
     """This process's gates not yet collected (closed ones included)."""
     with _live_gates_lock:
         return list(_live_gates)
+
+
+def _call_recycle(cb: RecycleCallback, uuid: str, idle: int) -> None:
+    try:
+        cb(uuid, idle)
+    except Exception:  # a user callback must not kill the heartbeat
+        log.exception("recycle_callback_failed", device=uuid)
 
 
 class WorkerRecord(GateCore):
@@ -184,10 +192,8 @@ class WorkerRecord(GateCore):
                 fix="torch.cuda.empty_cache() while idle, or restart this worker, staggered",
             )
             for cb in self._on_recycle:
-                try:
-                    cb(uuid, idle)
-                except Exception:  # a user callback must not kill the heartbeat
-                    log.exception("recycle_callback_failed", device=uuid)
+                # Called once the beat is over (see _beat).
+                self._told.append(functools.partial(_call_recycle, cb, uuid, idle))
 
     def _gpus_record(self, snap: Snapshot | None) -> tuple[str, str]:
         """(host, JSON of this gate's snapshot of its host's GPUs) for the pool;
