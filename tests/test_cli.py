@@ -14,8 +14,10 @@ from gpugate.sim import run_demo
 from gpugate.state._server import RedisProcess
 
 
-def gpugate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+def gpugate(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**(os.environ if env is None else env), "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run(
         [sys.executable, "-m", "gpugate", *args],
         capture_output=True,
@@ -84,6 +86,22 @@ class TestDemo:
 
 class TestPolicyCommands:
     """policy check/apply/show, and errors that are one line."""
+
+    def test_policy_commands_never_start_the_embedded_redis(self, tmp_path: Path) -> None:
+        f = tmp_path / "gpugate.toml"
+        f.write_text("[classes.batch]\npriority = 10\n")
+        home = tmp_path / "embedded"
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("GPUGATE_REDIS_URL", "REDIS_URL", "GPUGATE_EMBEDDED_DIR")
+        }
+        env["GPUGATE_EMBEDDED_DIR"] = str(home)
+        for args in (("policy", "show"), ("policy", "apply", str(f))):
+            result = gpugate(*args, env=env)
+            assert result.returncode == 2, result.stderr
+            assert "embedded Redis of this host is not running" in result.stderr
+        assert not (home / "redis.sock").exists()
 
     def test_check_accepts_a_good_file(self, tmp_path: Path) -> None:
         f = tmp_path / "gpugate.toml"

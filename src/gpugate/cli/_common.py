@@ -29,10 +29,10 @@ def redis_url(explicit: str | None) -> tuple[str, bool]:
     """The Redis URL of the pool and whether it is the embedded one, never starting it."""
     if explicit or any(os.environ.get(name, "").strip() for name in REDIS_URL_ENVS):
         return resolve_redis_url(explicit)
-    from ..state._embedded import embedded_dir
+    from ..state._embedded import SOCKET_NAME, embedded_dir
     from ..state._server import ping
 
-    sock = embedded_dir() / "redis.sock"
+    sock = embedded_dir() / SOCKET_NAME
     if not ping(str(sock)):
         raise UsageError(
             "no Redis configured and the embedded Redis of this host is not running; "

@@ -377,12 +377,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             return check_config(args.file)
         from ..admission import Gate
+        from ._common import describe_override, overrides_from_reply, redis_url
 
         if args.action == "apply":
-            from ._common import describe_override, overrides_from_reply
-
             p = Policy.from_file(args.file)
-            with Gate(args.redis_url, pool=args.pool, policy=p, register=False) as gate:
+            url, _ = redis_url(args.redis_url)  # never starts the embedded Redis
+            with Gate(url, pool=args.pool, policy=p, register=False) as gate:
                 before = overrides_from_reply(gate.overrides())
                 version = gate.sync_policy(force=True)
                 after = overrides_from_reply(gate.overrides())
@@ -398,7 +398,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 if o.until_ms == 0 or o.until_ms > now_ms:
                     print(f"still in force: {describe_override(o, now_ms)}")
             return 0
-        with Gate(args.redis_url, pool=args.pool, register=False) as gate:
+        url, _ = redis_url(args.redis_url)
+        with Gate(url, pool=args.pool, register=False) as gate:
             stored = gate.read_pool_policy()
             if stored is None:
                 raise UsageError(
