@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,37 @@ class TestDemo:
         assert result.returncode == 2
         assert result.stderr.startswith("gpugate demo: error:")
         assert value in result.stderr
+
+    def test_demo_into_a_reader_that_stops_early_ends_quietly(self) -> None:
+        # `gpugate demo | head -2`: the reader goes while the workers still print.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpugate", "demo", "--seconds", "4"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        for _ in range(2):
+            proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.stderr.close()
+        assert proc.wait(60) == 141, err
+        assert "Traceback" not in err, err
+
+    def test_demo_on_a_redis_that_is_not_there_is_one_line(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            url = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+        env = {**os.environ, "GPUGATE_REDIS_URL": url}
+        result = gpugate("demo", "--seconds", "2", env=env)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.startswith("gpugate:")]
+        assert len(lines) == 1, result.stderr
+        assert "unreachable" in lines[0]
+        assert "Traceback" not in result.stderr
 
 
 class TestPolicyCommands:

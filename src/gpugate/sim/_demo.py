@@ -20,11 +20,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import redis
+
+from .._exceptions import BackendError
 from .._units import format_size
 from ..admission import Gate, Outcome
 from ..policy import Policy
 from ..sampling import SimulatedSampler
-from ..state._connect import connect, resolve_redis_url
 from ..state._keys import PoolKeys
 
 GiB = 1 << 30
@@ -77,10 +79,19 @@ class _Demo:
         self.lock = threading.Lock()
         self.start = time.monotonic()
         self.stop = threading.Event()
+        self.output_closed = False
 
     def log(self, who: str, text: str) -> None:
         with self.lock:
-            self.echo(f"{time.monotonic() - self.start:6.2f}s  {who:<14} {text}")
+            if self.output_closed:
+                return
+            try:
+                self.echo(f"{time.monotonic() - self.start:6.2f}s  {who:<14} {text}")
+            except BrokenPipeError:
+                # `gpugate demo | head`: the reader is gone; the run ends, and
+                # the main thread's next line ends the command quietly (141).
+                self.output_closed = True
+                self.stop.set()
 
     def worker(self, name: str, cls: str) -> None:
         gate = Gate(self.url, pool=self.pool, policy=self.policy, sampler=self.sampler)
@@ -152,13 +163,23 @@ class _Demo:
     def operator(self, gate: Gate) -> None:
         if self.stop.wait(self.seconds * 0.4):
             return
-        gate.pause("batch", duration="3s", reason="demo: operator drains batch for 3 s")
+        try:
+            gate.pause("batch", duration="3s", reason="demo: operator drains batch for 3 s")
+        except BackendError as exc:
+            self.log("operator", f"PAUSE  batch failed: {exc}")
+            return
         self.log("operator", "PAUSE  batch for 3s (reverts by itself)")
 
     def run(self) -> DemoReport:
         control = Gate(
             self.url, pool=self.pool, policy=self.policy, sampler=self.sampler, register=False
         )
+        try:
+            # Redis unreachable: one line from the CLI, not a run of deferrals.
+            control.sync_policy()
+        except BaseException:
+            control.close()
+            raise
         where = "embedded Redis (this host only)" if control.embedded else control.redis_url
         self.echo(f"gpugate demo: pool {self.pool} on {where}; two simulated 24 GiB GPUs")
         self.echo(
@@ -186,13 +207,17 @@ class _Demo:
         return self.report
 
     def _cleanup(self, control: Gate) -> None:
-        control.close()
-        url, _ = resolve_redis_url(self.url)
-        client = connect(url)
-        keys = list(client.scan_iter(match=PoolKeys(self.pool).prefix + "*", count=500))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        """Delete the demo's pool, on the Redis the demo used (an embedded one
+        stopped meanwhile is not started again for this)."""
+        try:
+            client = control.client
+            keys = list(client.scan_iter(match=PoolKeys(self.pool).prefix + "*", count=500))
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError:
+            pass  # Redis gone: nothing of the pool is left to see
+        finally:
+            control.close()
 
 
 def run_demo(
