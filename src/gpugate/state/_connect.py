@@ -261,7 +261,8 @@ def _is_cluster_node(client: redis.Redis, url: str) -> bool:
             url=mask_url(url),
             error=_without_secrets(str(exc), url),
             assumed="plain Redis",
-            fix="add ?cluster=1 to the URL of a Redis Cluster",
+            fix="check that Redis runs there; for a Redis Cluster add ?cluster=1 "
+            "(or ?cluster=0 for a plain Redis) to skip this probe",
         )
         return False
     except redis.exceptions.InvalidResponse as exc:
