@@ -683,13 +683,23 @@ class AsynqWorker:
                 else "taken up again by the recoverer",
             )
             return
-        self._took(msg, what, took, written)
+        self._took(msg, what, took, written, attempt=run is not None)
 
     @staticmethod
-    def _took(msg: TaskMessage, what: str, took: object, written: Callable[[], None]) -> None:
+    def _took(
+        msg: TaskMessage,
+        what: str,
+        took: object,
+        written: Callable[[], None],
+        *,
+        attempt: bool = True,
+    ) -> None:
+        """Count and log an end Redis took; say so when it did not (NOT FOUND)
+        for one of this worker's attempts. The recoverer's are quiet: several
+        workers' recoverers race for the same expired task."""
         if took:
             written()
-        else:
+        elif attempt:
             log.warning(
                 "asynq_task_end_not_found",
                 task_id=msg.id,
