@@ -168,7 +168,8 @@ class TestPlacement:
         pol = policy(interactive={"priority": 100, "reserve": "20GiB"}, batch={"priority": 10})
         gate = make_gate(pol, SimulatedSampler(["80GiB"]))
         assert gate.try_admit("batch", vram="61GiB").reason == "too_large"
-        assert gate.try_admit("batch", vram="60GiB").outcome is Outcome.ADMIT
+        held = gate.try_admit("batch", vram="60GiB")  # kept: a dropped lease goes at a beat
+        assert held.outcome is Outcome.ADMIT
         assert gate.try_admit("batch", vram="1GiB").reason == "vram"
         assert gate.try_admit("interactive", vram="20GiB").outcome is Outcome.ADMIT
 
@@ -360,7 +361,8 @@ class TestCaps:
             policy({"max_per_device": 1}, interactive={"priority": 100}, batch={"priority": 10}),
             SimulatedSampler(["80GiB"]),
         )
-        assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+        held = gate.try_admit("batch", vram="1GiB")  # kept: a dropped lease goes at a beat
+        assert held.outcome is Outcome.ADMIT
         assert gate.try_admit("interactive", vram="1GiB").reason == "cap"
 
     def test_a_runtime_cap_only_lowers_and_reverts_by_itself(
@@ -1427,7 +1429,9 @@ class TestWaiterOrder:
             batch={"priority": 10},
         )
         gate = make_gate(pol, SimulatedSampler(["80GiB"]))
-        assert gate.try_admit("batch", vram="60GiB").outcome is Outcome.ADMIT
+        # Held for the whole test: a dropped lease goes at the gate's next beat.
+        held = gate.try_admit("batch", vram="60GiB")
+        assert held.outcome is Outcome.ADMIT
         # Many low waiters and one high waiter on the only device, in any order.
         for i in range(20):
             assert gate.try_admit("batch", vram=f"{30 + i}GiB").reason == "vram"
