@@ -134,10 +134,24 @@ _WHERE_OPTIONS = (
 )
 
 
+_EXAMPLES = """examples:
+  gpugate demo                                      two classes, two simulated GPUs
+  gpugate --pool ocr status --watch                 the pool, refreshed every 2s
+  gpugate --pool ocr pause batch --for 30m --reason "incident 42"
+  gpugate --pool ocr cap batch 2 --for 1h           at most 2 batch jobs for an hour
+  gpugate --pool ocr resume                         lift every pause
+  gpugate --pool ocr policy apply gpugate.toml      replace the pool's policy
+  gpugate <command> --help                          each command's options
+
+docs: README.md and docs/ (admission, policy, operations, sampling, asynq)"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gpugate",
         description="Race-free admission of GPU jobs: admit, defer with a retry-after, or reject.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"gpugate {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events to stderr")
@@ -168,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         default=6,
         help="worker threads, half of each class (default 6)",
     )
-    demo.add_argument("--seed", type=int, default=7, help="random seed of the workload")
+    demo.add_argument("--seed", type=int, default=7, help="random seed of the workload (default 7)")
 
     embedded = sub.add_parser("embedded", help="the embedded Redis of this host (single host only)")
     esub = embedded.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -181,9 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     apply = psub.add_parser(
         "apply", parents=[where], help="replace the pool's policy with FILE (TOML)"
     )
-    apply.add_argument("file")
+    apply.add_argument("file", metavar="FILE", help="a policy file (TOML; see docs/policy.md)")
     check = psub.add_parser("check", help="check a policy FILE without touching Redis")
-    check.add_argument("file")
+    check.add_argument("file", metavar="FILE", help="a policy file (TOML; see docs/policy.md)")
 
     status = sub.add_parser(
         "status",
@@ -211,14 +225,16 @@ def _parser() -> argparse.ArgumentParser:
         parents=[where],
         help="pause classes (and their Asynq queues): their requests defer until resumed",
     )
-    pause.add_argument("classes", nargs="*", metavar="CLASS")
+    pause.add_argument("classes", nargs="*", metavar="CLASS", help="classes to pause")
     pause.add_argument("--all", action="store_true", help="pause every class, the highest too")
     _override_options(pause)
 
     resume = sub.add_parser(
         "resume", parents=[where], help="lift pauses (every pause without a CLASS)"
     )
-    resume.add_argument("classes", nargs="*", metavar="CLASS")
+    resume.add_argument(
+        "classes", nargs="*", metavar="CLASS", help="classes to resume (none: every pause)"
+    )
     _override_options(resume, duration=False)
 
     drain = sub.add_parser(
@@ -226,20 +242,24 @@ def _parser() -> argparse.ArgumentParser:
         parents=[where],
         help="pause every class but the highest-priority one(s), or one CLASS",
     )
-    drain.add_argument("cls", nargs="?", metavar="CLASS")
+    drain.add_argument(
+        "cls", nargs="?", metavar="CLASS", help="one class to pause (none: all but the highest)"
+    )
     _override_options(drain)
 
     cap = sub.add_parser(
         "cap", parents=[where], help="lower a class's pool-wide cap of concurrent leases"
     )
-    cap.add_argument("cls", metavar="CLASS")
-    cap.add_argument("n", type=_count, metavar="N")
+    cap.add_argument("cls", metavar="CLASS", help="the class to cap")
+    cap.add_argument(
+        "n", type=_count, metavar="N", help="its most live leases in the pool (0 admits none)"
+    )
     _override_options(cap)
 
     uncap = sub.add_parser(
         "uncap", parents=[where], help="remove a runtime cap: the policy's cap applies again"
     )
-    uncap.add_argument("cls", metavar="CLASS")
+    uncap.add_argument("cls", metavar="CLASS", help="the class whose runtime cap goes")
     _override_options(uncap, duration=False)
 
     queues = sub.add_parser(
@@ -274,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="check a configuration file")
     csub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
     ccheck = csub.add_parser("check", help="check a policy FILE without touching Redis")
-    ccheck.add_argument("file")
+    ccheck.add_argument("file", metavar="FILE", help="a policy file (TOML; see docs/policy.md)")
     return p
 
 
