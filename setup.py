@@ -32,7 +32,8 @@ CYTHON_DIRECTIVES = {
 
 
 def _extensions_required() -> bool:
-    return os.environ.get(REQUIRE_ENV) == "1"
+    # As gpugate._speedups reads its switches.
+    return os.environ.get(REQUIRE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 class OptionalBuildExt(build_ext):

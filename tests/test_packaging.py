@@ -35,7 +35,7 @@ needs_compiled = pytest.mark.skipif(
 
 
 def _env_is(name: str) -> bool:
-    return os.environ.get(name) == "1"
+    return _speedups._on(name)
 
 
 def _import_speedups_in_child(
@@ -85,10 +85,19 @@ class TestImplementationChoice:
         chosen = _speedups.IMPLEMENTATION
         assert chosen == ("cython" if compiled_usable else "python")
 
-    def test_no_extensions_env_wins_in_a_fresh_interpreter(self) -> None:
-        result = _import_speedups_in_child(GPUGATE_NO_EXTENSIONS="1")
+    @pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
+    def test_no_extensions_env_wins_in_a_fresh_interpreter(self, value: str) -> None:
+        result = _import_speedups_in_child(GPUGATE_NO_EXTENSIONS=value)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "python"
+
+    @pytest.mark.parametrize("value", ["0", "false", ""])
+    def test_no_extensions_off_keeps_the_compiled_fast_path(self, value: str) -> None:
+        if _compiled is None:
+            pytest.skip("the compiled fast path is not built here")
+        result = _import_speedups_in_child(GPUGATE_NO_EXTENSIONS=value)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "cython"
 
     def test_a_missing_extension_falls_back_to_python(self) -> None:
         result = _import_speedups_in_child(block_compiled=True)

@@ -25,15 +25,22 @@ __all__ = ["IMPLEMENTATION", "NvmlLibrary", "pack_samples", "precheck_fits", "pr
 
 NO_EXTENSIONS_ENV = "GPUGATE_NO_EXTENSIONS"
 REQUIRE_EXTENSIONS_ENV = "GPUGATE_REQUIRE_EXTENSIONS"
+# What turns either switch on ("1", and the words people write for it);
+# anything else, unset or empty, leaves it off.
+_ON = frozenset({"1", "true", "yes", "on"})
+
+
+def _on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _ON
 
 
 def _choose() -> tuple[ModuleType, str]:
-    if os.environ.get(NO_EXTENSIONS_ENV) == "1":
+    if _on(NO_EXTENSIONS_ENV):
         return _fastpath_py, "python"
     try:
         compiled = importlib.import_module(f"{__package__}._fastpath")
     except ImportError as exc:
-        if os.environ.get(REQUIRE_EXTENSIONS_ENV) == "1":
+        if _on(REQUIRE_EXTENSIONS_ENV):
             raise ImportError(
                 f"{REQUIRE_EXTENSIONS_ENV}=1 but the compiled gpugate._fastpath "
                 f"cannot be imported ({exc}); reinstall gpugate where Cython and a C "
