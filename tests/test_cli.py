@@ -56,6 +56,7 @@ class TestDemo:
         assert "DEFER" in out
         assert "PAUSE  batch" in out
         assert "paused" in out
+        assert "RESUME batch: its pause expired" in out  # it reverted by itself, in the run
         assert "OOMs: 0" in out
         # Plain admits are not printed: an ADMIT line (a run this short may have
         # none) is one that waited first.

@@ -163,12 +163,18 @@ class _Demo:
     def operator(self, gate: Gate) -> None:
         if self.stop.wait(self.seconds * 0.4):
             return
+        # Short enough to revert within the run (3 s in the default 10 s run).
+        pause_s = round(min(3.0, max(0.5, self.seconds * 0.3)), 1)
         try:
-            gate.pause("batch", duration="3s", reason="demo: operator drains batch for 3 s")
+            gate.pause(
+                "batch", duration=pause_s, reason=f"demo: operator drains batch for {pause_s:g} s"
+            )
         except BackendError as exc:
             self.log("operator", f"PAUSE  batch failed: {exc}")
             return
-        self.log("operator", "PAUSE  batch for 3s (reverts by itself)")
+        self.log("operator", f"PAUSE  batch for {pause_s:g}s (reverts by itself)")
+        if not self.stop.wait(pause_s):
+            self.log("operator", "RESUME batch: its pause expired, nobody lifted it")
 
     def run(self) -> DemoReport:
         control = Gate(
