@@ -293,6 +293,20 @@ class TestPoolView:
         assert assess(v).line.startswith("DEGRADED: notebook paused by alice@ops")
 
 
+class TestMilliseconds:
+    """Status converts the policy's durations to ms as the scripts are sent them."""
+
+    def test_the_view_ttl_is_the_one_the_scripts_enforce(
+        self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
+    ) -> None:
+        # 1.001 s is 1000.999... ms as a float: truncated it read 1000.
+        pol = {**POLICY, "pool": {**POLICY["pool"], "lease_ttl": "1.001s"}}
+        gate = make_gate(policy=pol)
+        wire = json.loads(json.dumps(Policy.from_dict(pol).to_wire()))
+        assert view().ttl_ms == wire["pool"]["ttl_ms"] == 1001
+        assert gate.lease_ttl_s == 1.001
+
+
 class TestVerdict:
     """One line: OK, DEGRADED or CRITICAL, with the reasons that matter."""
 

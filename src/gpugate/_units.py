@@ -158,6 +158,13 @@ def parse_duration(
         raise ConfigError(str(err), source=source, key=key, value=value) from None
 
 
+def to_ms(seconds: float) -> int:
+    """Seconds as the scripts' whole milliseconds, rounded to the nearest: every
+    conversion of a policy's durations goes through here, so what status shows
+    is what the scripts enforce."""
+    return round(seconds * 1000)
+
+
 def lifetime_ms(duration: str | int | float | None, *, key: str = "duration") -> int:
     """How long a setting that reverts by itself lasts, in whole milliseconds.
 

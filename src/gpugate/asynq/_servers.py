@@ -54,6 +54,7 @@ import redis.cluster
 import structlog
 
 from .._exceptions import BackendError, ConfigError, UsageError
+from .._units import to_ms
 from ..state._connect import REDIS_DOWN, Client
 from ._keys import ALL_SERVERS, ALL_WORKERS, encode, server_info_key, workers_key
 from ._proto import (
@@ -267,7 +268,7 @@ def _ttl_ms(ttl_s: float) -> int:
             key="ttl_s",
             value=ttl_s,
         )
-    return round(ttl_s * 1000)
+    return to_ms(ttl_s)
 
 
 def _name(host: str, pid: int, server_id: str) -> str:

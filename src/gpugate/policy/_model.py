@@ -34,6 +34,7 @@ from .._units import (
     parse_rate,
     parse_size,
     quote,
+    to_ms,
 )
 from ..asynq._keys import check_queue_name
 from ._load import Kind, as_table, parse_toml, read_file, read_knobs, unknown_key, with_source
@@ -467,12 +468,12 @@ class Policy:
         return {
             "pool": {
                 "margin": pool.safety_margin,
-                "ttl_ms": _ms(pool.lease_ttl_s),
+                "ttl_ms": to_ms(pool.lease_ttl_s),
                 "placement": pool.placement,
-                "max_age_ms": _ms(pool.sample_max_age_s),
-                "waiter_ttl_ms": _ms(pool.waiter_ttl_s),
+                "max_age_ms": to_ms(pool.sample_max_age_s),
+                "waiter_ttl_ms": to_ms(pool.waiter_ttl_s),
                 "aging_per_ms": pool.priority_aging / 1000,
-                "retry_max_ms": _ms(pool.retry_max_s),
+                "retry_max_ms": to_ms(pool.retry_max_s),
                 "max_per_device": _or_none(pool.max_per_device),
             },
             "classes": {name: _class_wire(c) for name, c in self.classes.items()},
@@ -487,9 +488,9 @@ def _class_wire(c: ClassPolicy) -> dict[str, Any]:
         "rate_per_ms": 0.0 if c.rate is None else c.rate / 1000,
         "burst": 0 if c.burst is None else c.burst,
         "reserve": c.reserve,
-        "max_ms": -1 if c.max_duration_s is None else _ms(c.max_duration_s),
+        "max_ms": -1 if c.max_duration_s is None else to_ms(c.max_duration_s),
         "max_contended_ms": (
-            -1 if c.max_duration_contended_s is None else _ms(c.max_duration_contended_s)
+            -1 if c.max_duration_contended_s is None else to_ms(c.max_duration_contended_s)
         ),
         "no_gpu": c.no_gpu,
         "max_frag": -1 if c.max_fragmentation is None else c.max_fragmentation,
@@ -599,10 +600,6 @@ def _knobs_as_dict(obj: object, knobs: Mapping[str, _Knob]) -> dict[str, Any]:
 def _set(obj: object, attr: str, value: object) -> None:
     # Frozen dataclasses normalise their own fields in __post_init__ this way.
     object.__setattr__(obj, attr, value)
-
-
-def _ms(seconds: float) -> int:
-    return round(seconds * 1000)
 
 
 def _or_none(cap: int | None) -> int:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import redis
 
 from .._exceptions import BackendError, ConfigError
+from .._units import to_ms
 from ..policy import Policy
 from ._connect import REDIS_DOWN, Client, mask_url, refuses_writes
 from ._keys import PoolKeys
@@ -434,7 +435,7 @@ class PoolView:
     @property
     def ttl_ms(self) -> int:
         """The pool's lease TTL in ms (the default policy's without a policy)."""
-        return int((self.policy or Policy.default()).pool.lease_ttl_s * 1000)
+        return to_ms((self.policy or Policy.default()).pool.lease_ttl_s)
 
     def reporting_devices(self) -> list[DeviceView]:
         """The devices heard from lately: a sample (a decision's, or its host's
@@ -539,8 +540,8 @@ def read_pool(
 
     policy, policy_error = _policy(state.get("pdoc"), pool)
     settings = (policy or Policy.default()).pool
-    ttl_ms = int(settings.lease_ttl_s * 1000)
-    waiter_ttl_ms = int(settings.waiter_ttl_s * 1000)
+    ttl_ms = to_ms(settings.lease_ttl_s)
+    waiter_ttl_ms = to_ms(settings.waiter_ttl_s)
 
     leases: list[LeaseView] = []
     for uuid, raw in zip(uuids, dev_hashes, strict=True):
