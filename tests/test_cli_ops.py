@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -602,6 +603,46 @@ class TestStatusCommand:
         first, second = (json.loads(line) for line in stream.getvalue().splitlines())
         assert first["classes"]["batch"]["admitted_per_min"] is None
         assert second["classes"]["batch"]["admitted_per_min"] == 0
+
+    def test_watch_goes_on_through_a_redis_outage(self, redis_server: Any, pool_name: str) -> None:
+        import io
+
+        from gpugate.state._server import RedisProcess
+
+        private = RedisProcess(redis_server.executable).start()
+        make = Gate(private.url, pool=pool_name, policy=Policy.from_dict(POLICY), register=False)
+        make.close()
+        stream = io.StringIO()
+        client = connect(private.url, socket_timeout_s=0.5)
+        frames: list[str] = []
+
+        def outage() -> None:
+            private.stop()  # after the first frame: the next ones cannot read
+            frames.append("stopped")
+
+        try:
+            timer = threading.Timer(0.3, outage)
+            timer.start()
+            code = run_status(
+                client,
+                pool_name,
+                private.url,
+                embedded=False,
+                as_json=True,
+                watch=0.4,
+                color="never",
+                stream=stream,
+                frames=3,
+            )
+            timer.join()
+        finally:
+            client.close()
+            private.stop()
+        lines = stream.getvalue().splitlines()
+        assert json.loads(lines[0])["pool"] == pool_name  # the first frame
+        assert any("cannot read the pool" in line for line in lines[1:]), lines
+        assert code == 2  # the last frame could not be read
+        assert frames == ["stopped"]
 
     def test_without_a_redis_url_and_no_embedded_redis_it_says_what_to_set(
         self,

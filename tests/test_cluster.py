@@ -463,3 +463,54 @@ class TestPoolsOnDifferentNodes:
         where = {pool: set(keys_of_pool(node_clients, pool)) for pool in (left, right)}
         assert len(where[left]) == len(where[right]) == 1
         assert where[left] != where[right]
+
+
+class TestSlotMigration:
+    """A pool's slot moving between nodes (a reshard) while leases end."""
+
+    def test_a_release_while_the_slot_migrates_is_sent_again_whole(
+        self,
+        cluster: LocalCluster,
+        node_clients: list[redis.Redis],
+        cluster_client: RedisCluster,
+        pool_name: str,
+    ) -> None:
+        # A class with a rate: its bucket key exists, so the node runs the
+        # release script though the lease's device key has moved already.
+        pol = policy(batch={"priority": 10, "max_concurrent": 1, "rate": "100/s", "burst": 5})
+        gate = Gate(cluster.url, pool=pool_name, policy=pol, sampler=SimulatedSampler(["80GiB"]))
+        try:
+            lease = gate.try_admit("batch", vram=1).lease
+            assert lease is not None
+            slot = int(node_clients[0].execute_command("CLUSTER", "KEYSLOT", f"{{{pool_name}}}"))
+            owner = next(
+                i
+                for i, c in enumerate(node_clients)
+                if int(c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)) > 0
+            )
+            src, dst = node_clients[owner], node_clients[(owner + 1) % len(node_clients)]
+            src_id = src.execute_command("CLUSTER", "MYID").decode()
+            dst_id = dst.execute_command("CLUSTER", "MYID").decode()
+            dst_port = dst.connection_pool.connection_kwargs["port"]
+
+            def move(keys: list[bytes]) -> None:
+                if keys:
+                    src.execute_command(
+                        "MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS", *keys
+                    )
+
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            move([k for k in keys if b":dev:" in k])  # a reshard moves keys in batches
+            assert lease.release() is False  # not taken now: queued for the heartbeat
+            move(src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000))
+            for c in node_clients:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            gate.beat_now()  # sends the release again, whole
+            st = cluster_client.hgetall(PoolKeys(pool_name).state)
+            assert st.get(b"n:batch") == b"0"
+            assert cluster_client.zcard(PoolKeys(pool_name).exp) == 0
+            assert gate.try_admit("batch", vram=1).admitted
+        finally:
+            gate.close()

@@ -451,7 +451,10 @@ class Gate(LeaseKeeping, Overrides):
         try:
             reply = self._run_admit(self._admit_keys, args)
         except BackendError as exc:
-            if isinstance(exc.__cause__, redis.TimeoutError):
+            # Redis may have admitted it all the same: a reply lost to a
+            # timeout, or a script that failed after its lease was written (a
+            # Redis Cluster slot migrating). Not when it was never reached.
+            if not isinstance(exc.__cause__, redis.ConnectionError):
                 self._maybe_orphans = True
             return self._backend_down(cls, vram, snap, exc)
         outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available, v = reply

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from .. import __version__, _speedups
+from .._exceptions import BackendError
 from ..asynq import QueueStats
 from ..state._connect import Client, mask_url
 from ..state._inspect import (
@@ -482,7 +483,22 @@ def run_status(
     shown = 0
     try:
         while True:
-            view = read_pool(client, pool, redis_url=url)
+            try:
+                view = read_pool(client, pool, redis_url=url)
+            except BackendError as exc:
+                if not watch:
+                    raise
+                # Watching through an incident: say so, and read again next time.
+                print(
+                    f"{time.strftime('%H:%M:%S')}  cannot read the pool: {exc}",
+                    file=stream,
+                    flush=True,
+                )
+                shown += 1
+                if frames is not None and shown >= frames:
+                    return 2
+                time.sleep(watch)
+                continue
             queues = read_pool_queues(
                 client if asynq is None else asynq,
                 view.policy,

@@ -73,9 +73,11 @@ end
 
 local function end_lease(prefix, state_key, uuid, id, rec, now, counter)
   rec.r = now
-  redis.call('HSET', prefix .. 'dev:' .. uuid, id, format_lease(rec))
-  -- A ghost keeps its memory counted until a sample taken after `now`.
+  -- A ghost keeps its memory counted until a sample taken after `now`. Its
+  -- entry first: ghosts is built here, not in KEYS, and on a Redis Cluster
+  -- slot in migration it may be elsewhere; failing then leaves this lease whole.
   redis.call('ZADD', prefix .. 'ghosts', now, uuid .. '\t' .. id)
+  redis.call('HSET', prefix .. 'dev:' .. uuid, id, format_lease(rec))
   redis.call('HINCRBY', state_key, 'n:' .. rec.c, -1)
   redis.call('HINCRBY', state_key, 'd:' .. rec.c .. ':' .. uuid, -1)
   redis.call('HINCRBY', state_key, 'd::' .. uuid, -1)

@@ -21,11 +21,16 @@ local id = ARGV[4]
 local outcome = ARGV[5]
 local refund = ARGV[6] == '1'
 
+-- Every read first: on Redis Cluster, while the pool's slot migrates, a key
+-- built here (not in KEYS) may already be on the other node, and the script
+-- fails there; it must fail before its first write (Redis does not undo
+-- them), so the release is sent again whole once the slot has moved.
+local raw = redis.call('HGET', prefix .. 'dev:' .. uuid, id)
+redis.call('EXISTS', prefix .. 'ghosts')
 local last = tonumber(redis.call('HGET', state_key, 'clock')) or 0
 local now = script_now(clock_ms, last)
 if now > last then redis.call('HSET', state_key, 'clock', now) end
 if redis.call('ZREM', exp_key, uuid .. '\t' .. id) == 0 then return 0 end
-local raw = redis.call('HGET', prefix .. 'dev:' .. uuid, id)
 if not raw then return 0 end
 local rec = parse_lease(raw)
 end_lease(prefix, state_key, uuid, id, rec, now, 'out:' .. rec.c .. ':' .. outcome)

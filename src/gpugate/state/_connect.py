@@ -66,6 +66,11 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ClusterDownError,
     redis.exceptions.RedisClusterException,
+    # A slot moving between nodes: the client's redirections ran out
+    # ("TTL exhausted"), or the node asks to try again (a multi-key script
+    # whose keys are not all on one node yet).
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
 )
 
 # Inside a script, a refused write comes back as a plain script error that
