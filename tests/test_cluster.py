@@ -468,6 +468,38 @@ class TestPoolsOnDifferentNodes:
 class TestSlotMigration:
     """A pool's slot moving between nodes (a reshard) while leases end."""
 
+    @staticmethod
+    def start_moving(
+        node_clients: list[redis.Redis], pool: str
+    ) -> tuple[Callable[[Callable[[bytes], bool]], None], Callable[[], None]]:
+        """Set the pool's slot MIGRATING to another node: (move the keys a
+        predicate picks, finish the move), as a reshard does in batches."""
+        slot = int(node_clients[0].execute_command("CLUSTER", "KEYSLOT", f"{{{pool}}}"))
+        owner = next(
+            i
+            for i, c in enumerate(node_clients)
+            if int(c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)) > 0
+        )
+        src, dst = node_clients[owner], node_clients[(owner + 1) % len(node_clients)]
+        src_id = src.execute_command("CLUSTER", "MYID").decode()
+        dst_id = dst.execute_command("CLUSTER", "MYID").decode()
+        dst_port = dst.connection_pool.connection_kwargs["port"]
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+
+        def move(which: Callable[[bytes], bool]) -> None:
+            keys = list(src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000))
+            picked = [k for k in keys if which(k)]
+            if picked:
+                src.execute_command("MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS", *picked)
+
+        def finish() -> None:
+            move(lambda _key: True)
+            for c in node_clients:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+        return move, finish
+
     def test_a_release_while_the_slot_migrates_is_sent_again_whole(
         self,
         cluster: LocalCluster,
@@ -482,35 +514,92 @@ class TestSlotMigration:
         try:
             lease = gate.try_admit("batch", vram=1).lease
             assert lease is not None
-            slot = int(node_clients[0].execute_command("CLUSTER", "KEYSLOT", f"{{{pool_name}}}"))
-            owner = next(
-                i
-                for i, c in enumerate(node_clients)
-                if int(c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)) > 0
-            )
-            src, dst = node_clients[owner], node_clients[(owner + 1) % len(node_clients)]
-            src_id = src.execute_command("CLUSTER", "MYID").decode()
-            dst_id = dst.execute_command("CLUSTER", "MYID").decode()
-            dst_port = dst.connection_pool.connection_kwargs["port"]
-
-            def move(keys: list[bytes]) -> None:
-                if keys:
-                    src.execute_command(
-                        "MIGRATE", "127.0.0.1", dst_port, "", 0, 5000, "KEYS", *keys
-                    )
-
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
-            move([k for k in keys if b":dev:" in k])  # a reshard moves keys in batches
+            move, finish = self.start_moving(node_clients, pool_name)
+            move(lambda key: b":dev:" in key)  # a reshard moves keys in batches
             assert lease.release() is False  # not taken now: queued for the heartbeat
-            move(src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000))
-            for c in node_clients:
-                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            finish()
             gate.beat_now()  # sends the release again, whole
             st = cluster_client.hgetall(PoolKeys(pool_name).state)
             assert st.get(b"n:batch") == b"0"
             assert cluster_client.zcard(PoolKeys(pool_name).exp) == 0
             assert gate.try_admit("batch", vram=1).admitted
+        finally:
+            gate.close()
+
+    def test_a_beat_while_the_slot_migrates_leaves_the_memory_sums_whole(
+        self,
+        cluster: LocalCluster,
+        node_clients: list[redis.Redis],
+        cluster_client: RedisCluster,
+        pool_name: str,
+    ) -> None:
+        # Two leases on two devices; one device's lease record has moved when
+        # the beat runs. Had the beat written the first lease's actual and then
+        # failed on the second, the first device's memory sums would stay at
+        # the estimate for good (the next beat sees no change): over-admission.
+        pol = policy(
+            batch={"priority": 10, "rate": "100/s", "burst": 5},
+            capped={"priority": 5, "max_concurrent": 0},
+        )
+        sampler = SimulatedSampler(["80GiB", "80GiB"])
+        gate = Gate(cluster.url, pool=pool_name, policy=pol, sampler=sampler)
+        try:
+            a = gate.try_admit("batch", vram="1GiB", device=sampler.uuid(0)).lease
+            b = gate.try_admit("batch", vram="1GiB", device=sampler.uuid(1)).lease
+            assert a is not None
+            assert b is not None
+            # Every key the beat takes in KEYS exists (a busy pool: a waiter, an
+            # idle worker), so the node runs the script rather than TRYAGAIN.
+            assert gate.try_admit("capped", vram=1).reason == "cap"
+            keys = PoolKeys(pool_name)
+            cluster_client.hset(keys.idle_memory, "another-worker", "")
+            cluster_client.zadd(keys.idle_seen, {"another-worker": time.time() * 1000 + 3.6e6})
+            a.report_vram("60GiB")
+            move, finish = self.start_moving(node_clients, pool_name)
+            moved = f":dev:{sampler.uuid(1)}".encode()
+            move(lambda key: key.endswith(moved))
+            with pytest.raises(BackendError):
+                gate.beat_now()
+            finish()
+            a.report_vram("60GiB")  # reported again: the failed beat's report is kept too
+            gate.beat_now()
+            # 80 - 60 held by the lease: no room for 30 on device 0.
+            d = gate.try_admit("batch", vram="30GiB", device=sampler.uuid(0))
+            assert d.reason == "vram", d
+        finally:
+            gate.close()
+
+    def test_a_decision_while_the_slot_migrates_ends_a_ghost_once(
+        self,
+        cluster: LocalCluster,
+        node_clients: list[redis.Redis],
+        pool_name: str,
+    ) -> None:
+        # A decision ends a released lease's ghost (its memory leaves the
+        # sums) and fails on the per-minute count, already moved: had the
+        # ghost's records stayed, the next decision would take its memory off
+        # the sums a second time.
+        pol = policy(
+            batch={"priority": 10, "rate": "100/s", "burst": 5},
+            capped={"priority": 5, "max_concurrent": 0},
+        )
+        sampler = SimulatedSampler(["80GiB"])
+        gate = Gate(cluster.url, pool=pool_name, policy=pol, sampler=sampler, register=False)
+        try:
+            held = gate.try_admit("batch", vram="50GiB").lease  # stays: 50 of 80 held
+            gone = gate.try_admit("batch", vram="20GiB").lease
+            assert held is not None
+            assert gone is not None
+            assert gate.try_admit("capped", vram=1).reason == "cap"  # a waiter entry
+            gone.release()  # a ghost until a sample taken after the release
+            time.sleep(0.01)
+            move, finish = self.start_moving(node_clients, pool_name)
+            move(lambda key: b":dec:" in key)
+            d = gate.try_admit("batch", vram="1GiB")  # ends the ghost, then fails
+            assert d.reason == "backend_unavailable", d
+            finish()
+            # 80 - 50 held: 30 free, so 31 does not fit, whatever the ghost did.
+            d = gate.try_admit("batch", vram="31GiB")
+            assert d.reason == "vram", d
         finally:
             gate.close()

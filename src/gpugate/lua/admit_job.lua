@@ -411,6 +411,11 @@ end
 -- the last minutes"): P dec:<minute> hash "class outcome reason" -> count,
 -- kept 16 minutes. Error replies are not answers.
 local reply = decide()
+-- The deletions before the count: the per-minute key is built here, not in
+-- KEYS, and while a Redis Cluster slot migrates it may be on the other node;
+-- failing there must not leave ended ghosts whose memory already left the
+-- sums (the next decision would take it off again).
+for _, f in ipairs(frees) do redis.call(f[1], f[2], f[3]) end
 if reply[1] then
   reply[9] = version
   local key = prefix .. 'dec:' .. math.floor(now / 60000)
@@ -418,5 +423,4 @@ if reply[1] then
     redis.call('PEXPIRE', key, 16 * 60000)
   end
 end
-for _, f in ipairs(frees) do redis.call(f[1], f[2], f[3]) end
 return reply

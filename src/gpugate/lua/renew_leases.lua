@@ -62,6 +62,17 @@ local n = tonumber(ARGV[8])
 local gpus_key = prefix .. 'gpus'
 
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion')
+-- Every key built here (not in KEYS) is read before the first write: on Redis
+-- Cluster, while the pool's slot migrates, one may be on the other node
+-- already, and the script must fail before it writes (Redis does not undo
+-- writes), so that the beat is sent again whole.
+redis.call('EXISTS', gpus_key)
+redis.call('EXISTS', prefix .. 'ghosts')
+local records = {}
+for i = 0, n - 1 do
+  local base = 9 + 5 * i
+  records[i] = redis.call('HGET', prefix .. 'dev:' .. ARGV[base], ARGV[base + 1])
+end
 local last = tonumber(st[1]) or 0
 local now = script_now(clock_ms, last)
 if now > last then redis.call('HSET', state_key, 'clock', now) end
@@ -181,7 +192,8 @@ for i = 0, n - 1 do
   local dkey = prefix .. 'dev:' .. uuid
   local member = uuid .. '\t' .. id
   local expires = tonumber(redis.call('ZSCORE', exp_key, member))
-  local raw = expires and expires > now and redis.call('HGET', dkey, id)
+  -- Read above; a lease reaped since is out of exp, so not renewed here.
+  local raw = expires and expires > now and records[i]
   local status = 0
   if raw then
     local rec = parse_lease(raw)
