@@ -933,6 +933,20 @@ class TestLeases:
             gate.try_admit("batch", vram="1GiB")
         assert read_redis(server, lambda client: client.zcard(PoolKeys(pool_name).exp)) == 0
 
+    def test_close_deletes_the_waiter_entries_of_its_try_admit_pollers(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # A closed gate polls no more: its entries must not hold lower classes
+        # back for a waiter TTL.
+        pol = policy({"waiter_ttl": "1h"}, batch={"priority": 10, "max_concurrent": 0})
+        gate = make_gate(pol)
+        other = make_gate(pol)
+        assert gate.try_admit("batch", vram="1GiB").reason == "cap"
+        assert other.try_admit("batch", vram="2GiB").reason == "cap"
+        assert len(waiter_ids(server, pool_name)) == 2
+        gate.close()
+        assert [w.split("|")[0] for w in waiter_ids(server, pool_name)] == [other.owner]
+
     def test_a_closed_gate_refuses_every_use(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())
         gate.close()

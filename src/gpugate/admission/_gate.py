@@ -72,6 +72,8 @@ _ESTIMATED = frozenset({"cap", "priority", "vram", "fragmented", "no_gpu", "stal
 # at least _SAMPLE_AFTER_WAKE_S after the wake-up (the script's clock is in
 # ms), polling the (local) sampler every _SAMPLE_POLL_S meanwhile.
 _FREED_AT_A_LATER_SAMPLE = frozenset({"vram", "fragmented"})
+# try_admit waiter ids a gate remembers for close() (one per request shape).
+_POLLING_KEPT = 1024
 _SAMPLE_AFTER_WAKE_S = 0.002
 _SAMPLE_POLL_S = 0.005
 
@@ -178,6 +180,9 @@ class Gate(LeaseKeeping, Overrides):
         # still has to tell Redis waits for it (see _late).
         self._close_lock = threading.RLock()
         self._recent_defer: dict[tuple[str, int, str], float] = {}
+        # try_admit's waiter entries Redis holds (id -> when, monotonic): close()
+        # deletes them, as a closed gate polls no more.
+        self._polling: dict[str, float] = {}
         # The sample arguments last packed, and the devices tuple they describe.
         self._packed: tuple[object, list[Any], list[int]] = ((), [], [])
         self._local_open: dict[str, int] = {}
@@ -234,9 +239,9 @@ class Gate(LeaseKeeping, Overrides):
         ``cls``: the class; ``vram``: the estimated peak VRAM of the job
         (bytes or a size string); ``device``: a device uuid to insist on.
         A DEFER registers this request as a waiter (keyed by this gate, class,
-        size and device) for the pool's waiter TTL, so polling counts for
-        priority. An ADMIT's lease is renewed by this gate's heartbeat until
-        released or dropped.
+        size and device) for the pool's waiter TTL (or until this gate
+        closes), so polling counts for priority. An ADMIT's lease is renewed
+        by this gate's heartbeat until released or dropped.
         """
         _check_request(cls, tenant)
         vram_b = parse_size(vram, key="vram")
@@ -485,9 +490,14 @@ class Gate(LeaseKeeping, Overrides):
                 expires_ms=int(expires_ms),
             )
             self._hold(lease)
-        elif out is Outcome.DEFER and precheck and reason == Reason.VRAM:
-            # Only a memory DEFER: the local free memory stands in for its cause.
-            self._recent_defer[(cls, vram, device or "")] = time.monotonic()
+        elif out is Outcome.DEFER and precheck:
+            now = time.monotonic()
+            if reason == Reason.VRAM:
+                # Only a memory DEFER: the local free memory stands in for its cause.
+                self._recent_defer[(cls, vram, device or "")] = now
+            if len(self._polling) > _POLLING_KEPT:
+                self._polling.clear()  # the oldest expire in Redis by themselves
+            self._polling[waiter] = now
         admitted = out is Outcome.ADMIT
         return make_decision(
             out,
@@ -751,13 +761,17 @@ class Gate(LeaseKeeping, Overrides):
                 self._client.close()
 
     def _close_releases(self) -> bool:
-        """close()'s part: blocked admissions' waiter entries, queued releases
-        and held leases go. Returns whether Redis answered throughout: once it
-        fails, the rest is not tried (each try would wait a socket timeout):
-        those leases expire within one TTL, the entries within the waiter TTL,
-        and the worker's registry entry goes with its heartbeat's silence."""
+        """close()'s part: waiter entries (blocked admissions', and try_admit's
+        not expired yet), queued releases and held leases go. Returns whether
+        Redis answered throughout: once it fails, the rest is not tried (each
+        try would wait a socket timeout): those leases expire within one TTL,
+        the entries within the waiter TTL, and the worker's registry entry goes
+        with its heartbeat's silence."""
         with self._lock:
             waiting = list(self._waiting)
+        # try_admit's pollers too, those whose entries have not expired yet.
+        fresh = time.monotonic() - self.effective_policy.pool.waiter_ttl_s
+        waiting += [w for w, at in list(self._polling.items()) if at > fresh]
         if waiting:  # blocked admissions end with a UsageError: their entries go now
             self._hdel_waiters(waiting)
         try:
