@@ -342,10 +342,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 1 if report.ooms else 0
     if args.command == "embedded":
-        from ..state._embedded import embedded_dir, stop_embedded
+        from ..state._embedded import SOCKET_NAME, embedded_dir, stop_embedded
         from ..state._server import ping
 
-        sock = embedded_dir() / "redis.sock"
+        sock = embedded_dir() / SOCKET_NAME
         if args.action == "stop":
             print("stopped" if stop_embedded() else f"not running ({sock})")
             return 0

@@ -56,6 +56,19 @@ _SHORTEST_LEASE_TTL_S = 1.0
 # A deferred poller is told to come back after at least 100 ms, +50 % jitter:
 # it must be back within 3/4 of the waiter TTL to keep counting as a waiter.
 _SHORTEST_WAITER_TTL_S = 0.2
+# (attribute, its least value, why and the fix): one check serves each.
+_LEAST_DURATIONS = (
+    (
+        "lease_ttl_s",
+        _SHORTEST_LEASE_TTL_S,
+        'a lease is renewed every third of it; use at least "1s", like "30s"',
+    ),
+    (
+        "waiter_ttl_s",
+        _SHORTEST_WAITER_TTL_S,
+        'a deferred request is told to retry after 100ms or more; use at least "200ms", like "5s"',
+    ),
+)
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # The Lua scripts count in whole milliseconds; anything shorter would reach
 # them as 0, which means "already expired".
@@ -139,20 +152,14 @@ class PoolSettings:
         _set(self, "safety_margin", parse_size(self.safety_margin, key=key["safety_margin"]))
         for attr in ("lease_ttl_s", "sample_max_age_s", "waiter_ttl_s", "retry_max_s"):
             _set(self, attr, _positive_seconds(getattr(self, attr), key=key[attr]))
-        if self.lease_ttl_s < _SHORTEST_LEASE_TTL_S:
-            raise ConfigError(
-                f"{quote(format_duration(self.lease_ttl_s))} is too short: a lease is renewed "
-                'every third of it; use at least "1s", like "30s"',
-                key=key["lease_ttl_s"],
-                value=self.lease_ttl_s,
-            )
-        if self.waiter_ttl_s < _SHORTEST_WAITER_TTL_S:
-            raise ConfigError(
-                f"{quote(format_duration(self.waiter_ttl_s))} is too short: a deferred request "
-                'is told to retry after 100ms or more; use at least "200ms", like "5s"',
-                key=key["waiter_ttl_s"],
-                value=self.waiter_ttl_s,
-            )
+        for attr, shortest, why in _LEAST_DURATIONS:
+            seconds = getattr(self, attr)
+            if seconds < shortest:
+                raise ConfigError(
+                    f"{quote(format_duration(seconds))} is too short: {why}",
+                    key=key[attr],
+                    value=seconds,
+                )
         _check_choice(self.placement, _PLACEMENTS, key=key["placement"])
         _set(self, "priority_aging", parse_rate(self.priority_aging, key=key["priority_aging"]))
         # 0 would admit nothing on any device: stopping work is what a pause is for.
