@@ -1543,6 +1543,123 @@ class TestRedisRefuses:
             gate.close()
 
 
+def _gate_with_metrics(
+    make_gate: Callable[..., Gate], registry: Any, **classes: dict[str, Any]
+) -> Gate:
+    from gpugate.metrics import Metrics
+
+    return make_gate(
+        policy({"lease_ttl": "30s", "waiter_ttl": "60s"}, **classes),
+        SimulatedSampler(["80GiB"]),
+        metrics=Metrics(registry),
+    )
+
+
+def _decisions(registry: Any) -> float:
+    return sum(
+        s.value
+        for family in registry.collect()
+        if family.name == "gpugate_decisions"
+        for s in family.samples
+        if s.name.endswith("_total")
+    )
+
+
+class TestManyWaiters:
+    """Releases do not send every blocked admission of a gate to Redis (the
+    herd's rules: test_herd.py)."""
+
+    WAITERS = 30
+
+    def test_blocked_threads_cost_a_few_decisions_each_not_one_per_release(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        gate = _gate_with_metrics(make_gate, registry, batch={"priority": 10, "max_concurrent": 1})
+        admitted = []
+
+        def job() -> None:
+            with gate.admit("batch", vram="1GiB", timeout=60) as ticket:
+                admitted.append(ticket.device)
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=job) for _ in range(self.WAITERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert len(admitted) == self.WAITERS
+        # Every one of them asked on each release before: about WAITERS / 2
+        # decisions per admission (15 here; 400 waiters: 60).
+        assert _decisions(registry) <= 5 * self.WAITERS
+
+    def test_blocked_tasks_cost_a_few_decisions_each_not_one_per_release(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        gate = _gate_with_metrics(make_gate, registry, batch={"priority": 10, "max_concurrent": 1})
+
+        async def job() -> None:
+            async with gate.admit_async("batch", vram="1GiB", timeout=60):
+                await asyncio.sleep(0.02)
+
+        async def main() -> None:
+            await asyncio.gather(*(job() for _ in range(self.WAITERS)))
+
+        asyncio.run(main())
+        assert _decisions(registry) <= 5 * self.WAITERS
+
+    @pytest.mark.parametrize("mode", ["threads", "asyncio"])
+    def test_a_smaller_younger_request_is_not_held_behind_a_larger_older_one(
+        self, make_gate: Callable[..., Gate], mode: str
+    ) -> None:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        gate = _gate_with_metrics(make_gate, registry, batch={"priority": 10})
+        big = gate.try_admit("batch", vram="50GiB")
+        mid = gate.try_admit("batch", vram="25GiB")
+        assert big.lease is not None
+        assert mid.lease is not None
+        results: dict[str, float] = {}
+
+        def blocked(name: str, vram: str) -> None:
+            if mode == "threads":
+                with gate.admit("batch", vram=vram, timeout=20):
+                    results[name] = time.monotonic()
+            else:
+
+                async def one() -> None:
+                    async with gate.admit_async("batch", vram=vram, timeout=20):
+                        results[name] = time.monotonic()
+
+                asyncio.run(one())
+
+        large = threading.Thread(target=blocked, args=("large", "40GiB"))
+        large.start()
+        time.sleep(0.3)  # the larger request is the older one
+        small = threading.Thread(target=blocked, args=("small", "10GiB"))
+        small.start()
+        time.sleep(0.3)
+        assert results == {}  # 5 GiB free: both wait
+        released = time.monotonic()
+        mid.lease.release()  # 30 GiB free: the small one fits, the large one not
+        small.join(20)
+        # Woken by the release, not by its timer (20 s: a TTL of 30 s, a
+        # waiter TTL of 60 s), though the larger, older request deferred.
+        assert results["small"] - released < 5
+        assert "large" not in results
+        big.lease.release()
+        large.join(20)
+        assert "large" in results
+        gate.try_admit("batch", vram=0)  # the gate still answers
+        assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+
+
 class TestWakeListener:
     """The thread that wakes blocked admissions outlives any error Redis replies."""
 

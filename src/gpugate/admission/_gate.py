@@ -48,6 +48,7 @@ from ..state._scripts import Scripts
 from ._core import _b2s
 from ._decision import Decision, Outcome, Reason, make_decision
 from ._heartbeat import Heartbeat
+from ._herd import Herd
 from ._idle import idle_memory
 from ._keeping import LeaseKeeping
 from ._lease import Lease, LeaseRegistry
@@ -174,6 +175,7 @@ class Gate(LeaseKeeping, Overrides):
         self._leases = LeaseRegistry(self._idle.touch)
         self._heartbeat: Heartbeat | None = None
         self._wake: WakeListener | None = None
+        self._herd = Herd()  # its blocked admissions, which wake-ups go to
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()
         # Held by close() throughout; what an operation in flight at close
@@ -271,11 +273,15 @@ class Gate(LeaseKeeping, Overrides):
         request = _Request(self, cls, vram, timeout, tenant)
         if device is not None:
             self._check_device(device)
-        wake = self._wake_listener()
+        self._wake_listener()
+        herd = self._herd
         woke_at = None
-        with self._waiting_as(request.waiter):
+        with (
+            self._waiting_as(request.waiter),
+            herd.joined((cls, tenant, device), request.vram) as member,
+        ):
             while True:
-                generation = wake.generation
+                generation = herd.generation
                 d = self._decide(cls, request.vram, request.waiter, device, tenant, precheck=False)
                 if d.outcome is Outcome.ADMIT:
                     return Ticket(d)
@@ -286,7 +292,8 @@ class Gate(LeaseKeeping, Overrides):
                         time.sleep(_SAMPLE_POLL_S)
                     woke_at = None
                     continue
-                woke_at = time.monotonic() if wake.wait(generation, pause) else None
+                herd.settle(member, generation, d.reason)
+                woke_at = time.monotonic() if herd.wait(member, pause) else None
 
     def admit_async(
         self,
@@ -315,7 +322,8 @@ class Gate(LeaseKeeping, Overrides):
         request = _Request(self, cls, vram, timeout, tenant)
         if device is not None:
             await asyncio.to_thread(self._check_device, device)
-        wake = self._wake_listener()
+        self._wake_listener()
+        herd = self._herd
         woke_at = None
         loop = asyncio.get_running_loop()
         waiter = request.waiter
@@ -325,9 +333,12 @@ class Gate(LeaseKeeping, Overrides):
             _off_loop(loop, self._forget_waiter, waiter)
 
         # The waiter entry goes on any exit.
-        with self._waiting_as(waiter, forget):
+        with (
+            self._waiting_as(waiter, forget),
+            herd.joined((cls, tenant, device), request.vram, loop) as member,
+        ):
             while True:
-                generation = wake.generation
+                generation = herd.generation
                 deciding = asyncio.ensure_future(
                     asyncio.to_thread(
                         self._decide, cls, request.vram, request.waiter, device, tenant, False
@@ -354,7 +365,8 @@ class Gate(LeaseKeeping, Overrides):
                         await asyncio.sleep(_SAMPLE_POLL_S)
                     woke_at = None
                     continue
-                woke = await wake.wait_async(generation, pause)
+                herd.settle(member, generation, d.reason)
+                woke = await herd.wait_async(member, pause)
                 woke_at = time.monotonic() if woke else None
 
     def _decide(
@@ -661,7 +673,7 @@ class Gate(LeaseKeeping, Overrides):
     def _wake_listener(self) -> WakeListener:
         with self._lock:
             if self._wake is None:
-                self._wake = WakeListener(self._client, self._keys.wake)
+                self._wake = WakeListener(self._client, self._keys.wake, self._herd.wake)
         self._wake.ensure_started()
         return self._wake
 
@@ -757,6 +769,7 @@ class Gate(LeaseKeeping, Overrides):
                         )
                 if self._wake is not None:
                     self._wake.stop()
+                self._herd.send_everyone()
                 self._scripts.close()
                 self._client.close()
 

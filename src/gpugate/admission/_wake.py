@@ -1,16 +1,17 @@
 """Wake-ups for blocked waiters: released leases, expiries, override changes.
 
-One pub/sub connection per gate, read by a daemon thread, bumps a generation
-counter. Waiters wait for the counter to move or for their own timer, so a
-lost message only costs them one timer period, never their turn.
+One pub/sub connection per gate, read by a daemon thread, tells the gate's
+blocked admissions (its :class:`~gpugate.admission._herd.Herd`) at each
+message. Waiters also have their own timer, so a lost message only costs
+them one timer period, never their turn.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import threading
+from collections.abc import Callable
 
 import redis
 import structlog
@@ -25,20 +26,18 @@ _LOST = (redis.ConnectionError, redis.TimeoutError, OSError, redis.RedisClusterE
 class WakeListener:
     """Turns messages on the pool's wake channel into wake-ups."""
 
-    def __init__(self, client: redis.Redis | redis.RedisCluster, channel: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | redis.RedisCluster,
+        channel: str,
+        on_wake: Callable[[], object],
+    ) -> None:
         self._client = client
         self._channel = channel
-        self._cond = threading.Condition()
-        self._generation = 0
-        self._async_events: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._on_wake = on_wake
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-
-    @property
-    def generation(self) -> int:
-        """How many wake-ups have been seen."""
-        return self._generation
 
     def ensure_started(self) -> None:
         """Start listening, once."""
@@ -48,46 +47,13 @@ class WakeListener:
                 self._thread.start()
 
     def stop(self) -> None:
-        """Stop listening, and wake every waiter (its gate is closing: it ends now)."""
+        """Stop listening."""
         self._stop.set()
-        self._bump()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
 
-    def wait(self, generation: int, timeout_s: float) -> bool:
-        """Block until a wake-up after ``generation`` or ``timeout_s``; True if woken."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._generation != generation, timeout_s)
-
-    async def wait_async(self, generation: int, timeout_s: float) -> bool:
-        """The asyncio form of :meth:`wait`."""
-        if self._generation != generation:
-            return True
-        loop = asyncio.get_running_loop()
-        event = asyncio.Event()
-        item = (loop, event)
-        with self._cond:
-            self._async_events.add(item)
-        try:
-            if self._generation != generation:
-                return True
-            await asyncio.wait_for(event.wait(), timeout_s)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            with self._cond:
-                self._async_events.discard(item)
-
     def _bump(self) -> None:
-        with self._cond:
-            self._generation += 1
-            self._cond.notify_all()
-            events = list(self._async_events)
-        for loop, event in events:
-            # RuntimeError: that loop is closed; its waiter is gone.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
+        self._on_wake()
 
     def _run(self) -> None:
         failures = 0

@@ -1,0 +1,190 @@
+"""The blocked admissions of one gate, and which of them a wake-up sends to Redis.
+
+Every release in the pool wakes the gate. Were every blocked admission to ask
+Redis again, N of them would cost N decisions per release, N x N for N jobs.
+But when an older request of the same shape (class, tenant, device pin)
+asking for no more memory deferred since the wake-up, for a reason that holds
+for any request of that shape at least as large (the class at its cap,
+paused or out of tokens, no device with room, a higher waiter first), Redis
+would tell a younger one the same: it has no better claim by priority, aging
+or size. So a wake-up goes, per shape, in age order:
+
+* the oldest request that no older one answers for is sent to Redis;
+* a younger one no smaller waits until every older one no larger has
+  answered: if one of them deferred for such a reason, that answer is its own
+  too and it sleeps on; if one was admitted (it left), the next is sent.
+
+One decision per wake-up and shape, plus one per admission, instead of one
+per waiter. A request's own timer always sends it to Redis (its waiter entry
+stays fresh, and a request waits for nobody longer than its timer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
+
+from ._decision import Reason
+
+# Deferring for one of these, a request answers for every younger request of
+# its shape asking for at least as much memory.
+_HOLDS_FOR_LARGER = frozenset(
+    {
+        Reason.PAUSED,
+        Reason.NO_GPU,
+        Reason.STALE_SAMPLE,
+        Reason.GPU_LOST,
+        Reason.CAP,
+        Reason.PRIORITY,
+        Reason.VRAM,
+        Reason.FRAGMENTED,
+        Reason.RATE,
+    }
+)
+
+Shape = tuple[str, str | None, str | None]  # class, tenant, device
+
+
+class Member:
+    """One blocked admission of a :class:`Herd`."""
+
+    __slots__ = ("busy", "event", "loop", "settled", "shape", "speaks_for_larger", "vram")
+
+    def __init__(self, shape: Shape, vram: int, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.shape = shape
+        self.vram = vram
+        # The wake-up generation its last answer holds for (-1: none yet), and
+        # whether that answer holds for larger requests of its shape too.
+        self.settled = -1
+        self.speaks_for_larger = False
+        # Deciding, or sent to: not to be sent again until it settles.
+        self.busy = True
+        self.loop = loop
+        self.event: threading.Event | asyncio.Event = (
+            threading.Event() if loop is None else asyncio.Event()
+        )
+
+    def send(self) -> None:
+        """Wake it to ask Redis (any thread)."""
+        if isinstance(self.event, threading.Event):
+            self.event.set()
+        else:
+            assert self.loop is not None
+            # RuntimeError: that loop is closed; its admission is gone.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.event.set)
+
+
+class Herd:
+    """The blocked admissions of one gate, in age order per shape."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._shapes: dict[Shape, list[Member]] = {}
+
+    @property
+    def generation(self) -> int:
+        """How many wake-ups the gate has had: read before a decision, given to :meth:`settle`."""
+        return self._generation
+
+    @contextlib.contextmanager
+    def joined(
+        self, shape: Shape, vram: int, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Iterator[Member]:
+        """A blocked admission's membership, for as long as it blocks (``loop``:
+        the event loop of an asyncio admission)."""
+        member = Member(shape, vram, loop)
+        with self._lock:
+            self._shapes.setdefault(shape, []).append(member)
+        try:
+            yield member
+        finally:
+            with self._lock:
+                members = self._shapes[shape]
+                members.remove(member)
+                if members:
+                    to_send = self._front(members)
+                else:
+                    del self._shapes[shape]
+                    to_send = []
+            for m in to_send:
+                m.send()
+
+    def wake(self) -> None:
+        """A wake-up: send each shape's front to Redis."""
+        with self._lock:
+            self._generation += 1
+            to_send = [m for members in self._shapes.values() for m in self._front(members)]
+        for m in to_send:
+            m.send()
+
+    def send_everyone(self) -> None:
+        """Send every blocked admission (its gate is closing: they end now)."""
+        with self._lock:
+            everyone = [m for members in self._shapes.values() for m in members]
+            for m in everyone:
+                m.busy = True
+        for m in everyone:
+            m.send()
+
+    def settle(self, member: Member, generation: int, reason: str) -> None:
+        """``member``, deciding in wake-up ``generation``, deferred for ``reason``,
+        and is about to wait."""
+        with self._lock:
+            member.settled = generation
+            member.speaks_for_larger = reason in _HOLDS_FOR_LARGER
+            member.busy = False
+            to_send = self._front(self._shapes[member.shape])
+        for m in to_send:
+            m.send()
+
+    def wait(self, member: Member, timeout_s: float) -> bool:
+        """Sleep until sent (True) or ``timeout_s`` (False); it is deciding then."""
+        assert isinstance(member.event, threading.Event)
+        sent = timeout_s > 0 and member.event.wait(timeout_s)
+        self._deciding(member)
+        return sent
+
+    async def wait_async(self, member: Member, timeout_s: float) -> bool:
+        """The asyncio form of :meth:`wait`."""
+        assert isinstance(member.event, asyncio.Event)
+        sent = False
+        if timeout_s > 0:
+            try:
+                await asyncio.wait_for(member.event.wait(), timeout_s)
+                sent = True
+            except TimeoutError:
+                pass
+        self._deciding(member)
+        return sent
+
+    def _deciding(self, member: Member) -> None:
+        with self._lock:
+            member.busy = True
+            member.event.clear()
+
+    def _front(self, members: list[Member]) -> list[Member]:
+        """The members of one shape to send now (marked busy); those an older
+        member answers for are settled in the current generation on the way.
+        Called with the lock held."""
+        generation = self._generation
+        answered = math.inf  # the least memory an older member's answer holds for
+        to_answer = math.inf  # the least memory of an older member still to answer
+        to_send = []
+        for m in members:
+            if m.settled == generation:
+                if m.speaks_for_larger:
+                    answered = min(answered, m.vram)
+            elif m.vram >= answered:
+                m.settled = generation
+                m.speaks_for_larger = True
+            elif m.vram < to_answer:
+                if not m.busy:
+                    m.busy = True
+                    to_send.append(m)
+                to_answer = m.vram
+        return to_send
