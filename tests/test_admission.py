@@ -1660,6 +1660,33 @@ class TestManyWaiters:
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
 
 
+class TestManyThreads:
+    """More threads than a client's connections (100) wait for one."""
+
+    def test_150_threads_deciding_at_once_do_not_see_redis_as_down(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 0}))
+        threads = 150
+        barrier = threading.Barrier(threads)
+        reasons: list[str] = []
+
+        def decide() -> None:
+            barrier.wait()
+            for _ in range(10):
+                reasons.append(gate.try_admit("batch", vram=1).reason)
+
+        running = [threading.Thread(target=decide) for _ in range(threads)]
+        for t in running:
+            t.start()
+        for t in running:
+            t.join(60)
+        # redis-py's pool of 100 failed the rest with "Too many connections",
+        # answered as backend_unavailable (85 of 3000 in one run).
+        assert set(reasons) == {"cap"}
+        assert len(reasons) == threads * 10
+
+
 class TestWakeListener:
     """The thread that wakes blocked admissions outlives any error Redis replies."""
 

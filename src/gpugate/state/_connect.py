@@ -95,6 +95,9 @@ MAX_RETRIES = 3
 RETRY_BASE_S = 0.05
 RETRY_CAP_S = 1.0
 HEALTH_CHECK_INTERVAL_S = 30
+# Connections a client opens to one server at most; more threads than this
+# wait for a free one.
+MAX_CONNECTIONS = 100
 CLUSTER_QUERY_KEY = "cluster"
 
 _MASK = "***"
@@ -173,6 +176,10 @@ def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
         "socket_timeout": socket_timeout_s,
         "socket_connect_timeout": socket_timeout_s,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        # More threads than connections wait for one (a socket timeout at
+        # most) instead of failing as if Redis were down.
+        "max_connections": MAX_CONNECTIONS,
+        "timeout": socket_timeout_s,
         "retry": Retry(
             EqualJitterBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S),
             MAX_RETRIES,
@@ -184,13 +191,18 @@ def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
     }
     try:
         if not cluster:
-            client = redis.Redis.from_url(target, **options)
+            client = redis.Redis(
+                connection_pool=redis.BlockingConnectionPool.from_url(target, **options)
+            )
+            client.auto_close_connection_pool = True
             if cluster is False or not _may_be_cluster(target) or not _is_cluster_node(client, url):
                 return client
             client.close()
         # redis-py's cluster client counts the retries itself (connections to
         # the nodes get none) and ignores the options that do not apply to it.
-        return _RedisCluster.from_url(target, **options)
+        return _RedisCluster.from_url(
+            target, connection_pool_class=redis.BlockingConnectionPool, **options
+        )
     except (ValueError, TypeError) as exc:
         raise BackendError(
             f"cannot use Redis URL {mask_url(url)}: {_without_secrets(str(exc), url)}; "
