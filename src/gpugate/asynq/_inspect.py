@@ -189,13 +189,6 @@ class QueueStats:
         }
 
 
-def _owned(marker_v: str, marker_until: int, paused_value: str | None, pttl: int) -> bool:
-    """The ownership rule of ``asynq_pause_queue.lua``, on what the read script returned."""
-    if paused_value is None or not marker_v or marker_v != paused_value:
-        return False
-    return pttl > 0 if marker_until > 0 else pttl == -1
-
-
 def list_queues(client: Client) -> list[str]:
     """The queues in ``asynq:queues`` (every queue a client has enqueued to), sorted."""
     try:
@@ -288,7 +281,8 @@ def _stats(queue: str, registered: bool, raw: list[object]) -> QueueStats:
         aggregating,
         paused_value,
         pttl,
-        m_v,
+        owned,
+        _marker_v,
         m_until,
         m_who,
         m_why,
@@ -298,12 +292,11 @@ def _stats(queue: str, registered: bool, raw: list[object]) -> QueueStats:
     ) = raw
     paused_raw = None if paused_value is None else decode(paused_value)
     ttl = _int(pttl)
-    marker_v, marker_until = decode(m_v), _int(m_until)
     pause = None
-    if _owned(marker_v, marker_until, paused_raw, ttl):
+    if owned == 1:  # the read script's verdict (pause_owned, _asynq.lua)
         pause = QueuePause(
             queue=queue,
-            until_ms=marker_until,
+            until_ms=_int(m_until),
             who=decode(m_who),
             why=decode(m_why),
             at_ms=_int(m_at),

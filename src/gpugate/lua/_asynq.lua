@@ -1,4 +1,4 @@
--- _asynq.lua: helpers shared by the Asynq lifecycle scripts (asynq_*.lua).
+-- _asynq.lua: helpers shared by the Asynq scripts (asynq_*.lua).
 -- The loader prepends this file (after _prelude.lua) to every asynq_ script.
 --
 -- count_day(key, expire_at_s): INCR one of Asynq's daily counters
@@ -15,6 +15,13 @@
 --   task retried and taken again meanwhile) has a lease of its own, and
 --   ending that one would run the task twice. nil or "" (a first try, as
 --   Asynq writes it): true.
+-- pause_owned(paused_value, marker_v, marker_until, pttl): whether the pause
+--   of a queue (its paused key's value and PTTL) is gpugate's, by its marker
+--   (gpugate:asynq:{<queue>}:pause, fields v and until): the marker's v equals
+--   the paused value and the paused key's TTL agrees with the marker (one
+--   with an expiry has a TTL, one without has none). A pause lifted and set
+--   again by Asynq's tools is a new key with no TTL, so it is never
+--   gpugate's and never expires.
 
 local function count_day(key, expire_at_s)
   if redis.call('INCR', key) == 1 then
@@ -40,4 +47,10 @@ local function count_totals(processed_key, failed_key, max_int64)
     redis.call('INCR', processed_key)
     if failed_key then redis.call('INCR', failed_key) end
   end
+end
+
+local function pause_owned(paused_value, marker_v, marker_until, pttl)
+  if not paused_value or not marker_v or marker_v ~= paused_value then return false end
+  if (tonumber(marker_until) or 0) > 0 then return pttl > 0 end
+  return pttl == -1
 end

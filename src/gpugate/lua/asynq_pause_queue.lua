@@ -19,10 +19,7 @@
 --                   wrote), until (ms, 0 = none), who, why, at (ms), pool,
 --                   cls; same TTL as the paused key.
 --
--- Ownership: the pause is gpugate's while the marker's v equals the paused
--- value and the paused key's TTL agrees with the marker (one with an expiry
--- has a TTL, one without has none). A pause lifted and set again by Asynq's
--- tools is a new key with no TTL, so it is never gpugate's and never expires.
+-- Ownership: pause_owned (_asynq.lua).
 
 local paused_key = KEYS[1]
 local marker_key = KEYS[2]
@@ -33,13 +30,6 @@ local who = ARGV[3]
 local why = ARGV[4]
 local pool = ARGV[5]
 local cls = ARGV[6]
-
-local function owned(current, mark, pttl)
-  if not current or not mark[1] or mark[1] ~= current then return false end
-  local until_ms = tonumber(mark[2]) or 0
-  if until_ms > 0 then return pttl > 0 end
-  return pttl == -1
-end
 
 local now = script_now(clock_ms, 0)
 local until_ms = 0
@@ -67,7 +57,7 @@ if not current then
   write_marker(value)
   return {'paused', value, until_ms, now}
 end
-if owned(current, mark, pttl) then
+if pause_owned(current, mark[1], mark[2], pttl) then
   write_marker(current)
   return {'extended', current, until_ms, now}
 end

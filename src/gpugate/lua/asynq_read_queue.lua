@@ -7,7 +7,8 @@
 -- -> {now_ms, day, pending, active, scheduled, retry, archived, completed,
 --     processed_today, failed_today, processed_total, failed_total,
 --     processed_yesterday, oldest_pending_since, groups, aggregating,
---     paused_value, paused_pttl_ms,
+--     paused_value, paused_pttl_ms, pause_owned (1: the pause is gpugate's,
+--     pause_owned in _asynq.lua; 0: it is not, or the queue is not paused),
 --     marker_v, marker_until, marker_who, marker_why, marker_at, marker_pool, marker_cls}
 --    Counters and oldest_pending_since are returned as stored (strings; nil
 --    when absent): pending_since is Unix ns, beyond a Lua number's precision.
@@ -79,6 +80,9 @@ for _, name in ipairs(group_names) do
 end
 
 local marker = redis.call('HMGET', marker_key, 'v', 'until', 'who', 'why', 'at', 'pool', 'cls')
+local paused_value = redis.call('GET', paused_key)
+local paused_pttl = redis.call('PTTL', paused_key)
+local owned = pause_owned(paused_value, marker[1], marker[2], paused_pttl) and 1 or 0
 
 return {
   now, day,
@@ -96,7 +100,8 @@ return {
   oldest,
   #group_names,
   aggregating,
-  redis.call('GET', paused_key),
-  redis.call('PTTL', paused_key),
+  paused_value,
+  paused_pttl,
+  owned,
   marker[1], marker[2], marker[3], marker[4], marker[5], marker[6], marker[7],
 }

@@ -2,8 +2,8 @@
 --
 -- KEYS = [paused, marker]
 -- ARGV = [only_own]
---   only_own: "1" = lift the pause only if it is gpugate's (see
---   asynq_pause_queue.lua for ownership); "0" = lift any pause, as Asynq's
+--   only_own: "1" = lift the pause only if it is gpugate's (pause_owned,
+--   _asynq.lua); "0" = lift any pause, as Asynq's
 --   UnpauseQueue does (DEL of the paused key)
 -- -> {outcome, was_gpugates, paused_value}
 --   outcome "unpaused"; "not_paused" (Asynq's UnpauseQueue answers an error
@@ -21,16 +21,9 @@ local marker_key = KEYS[2]
 
 local only_own = ARGV[1] == '1'
 
-local function owned(current, mark, pttl)
-  if not current or not mark[1] or mark[1] ~= current then return false end
-  local until_ms = tonumber(mark[2]) or 0
-  if until_ms > 0 then return pttl > 0 end
-  return pttl == -1
-end
-
 local current = redis.call('GET', paused_key)
 local mark = redis.call('HMGET', marker_key, 'v', 'until')
-local mine = owned(current, mark, redis.call('PTTL', paused_key))
+local mine = pause_owned(current, mark[1], mark[2], redis.call('PTTL', paused_key))
 
 if not current then
   redis.call('DEL', marker_key)
