@@ -24,6 +24,10 @@
 --   pool    "margin ttl_ms placement max_age_ms waiter_ttl_ms aging_per_ms
 --            retry_max_ms max_per_device"      (-1 = none)
 --
+-- pool_fields(raw), class_fields(raw) -> the record's fields in order
+--   (strings); waiter_fields(raw) -> its first six (p s v w x d);
+--   bucket_fields(raw) -> tokens, updated (numbers); format_bucket(tokens,
+--   updated) -> string. Every script reads these records through them.
 -- script_now(clock_ms, last) -> ms: max(TIME or clock_ms when > 0, last).
 -- parse_lease(raw) -> table; format_lease(rec) -> string.
 -- end_lease(prefix, state_key, uuid, id, rec, now, counter): make a live
@@ -47,6 +51,27 @@ local function script_now(clock_ms, last)
   end
   if now < last then return last end
   return now
+end
+
+local function pool_fields(raw)
+  return string.match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+end
+
+local function class_fields(raw)
+  return string.match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+end
+
+local function waiter_fields(raw)
+  return string.match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)')
+end
+
+local function bucket_fields(raw)
+  local tokens, updated = string.match(raw, '^(%S+) (%S+)$')
+  return tonumber(tokens), tonumber(updated)
+end
+
+local function format_bucket(tokens, updated)
+  return string.format('%.17g %d', tokens, updated)
 end
 
 local function parse_lease(raw)

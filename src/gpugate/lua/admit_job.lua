@@ -70,12 +70,11 @@ version = st[9] or ''
 if not st[2] then return redis.error_reply('nopolicy') end
 if not st[3] then return redis.error_reply('unknown_class ' .. cls) end
 
-local margin, ttl, placement, max_age, waiter_ttl, aging, retry_max, shared_cap =
-  string.match(st[2], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+local margin, ttl, placement, max_age, waiter_ttl, aging, retry_max, shared_cap = pool_fields(st[2])
 margin, ttl, max_age, waiter_ttl = tonumber(margin), tonumber(ttl), tonumber(max_age), tonumber(waiter_ttl)
 aging, retry_max, shared_cap = tonumber(aging), tonumber(retry_max), tonumber(shared_cap)
 local my_prio, cap, dev_cap, rate, burst, reserve_above, max_ms, _, no_gpu, max_frag =
-  string.match(st[3], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+  class_fields(st[3])
 max_frag = tonumber(max_frag)
 my_prio, cap, dev_cap, rate = tonumber(my_prio), tonumber(cap), tonumber(dev_cap), tonumber(rate)
 burst, reserve_above, max_ms = tonumber(burst), tonumber(reserve_above), tonumber(max_ms)
@@ -101,7 +100,7 @@ local function my_since()
     local raw = redis.call('HGET', waiters_key, waiter_id)
     if raw then
       -- An entry past its TTL is a request that went away: it starts afresh.
-      local s, x = string.match(raw, '^%S+ (%S+) %S+ %S+ (%S+)')
+      local _, s, _, _, x = waiter_fields(raw)
       if tonumber(x) > now then since = tonumber(s) end
     end
   end
@@ -240,7 +239,7 @@ local waiting = false
 local waiters = redis.call('HGETALL', waiters_key)
 for i = 1, #waiters, 2 do
   local id = waiters[i]
-  local p, s, _, w, x, d = string.match(waiters[i + 1], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)')
+  local p, s, _, w, x, d = waiter_fields(waiters[i + 1])
   if id == waiter_id then
     if tonumber(x) > now then since = tonumber(s) else since = now end
     waiting = true
@@ -368,8 +367,7 @@ if rate > 0 then
   local tokens, updated = burst, now
   local b = redis.call('HGET', buckets_key, cls)
   if b then
-    local bt, bu = string.match(b, '^(%S+) (%S+)$')
-    tokens, updated = tonumber(bt), tonumber(bu)
+    tokens, updated = bucket_fields(b)
     if now > updated then tokens = math.min(burst, tokens + (now - updated) * rate) end
   end
   if tokens < 1 then
@@ -378,7 +376,7 @@ if rate > 0 then
     r[8] = best_avail
     return r
   end
-  redis.call('HSET', buckets_key, cls, string.format('%.17g %d', tokens - 1, now))
+  redis.call('HSET', buckets_key, cls, format_bucket(tokens - 1, now))
 end
 
 -- The lease; its id is a fencing token: above every id issued before, even

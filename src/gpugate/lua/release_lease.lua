@@ -38,9 +38,9 @@ if refund then
   local b = redis.call('HGET', buckets_key, rec.c)
   local c = redis.call('HGET', state_key, 'c:' .. rec.c)
   if b and c then
-    local burst = tonumber(string.match(c, '^%S+ %S+ %S+ %S+ (%S+)'))
-    local bt, bu = string.match(b, '^(%S+) (%S+)$')
-    redis.call('HSET', buckets_key, rec.c, string.format('%.17g %s', math.min(burst, tonumber(bt) + 1), bu))
+    local burst = tonumber((select(5, class_fields(c))))
+    local tokens, updated = bucket_fields(b)
+    redis.call('HSET', buckets_key, rec.c, format_bucket(math.min(burst, tokens + 1), updated))
   end
 end
 return 1

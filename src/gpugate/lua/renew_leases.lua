@@ -77,7 +77,7 @@ local last = tonumber(st[1]) or 0
 local now = script_now(clock_ms, last)
 if now > last then redis.call('HSET', state_key, 'clock', now) end
 if not st[2] then return redis.error_reply('nopolicy') end
-local ttl = tonumber(string.match(st[2], '^%S+ (%S+)'))
+local ttl = tonumber((select(2, pool_fields(st[2]))))
 reap_expired(prefix, state_key, exp_key, now, tonumber(st[3]))
 
 local contended = nil
@@ -86,7 +86,7 @@ local function device_contended(uuid)
     contended = {}
     local waiters = redis.call('HGETALL', waiters_key)
     for i = 2, #waiters, 2 do
-      local w, x, d = string.match(waiters[i], '^%S+ %S+ %S+ (%S+) (%S+) (%S+)')
+      local _, _, _, w, x, d = waiter_fields(waiters[i])
       if w == 'vram' and tonumber(x) > now then contended[d] = true end
     end
   end
@@ -97,7 +97,7 @@ local contended_ms = {}
 local function class_contended_ms(cls)
   if contended_ms[cls] == nil then
     local raw = redis.call('HGET', state_key, 'c:' .. cls)
-    contended_ms[cls] = raw and tonumber(string.match(raw, '^%S+ %S+ %S+ %S+ %S+ %S+ %S+ (%S+)')) or -1
+    contended_ms[cls] = raw and tonumber((select(8, class_fields(raw)))) or -1
   end
   return contended_ms[cls]
 end
