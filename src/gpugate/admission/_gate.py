@@ -43,7 +43,7 @@ from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import Sampler, Snapshot, default_sampler
 from ..state._connect import REDIS_DOWN, connect, mask_url, refuses_writes, resolve_redis_url
-from ..state._keys import PoolKeys
+from ..state._keys import PoolKeys, owner_id, waiter_id
 from ..state._scripts import Scripts
 from ._core import _b2s
 from ._decision import Decision, Outcome, Reason, make_decision
@@ -171,7 +171,8 @@ class Gate(LeaseKeeping, Overrides):
         self._on_recycle = []
         self._told = []
         self._seq = next(_gate_seq)
-        self.owner = f"{self.sampler.sample().host or 'host'}:{self._pid}:{_uuid.uuid4().hex[:8]}"
+        host = self.sampler.sample().host or "host"
+        self.owner = owner_id(host, self._pid, _uuid.uuid4().hex[:8])
         self._leases = LeaseRegistry(self._idle.touch)
         self._heartbeat: Heartbeat | None = None
         self._wake: WakeListener | None = None
@@ -249,7 +250,7 @@ class Gate(LeaseKeeping, Overrides):
         vram_b = parse_size(vram, key="vram")
         if device is not None:
             self._check_device(device)
-        waiter = f"{self.owner}|{cls}|{vram_b}|{device or ''}"
+        waiter = waiter_id(self.owner, f"{cls}|{vram_b}|{device or ''}")
         return self._decide(cls, vram_b, waiter, device, tenant, precheck=True)
 
     def admit(
@@ -849,7 +850,7 @@ class _Request:
         self.vram = parse_size(vram, key="vram")
         self.timeout = None if timeout is None else parse_duration(timeout, key="timeout")
         self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        self.waiter = f"{gate.owner}|{_uuid.uuid4().hex}"
+        self.waiter = waiter_id(gate.owner, _uuid.uuid4().hex)
 
     def pause_after(self, d: Decision) -> float:
         """Seconds to wait after a DEFER; raises when rejected or out of time."""

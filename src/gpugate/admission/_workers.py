@@ -20,6 +20,7 @@ import structlog
 from .. import _speedups
 from .._version import __version__
 from ..sampling import Snapshot
+from ..state._keys import owner_parts
 from ._core import GateCore, RecycleCallback
 from ._lease import Lease
 
@@ -64,11 +65,11 @@ class WorkerRecord(GateCore):
 
     def _worker_info(self, leases: int) -> str:
         """What the registry says about this process (JSON)."""
-        host, pid, _ = self.owner.rsplit(":", 2)
+        host, pid = owner_parts(self.owner)
         return json.dumps(
             {
                 "host": host,
-                "pid": int(pid),
+                "pid": pid,
                 "version": __version__,
                 "fastpath": _speedups.IMPLEMENTATION,
                 "sampler": getattr(self.sampler, "backend", "unknown"),
@@ -204,7 +205,7 @@ class WorkerRecord(GateCore):
         """
         if not self._register or snap is None:
             return "", ""
-        host = snap.host or self.owner.rsplit(":", 2)[0]
+        host = snap.host or owner_parts(self.owner)[0]
         now = time.monotonic()
         devices = [
             {

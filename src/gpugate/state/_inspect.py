@@ -40,7 +40,7 @@ from .._exceptions import BackendError, ConfigError
 from .._units import to_ms
 from ..policy import Policy
 from ._connect import REDIS_DOWN, Client, mask_url, refuses_writes
-from ._keys import PoolKeys
+from ._keys import PoolKeys, owner_parts, waiter_owner
 
 __all__ = [
     "ClassView",
@@ -758,7 +758,7 @@ def _waiter(wid: str, raw: str) -> WaiterView | None:
         return None
     return WaiterView(
         id=wid,
-        owner=wid.split("|", 1)[0],
+        owner=waiter_owner(wid),
         cls=parts[6],
         priority=p,
         since_ms=s,
@@ -930,7 +930,7 @@ def _workers(
         e["last"] = max(e["last"], w.since_ms, w.expires_ms - waiter_ttl_ms)
     out = []
     for owner, e in seen.items():
-        host, pid = _owner_parts(owner)
+        host, pid = owner_parts(owner)
         info: dict[str, Any] = {}
         if owner in registry_info:
             try:
@@ -953,10 +953,3 @@ def _workers(
         )
     out.sort(key=lambda w: (w.host, w.pid or 0, w.owner))
     return out
-
-
-def _owner_parts(owner: str) -> tuple[str, int | None]:
-    parts = owner.rsplit(":", 2)
-    if len(parts) == 3 and parts[1].isdigit():
-        return parts[0], int(parts[1])
-    return owner, None

@@ -110,3 +110,30 @@ class PoolKeys:
     def decisions(self, minute: int) -> str:
         """The hash counting answers in ``minute`` (script time in ms // 60000)."""
         return f"{self.prefix}dec:{minute}"
+
+
+# -- the ids gates write into those keys ------------------------------------------
+
+
+def owner_id(host: str, pid: int, tag: str) -> str:
+    """A gate's owner id, ``host:pid:tag``: a lease's owner, a worker registry
+    member, the start of its waiter ids. ``tag`` tells gates of one process apart."""
+    return f"{host}:{pid}:{tag}"
+
+
+def owner_parts(owner: str) -> tuple[str, int | None]:
+    """The host and process id in an owner id (``(owner, None)`` when it is not one)."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return owner, None
+
+
+def waiter_id(owner: str, request: str) -> str:
+    """The waiter id of a gate's request: ``owner|request``."""
+    return f"{owner}|{request}"
+
+
+def waiter_owner(waiter: str) -> str:
+    """The owner id a waiter id starts with."""
+    return waiter.split("|", 1)[0]
