@@ -234,3 +234,29 @@ class TestPolicyCommands:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "s3cret" not in result.stderr
         assert "Traceback" not in result.stderr
+
+
+class TestArguments:
+    """Argument errors are one line that says how to fix them."""
+
+    def test_a_value_starting_with_a_dash_is_shown_how_to_pass(self) -> None:
+        result = gpugate("pause", "batch", "--for", "-5m", "--redis-url", "redis://127.0.0.1:1/0")
+        assert result.returncode == 2
+        assert "write --for=-5m" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+
+    def test_the_hint_reads_the_arguments_given_to_main_not_sys_argv(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from gpugate.cli import main
+
+        with pytest.raises(SystemExit) as exc:
+            main(["cap", "batch", "2", "--for", "-1h"])
+        assert exc.value.code == 2
+        assert "write --for=-1h" in capsys.readouterr().err
+
+    def test_a_missing_value_gets_no_such_hint(self) -> None:
+        result = gpugate("pause", "batch", "--for")
+        assert result.returncode == 2
+        assert "expected one argument" in result.stderr
+        assert "write" not in result.stderr

@@ -10,6 +10,8 @@ traceback. The operator commands live in :mod:`._status` (status),
 from __future__ import annotations
 
 import argparse
+import contextvars
+import itertools
 import json
 import logging
 import os
@@ -59,7 +61,23 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Print one line naming the command and exit 2."""
+        if message.endswith("expected one argument"):
+            message += _dash_value_hint(_PARSING.get())
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# The command line being parsed, for _Parser.error's hint.
+_PARSING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "gpugate_argv", default=()
+)
+
+
+def _dash_value_hint(args: Sequence[str]) -> str:
+    """argparse takes a value such as "-5m" for an option: name the way to pass it."""
+    for option, value in itertools.pairwise(args):
+        if option.startswith("--") and "=" not in option and value[1:2].isdigit():
+            return f" (to give it {value}, write {option}={value})"
+    return ""
 
 
 def _duration(text: str) -> float:
@@ -186,7 +204,9 @@ def _parser() -> argparse.ArgumentParser:
 
     embedded = sub.add_parser("embedded", help="the embedded Redis of this host (single host only)")
     esub = embedded.add_subparsers(dest="action", required=True, metavar="ACTION")
-    esub.add_parser("status", help="say whether it runs and where")
+    esub.add_parser(
+        "status", help="say whether it runs and where (exit status 0 if it runs, 1 if not)"
+    )
     esub.add_parser("stop", help="stop it (every lease and waiter it holds is lost)")
 
     policy = sub.add_parser("policy", help="show or apply the pool's policy")
@@ -300,7 +320,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gpugate``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    given = tuple(sys.argv[1:] if argv is None else argv)
+    token = _PARSING.set(given)
+    try:
+        args = _parser().parse_args(given)
+    finally:
+        _PARSING.reset(token)
     # The metrics command is the pool's long-running watcher: its events are its point.
     level = logging.INFO if args.command == "metrics" else logging.ERROR
     _configure_logging(args.verbose, level=level, fmt=args.log_format)
