@@ -336,6 +336,63 @@ class _FrozenSampler:
         return replace(self.snap, taken_mono=time.monotonic() - self.age_s)
 
 
+class _Frozen:
+    """A sampler whose every snapshot is the one it was given (a reading kept
+    between refreshes, as the NVML sampler keeps one)."""
+
+    backend = "simulated"
+
+    def __init__(self, snap: Any) -> None:
+        self._snap = snap
+
+    def sample(self) -> Any:
+        return self._snap
+
+
+class TestSampleTimes:
+    """A sample counts as taken when it was taken, however long its decision waited."""
+
+    # Blocks Redis for ARGV[1] microseconds, as another client's slow script would.
+    _BUSY = """
+    local t0 = redis.call('TIME')
+    local start = t0[1] * 1000000 + t0[2]
+    while true do
+      local t = redis.call('TIME')
+      if t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) then return 1 end
+    end
+    """
+
+    def test_a_decision_that_waited_does_not_pass_an_older_sample_for_a_newer_one(
+        self, make_gate: Callable[..., Gate], server: RedisProcess
+    ) -> None:
+        # Host B's reading is taken before job J allocates 60 GiB; J ends (its
+        # process may keep the memory, as PyTorch's cache does) while B's
+        # decision waits behind a slow script. The reading cannot show J's
+        # memory, so J's ghost must still count: taking the sample's time as
+        # "when the script ran, less its age" made it look newer than J's
+        # release by the wait, J's ghost ended, and 60 GiB more was admitted
+        # onto memory still in use.
+        host_b = make_gate(policy(), _Frozen(SimulatedSampler(["80GiB"]).sample()))
+        assert host_b.try_admit("batch", vram="1GiB").lease is not None  # B knows the clock
+        host_a = make_gate(policy(), SimulatedSampler(["80GiB"]))
+        time.sleep(0.01)
+        job = host_a.try_admit("batch", vram="60GiB")
+        assert job.lease is not None
+        time.sleep(0.02)
+        job.lease.release()
+        busy = threading.Thread(
+            target=read_redis, args=(server, lambda c: c.eval(self._BUSY, 0, 400_000))
+        )
+        busy.start()
+        time.sleep(0.05)  # the slow script runs
+        try:
+            d = host_b.try_admit("batch", vram="60GiB")
+        finally:
+            busy.join()
+        assert d.outcome is Outcome.DEFER
+        assert d.reason == "vram"
+
+
 class TestCaps:
     """Class caps (pool and device), shared device slots, and runtime caps."""
 

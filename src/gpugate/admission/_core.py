@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,10 @@ from ._lease import LeaseRegistry
 log = structlog.get_logger(__name__)
 
 RecycleCallback = Callable[[str, int], None]
+
+# How much faster this host's monotonic clock may run than Redis's: NTP slews
+# a clock by at most 500 ppm.
+_CLOCK_DRIFT = 5e-4
 
 
 @functools.cache
@@ -93,6 +99,35 @@ class GateCore:
     _on_recycle: list[RecycleCallback]
     # What a beat has to tell holders, called once its lock is released.
     _told: list[Callable[[], None]]
+    # The script clock (ms) in the last reply that carried it, and when that
+    # reply came back (monotonic s): the script ran before then.
+    _redis_clock: tuple[float, int] | None
+
+    def _note_redis_clock(self, redis_ms: Any, received: float) -> None:
+        """A reply that came back at ``received`` (monotonic) carried the
+        script clock ``redis_ms``."""
+        self._redis_clock = (received, int(redis_ms))
+
+    def _redis_ms_at(self, mono: float) -> int:
+        """A lower bound of the pool's script clock (ms) at monotonic time
+        ``mono``, for placing a sample taken then on that clock: from the last
+        reply that carried the clock (a round trip to read it the first
+        time), less the most this host's clock may have run ahead of Redis's
+        since. 0 with an injected clock: the scripts take that clock as it is."""
+        if self._clock_ms is not None:
+            return 0
+        clock = self._redis_clock
+        if clock is None:
+            now = self._call(self._scripts.read_clock, keys=[self._keys.state], args=[0])
+            self._note_redis_clock(now, time.monotonic())
+            clock = self._redis_clock
+            assert clock is not None
+        received, redis_ms = clock
+        elapsed_ms = (mono - received) * 1000
+        # Before the reply came (another thread's, noted since): the script
+        # may have run as late as that.
+        drift = 1 - _CLOCK_DRIFT if elapsed_ms >= 0 else 1 + _CLOCK_DRIFT
+        return redis_ms + math.floor(elapsed_ms * drift)
 
     @property
     def client(self) -> redis.Redis | redis.RedisCluster:

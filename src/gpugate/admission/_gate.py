@@ -59,9 +59,9 @@ from ._workers import add_live_gate, live_gates
 
 log = structlog.get_logger(__name__)
 
-# admit_job.lua's ARGV: 9 fixed arguments, then (uuid, total, used, age_ms)
-# per device; the first device's age is argument 12 (0-based).
-_SAMPLE_AGE_ARG = 12
+# admit_job.lua's ARGV: 10 fixed arguments, then (uuid, total, used, age_ms)
+# per device; the first device's age is argument 13 (0-based).
+_SAMPLE_AGE_ARG = 13
 
 # Reasons whose retry_after is an estimate: they get jitter so that waiters
 # polling the same pool do not come back in lockstep.
@@ -170,6 +170,7 @@ class Gate(LeaseKeeping, Overrides):
         self._recycle = set()
         self._on_recycle = []
         self._told = []
+        self._redis_clock = None
         self._seq = next(_gate_seq)
         host = self.sampler.sample().host or "host"
         self.owner = owner_id(host, self._pid, _uuid.uuid4().hex[:8])
@@ -462,11 +463,15 @@ class Gate(LeaseKeeping, Overrides):
             device or "",
             tenant or "",
             len(devices),
+            0,
             *packed,
         ]
-        # Each device's own age: a reading standing in for a failing device is older.
-        args[_SAMPLE_AGE_ARG::4] = snap.device_ages_ms(time.monotonic())
         try:
+            # Each device's own age (a reading standing in for a failing
+            # device is older), and the script clock then: the samples' times.
+            taken = time.monotonic()
+            args[_SAMPLE_AGE_ARG::4] = snap.device_ages_ms(taken)
+            args[9] = self._redis_ms_at(taken)
             reply = self._run_admit(self._admit_keys, args)
         except BackendError as exc:
             # Redis may have admitted it all the same: a reply lost to a
@@ -475,7 +480,10 @@ class Gate(LeaseKeeping, Overrides):
             if not isinstance(exc.__cause__, redis.ConnectionError):
                 self._maybe_orphans = True
             return self._backend_down(cls, vram, snap, exc)
-        outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available, v = reply
+        self._note_redis_clock(reply[9], time.monotonic())
+        outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available, v, _ = (
+            reply
+        )
         if v != self._pool_version_b:
             self._follow_pool_policy(v)
         d_uuid = _b2s(dev_uuid) or None

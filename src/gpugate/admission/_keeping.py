@@ -208,6 +208,7 @@ class LeaseKeeping(WorkerRecord):
                 # (or the default) as a decision would, and beat again.
                 self.sync_policy()
                 reply = self._call(self._scripts.renew_leases, keys=keys, args=args)
+            self._note_redis_clock(reply[0], time.monotonic())
         except BackendError:
             for lease, report in zip(leases, reports, strict=True):
                 if report is not None:  # send it again next time

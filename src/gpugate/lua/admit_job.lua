@@ -2,12 +2,18 @@
 --
 -- KEYS = [state, exp, waiters, samples, buckets]
 -- ARGV = [prefix, clock_ms, class, vram, waiter_id, owner, device, tenant,
---         n_samples, (uuid, total, used, age_ms) * n_samples]
+--         n_samples, sent_ms, (uuid, total, used, age_ms) * n_samples]
+--   sent_ms: a lower bound of this script clock when the gate took the ages
+--   (from the clock in earlier replies; 0 with an injected clock_ms). A
+--   sample's time is sent_ms - age_ms, never now - age_ms: a call that waited
+--   (Redis busy with another script, the gate's thread descheduled) would make
+--   an old sample pass for a newer one, which could end a ghost released after
+--   it was taken, or take an actual measured after it off its used memory.
 -- -> {outcome, reason, retry_ms, device_uuid, lease_id, expires_ms, detail,
---     available, policy_version}: available is the bytes free for this request
---     on its best device (the chosen one, or the closest to fitting), -1 when
---     not reached; policy_version is the pool's (a gate that sees it change
---     reads the policy again)
+--     available, policy_version, now}: available is the bytes free for this
+--     request on its best device (the chosen one, or the closest to fitting),
+--     -1 when not reached; policy_version is the pool's (a gate that sees it
+--     change reads the policy again); now is the script clock (ms)
 --    outcome "admit" | "defer" | "reject". Error replies: "nopolicy" (the
 --    pool has no policy yet), "unknown_class <name>".
 --
@@ -53,6 +59,7 @@ local owner = ARGV[6]
 local want_device = ARGV[7]
 local tenant = ARGV[8]
 local n_samples = tonumber(ARGV[9])
+local sent_ms = tonumber(ARGV[10])
 
 local now
 local version
@@ -139,16 +146,18 @@ local stored = {}
 local listed, fits_listed = 0, false
 if n_samples > 0 then
   local uuids = {}
-  for i = 0, n_samples - 1 do uuids[i + 1] = ARGV[10 + 4 * i] end
+  for i = 0, n_samples - 1 do uuids[i + 1] = ARGV[11 + 4 * i] end
   stored = redis.call('HMGET', samples_key, unpack(uuids))
 end
+-- The samples' times, on this clock: see sent_ms above.
+if sent_ms <= 0 or sent_ms > now then sent_ms = now end
 for i = 0, n_samples - 1 do
-  local base = 10 + 4 * i
+  local base = 11 + 4 * i
   local uuid = ARGV[base]
   if want_device == '' or want_device == uuid then
     local total = tonumber(ARGV[base + 1])
     local used = tonumber(ARGV[base + 2])
-    local ts = now - tonumber(ARGV[base + 3])
+    local ts = sent_ms - tonumber(ARGV[base + 3])
     local s = stored[i + 1]
     local s_ts = -1
     if s then
@@ -416,6 +425,7 @@ local reply = decide()
 for _, f in ipairs(frees) do redis.call(f[1], f[2], f[3]) end
 if reply[1] then
   reply[9] = version
+  reply[10] = now
   local key = prefix .. 'dec:' .. math.floor(now / 60000)
   if redis.call('HINCRBY', key, cls .. ' ' .. reply[1] .. ' ' .. reply[2], 1) == 1 then
     redis.call('PEXPIRE', key, 16 * 60000)

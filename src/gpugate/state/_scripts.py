@@ -79,6 +79,7 @@ _PUSH: Any = getattr(hiredis, "PushNotification", None) if _hiredis_pack is not 
 SCRIPT_NAMES = (
     "admit_job",
     "publish_policy",
+    "read_clock",
     "release_lease",
     "remove_worker",
     "renew_leases",
@@ -317,6 +318,7 @@ class Scripts:
 
     admit_job: LuaScript
     publish_policy: LuaScript
+    read_clock: LuaScript
     release_lease: LuaScript
     remove_worker: LuaScript
     renew_leases: LuaScript
