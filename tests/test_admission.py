@@ -582,6 +582,26 @@ class TestPriority:
         assert gate.try_admit("interactive", vram="30GiB").outcome is Outcome.ADMIT
         assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
 
+    def test_a_waiter_holds_back_any_device_it_fits_on_not_only_its_closest(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy(), SimulatedSampler(["80GiB", "80GiB"]), _clock_ms=clock)
+        on_0 = gate.try_admit("batch", vram="60GiB", device="SIM-sim-0")
+        on_1 = gate.try_admit("batch", vram="70GiB", device="SIM-sim-1")
+        assert on_0.lease is not None
+        assert on_1.lease is not None
+        # 20 and 10 GiB free: it waits, closest to fitting on sim-0.
+        assert gate.try_admit("interactive", vram="30GiB").reason == "vram"
+        on_1.lease.release()
+        clock.advance(0.1)  # sim-1 shows 80 GiB free
+        # 60 GiB there would leave the waiter's 30 GiB no room: held back ...
+        d = gate.try_admit("batch", vram="60GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+        # ... but 40 GiB leaves it room, and goes.
+        assert gate.try_admit("batch", vram="40GiB").device_uuid == "SIM-sim-1"
+        assert gate.try_admit("interactive", vram="30GiB").device_uuid == "SIM-sim-1"
+
     def test_a_poller_that_comes_back_when_told_keeps_its_place(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -412,6 +412,7 @@ class Model:
             return defer("cap", None, None, "-")
 
         waiting_on: dict[str, list[tuple[int, int]]] = {}
+        wanted: list[tuple[float, int]] = []  # waiters for memory: (effective priority, vram)
         for wid, w in list(self.waiters.items()):
             if wid == waiter_id:
                 continue
@@ -419,12 +420,17 @@ class Model:
                 del self.waiters[wid]
             elif w.w != "-" and w.d != "-":
                 waiting_on.setdefault(w.d, []).append((w.p, w.s))
+                if w.w == "vram":
+                    wanted.append((w.p + self.aging * (now - w.s), w.v))
         my_eff = row.prio + self.aging * (now - since())
         # A device is held back by the highest of the live waiters for it.
         blocked = {
             i: any(p + self.aging * (now - s) > my_eff for p, s in waiting_on.get(dev_uuid, []))
             for i, dev_uuid in enumerate(self.uuids)
         }
+        # ... and by a waiter for memory above this request that fits there
+        # now, and would not once this request took its share.
+        needs = [v for eff, v in wanted if eff > my_eff]
 
         best = closest = None
         best_avail = closest_avail = 0
@@ -441,8 +447,9 @@ class Model:
                 measured += rec.a  # measured (by the heartbeat) before any later sample
             unmanaged = max(0, use - measured)
             avail = total - unmanaged - reserved - self.margin - row.reserve_above
+            free = total - unmanaged - reserved - self.margin
             if avail >= vram:
-                if blocked.get(i, False):
+                if blocked.get(i, False) or any(free >= n and free - vram < n for n in needs):
                     held_back = True
                 elif (
                     best is None

@@ -241,14 +241,18 @@ if #slotted == 0 then
   return defer('cap', estimate, '', '-', 'class at its per-device cap')
 end
 
--- Devices that a live waiter of higher effective priority waits for. Waiting
--- ages priority, so batch is not starved forever.
+-- Devices that a live waiter of higher effective priority waits for (the
+-- one closest to fitting it, or whose slot it waits for). Waiting ages
+-- priority, so batch is not starved forever. A waiter for memory also holds
+-- back any device where it fits now and would not once this request took
+-- its share (see room_taken below).
 local blocked = {}
+local wanted = {}  -- {effective priority, vram} of the waiters for memory
 local waiting = false
 local waiters = redis.call('HGETALL', waiters_key)
 for i = 1, #waiters, 2 do
   local id = waiters[i]
-  local p, s, _, w, x, d = waiter_fields(waiters[i + 1])
+  local p, s, v, w, x, d = waiter_fields(waiters[i + 1])
   if id == waiter_id then
     if tonumber(x) > now then since = tonumber(s) else since = now end
     waiting = true
@@ -257,11 +261,26 @@ for i = 1, #waiters, 2 do
   elseif w ~= '-' and d ~= '-' then
     local eff = tonumber(p) + aging * (now - tonumber(s))
     if blocked[d] == nil or eff > blocked[d] then blocked[d] = eff end
+    if w == 'vram' then wanted[#wanted + 1] = {eff, tonumber(v)} end
   end
 end
 local my_eff = my_prio + aging * (now - my_since())
 for d, eff in pairs(blocked) do
   if eff <= my_eff then blocked[d] = nil end
+end
+local needs = {}  -- the VRAM each waiter for memory above this request wants
+for _, e in ipairs(wanted) do
+  if e[1] > my_eff then needs[#needs + 1] = e[2] end
+end
+
+-- Whether this request would take room a waiter above it fits in now, on a
+-- device with `free` bytes (before class reserves: the waiter's own are
+-- smaller than this request's).
+local function room_taken(free)
+  for _, need in ipairs(needs) do
+    if free >= need and free - vram < need then return true end
+  end
+  return false
 end
 
 -- Ghosts end once a sample taken after their release is used: they leave
@@ -326,7 +345,7 @@ for _, d in ipairs(slotted) do
   if avail >= vram then
     if max_frag >= 0 and d.m_idle > max_frag * d.total then
       fragmented = true
-    elseif blocked[d.uuid] then
+    elseif blocked[d.uuid] or (#needs > 0 and room_taken(d.total - unmanaged - reserved - margin)) then
       held_back = true
     elseif best == nil
         or (placement == 'spread' and avail > best_avail)
