@@ -507,6 +507,29 @@ class TestOverrides:
         assert gate.try_admit("a", vram=1).outcome is Outcome.ADMIT
         assert gate.try_admit("b", vram=1).outcome is Outcome.ADMIT
 
+    def test_drain_pauses_by_the_policy_applied_since_the_gate_last_read_it(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        old = policy(
+            interactive={"priority": 100}, notebook={"priority": 100}, batch={"priority": 10}
+        )
+        new = policy(
+            interactive={"priority": 100}, notebook={"priority": 50}, research={"priority": 20}
+        )
+        make_gate(old)
+        # No heartbeat and no decision: the gate's copy stays the old policy.
+        gate = make_gate(register=False)
+        assert gate.effective_policy.version == old.version
+        make_gate(new, register=False).sync_policy(force=True)  # `gpugate policy apply`
+        # Given the new policy: notebook no longer ties for the highest, research
+        # is new, batch is gone.
+        reply = gate.drain(duration="5m")
+        assert sorted(reply["pause"]) == ["notebook", "research"]
+        assert gate.pool_policy_version == new.version  # followed, as a decision follows it
+        assert gate.try_admit("notebook", vram=1).reason == "paused"
+        assert gate.try_admit("research", vram=1).reason == "paused"
+        assert gate.try_admit("interactive", vram=1).outcome is Outcome.ADMIT
+
     def test_overriding_an_unknown_class_is_a_usage_error(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -206,19 +206,32 @@ class GateCore:
                 fix="the pool's policy is enforced; run `gpugate policy apply FILE` to change it",
             )
 
-    def _follow_pool_policy(self, version: bytes) -> None:
+    def _follow_pool_policy(self, version: bytes, doc: bytes | None = None) -> None:
         """The pool's policy changed while this gate runs (`gpugate policy apply`):
-        read it again, and beat at once so that renewals follow a new lease TTL."""
+        read it again (unless the caller read it, ``doc``), and beat at once so
+        that renewals follow a new lease TTL."""
         was = self.pool_policy_version
-        try:
-            doc = self._call(self._client.hget, self._keys.state, "pdoc")
-        except BackendError:
-            return  # the next decision or beat tries again
+        if doc is None:
+            try:
+                doc = self._call(self._client.hget, self._keys.state, "pdoc")
+            except BackendError:
+                return  # the next decision or beat tries again
         self._adopt(_b2s(doc) if doc is not None else None, _b2s(version))
         log.info("pool_policy_changed", pool=self.pool, was=was, now=self.pool_policy_version)
         self._check_mismatch()
         if self._heartbeat is not None:
             self._heartbeat.kick()
+
+    def _current_policy(self) -> Policy:
+        """The pool's policy as stored now, for a choice that must not rest on
+        this gate's copy (up to lease_ttl/3 old after `gpugate policy apply`);
+        a change is followed as a decision follows it. Without a policy in the
+        pool, :attr:`effective_policy`."""
+        self._check_usable()
+        doc, version = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
+        if version is not None and version != self._pool_version_b:
+            self._follow_pool_policy(version, doc)
+        return self.effective_policy
 
     def read_pool_policy(self) -> Policy | None:
         """The policy stored in the pool (``None`` if it has none); publishes nothing."""

@@ -78,10 +78,11 @@ class Overrides(GateCore):
         who: str | None = None,
     ) -> dict[str, Any]:
         """Pause ``cls``, or with no class every class but the highest (all the
-        classes that share the highest priority keep running)."""
+        classes that share the highest priority keep running), by the pool's
+        policy as Redis holds it now."""
         if cls is not None:
             return self.pause(cls, duration=duration, reason=reason or "drain", who=who)
-        policy = self.effective_policy
+        policy = self._current_policy()
         result: dict[str, Any] = {}
         for name in policy.classes:
             if name not in policy.highest_classes:
