@@ -643,6 +643,35 @@ class TestPriority:
             # Still a waiter when it comes back: batch may not take its memory.
             assert gate.try_admit("batch", vram="10GiB").reason == "priority"
 
+    def test_a_poller_told_by_the_local_pre_check_comes_back_before_its_entry_lapses(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # A 30 s waiter TTL: the estimate is 15 s, jittered to 7.5-22.5 s.
+        clock = FakeClock()
+        sampler = SimulatedSampler(["80GiB"])
+        pol = policy({"lease_ttl": "60s", "waiter_ttl": "30s", "retry_max": "60s"})
+        gate = make_gate(pol, sampler, _clock_ms=clock)
+        big = gate.try_admit("batch", vram="60GiB")  # kept: a dropped lease is released
+        assert big.lease is not None
+        sampler.set_used(0, "60GiB")
+        big.lease.report_vram("60GiB")  # the sample's 60 GiB are its: 20 GiB are free
+        gate.beat_now()
+        key = ("interactive", 30 * GiB, "")
+        for _ in range(20):
+            gate._recent_defer.pop(key, None)  # this poll goes to Redis
+            assert gate.try_admit("interactive", vram="30GiB").reason == "vram"
+            # Given the answer from Redis 8 s ago (the pre-check trusts it for 10 s)...
+            gate._recent_defer[key] -= 8
+            clock.advance(8)
+            since_s = time.monotonic() - gate._recent_defer[key]
+            d = gate.try_admit("interactive", vram="30GiB")
+            assert (d.reason, d.local) == ("vram", True)
+            # ...it is told to come back within 3/4 of the waiter TTL of that answer.
+            assert since_s + d.retry_after <= 22.5
+            clock.advance(d.retry_after)
+            gate.beat_now()
+            assert gate.try_admit("batch", vram="10GiB").reason == "priority"
+
     def test_jitter_spreads_retries_below_retry_max_instead_of_piling_on_it(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import functools
 import itertools
+import math
 import os
 import queue
 import random
@@ -442,12 +443,17 @@ class Gate(LeaseKeeping, Overrides):
             )
             frees = [d.free for d in devices]
             self._packed = (devices, packed, frees)
-        if precheck and devices and self._local_defer_ok(cls, vram, device, snap, frees):
+        local_retry = (
+            self._local_defer_retry(cls, vram, device, snap, frees)
+            if precheck and devices
+            else None
+        )
+        if local_retry is not None:
             self.stats["local_defers"] += 1
             return Decision(
                 Outcome.DEFER,
                 Reason.VRAM,
-                retry_after=self._jitter(self._estimate_s()),
+                retry_after=local_retry,
                 detail="local pre-check: no device of this host has room",
                 cls=cls,
                 vram=vram,
@@ -556,21 +562,31 @@ class Gate(LeaseKeeping, Overrides):
                 ) from exc
         raise BackendError(f"pool {self.pool!r} has no policy and publishing one failed")
 
-    def _local_defer_ok(
+    def _local_defer_retry(
         self, cls: str, vram: int, device: str | None, snap: Snapshot, frees: list[int]
-    ) -> bool:
-        """The fast path may answer DEFER itself: nothing fits locally and the
-        waiter entry in Redis is fresh enough that priority still sees it.
+    ) -> float | None:
+        """The ``retry_after`` of a DEFER the fast path may answer itself, or
+        ``None`` when Redis must decide. It may when nothing fits locally and
+        the waiter entry that the last DEFER ``vram`` from Redis refreshed is
+        fresh enough (a third of ``waiter_ttl``) that priority still sees it.
+        That entry is not refreshed now, so the poller is told to come back
+        within ¾ of ``waiter_ttl`` of that answer, as after one from Redis.
         ``frees``: each device's free bytes, in the snapshot's order."""
         last = self._recent_defer.get((cls, vram, device or ""))
         if last is None:
-            return False
+            return None
         pool = self.effective_policy.pool
-        if time.monotonic() - last > pool.waiter_ttl_s / 3:
-            return False
+        since_s = time.monotonic() - last
+        if since_s > pool.waiter_ttl_s / 3:
+            return None
         if device is not None:
             frees = [d.free for d in snap.devices if d.uuid == device]
-        return not _speedups.precheck_fits(frees, vram, pool.safety_margin)
+        if _speedups.precheck_fits(frees, vram, pool.safety_margin):
+            return None
+        # The limit is at least 5/12 of waiter_ttl (since_s is at most a third),
+        # above the jitter's lowest (half the estimate, which is at most half of
+        # waiter_ttl): the retries stay spread, never piled on the limit.
+        return self._jitter(self._estimate_s(), limit_s=0.75 * pool.waiter_ttl_s - since_s)
 
     def _waits_for_a_lost_gpu(self, cls: str, vram: int, snap: Snapshot) -> bool:
         """Whether no usable device of this host could ever hold the request but
@@ -612,11 +628,12 @@ class Gate(LeaseKeeping, Overrides):
         pool = self.effective_policy.pool
         return min(pool.retry_max_s, max(0.1, min(pool.lease_ttl_s / 3, pool.waiter_ttl_s / 2)))
 
-    def _jitter(self, seconds: float) -> float:
+    def _jitter(self, seconds: float, limit_s: float = math.inf) -> float:
         """``seconds`` ±50 %, uniform, within ``retry_max`` (spread below the
-        cap rather than piled on it)."""
+        cap rather than piled on it) and at most ``limit_s``."""
         low = 0.5 * seconds
-        high = min(1.5 * seconds, max(low, self.effective_policy.pool.retry_max_s))
+        high = min(1.5 * seconds, max(low, self.effective_policy.pool.retry_max_s), limit_s)
+        low = min(low, high)
         return low + (high - low) * random.random()
 
     def _backend_down(self, cls: str, vram: int, snap: Snapshot, exc: BackendError) -> Decision:
