@@ -764,6 +764,37 @@ class TestLeases:
         assert d.lease.lost  # type: ignore[union-attr]
         assert lost == [d.lease.id]  # type: ignore[union-attr]
 
+    def test_a_killed_worker_with_hundreds_of_leases_frees_its_slot_after_a_few_short_retries(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Given a worker that held 300 interactive leases and the one batch
+        # slot, then died: nothing renews or releases them (its decisions are
+        # kept, so no dropped lease is released either).
+        clock = FakeClock()
+        pol = policy(interactive={"priority": 100}, batch={"priority": 10, "max_concurrent": 1})
+        dead = make_gate(pol, register=False, _clock_ms=clock)
+        held = [dead.try_admit("interactive", vram=1) for _ in range(300)]
+        held.append(dead.try_admit("batch", vram=1))
+        assert all(d.admitted for d in held)
+        assert dead._heartbeat is not None
+        dead._heartbeat.stop()
+        gate = make_gate(pol, _clock_ms=clock)
+        # When one TTL has passed and a batch request polls, coming back when told
+        clock.advance(30.001)
+        expired_at = clock.ms
+        deferred = []
+        d = gate.try_admit("batch", vram=1)
+        while not d.admitted and len(deferred) < 20:
+            deferred.append(d)
+            clock.advance(d.retry_after)
+            d = gate.try_admit("batch", vram=1)
+        # Then each decision reaps a batch of them and tells it to come back
+        # at once (not after the usual estimate), until the slot is free.
+        assert d.admitted
+        assert 0 < len(deferred) < 20
+        assert all(x.reason == "cap" and x.retry_after < 0.1 for x in deferred)
+        assert clock.ms - expired_at < 1000
+
     def test_a_callback_may_call_back_into_the_gate(self, make_gate: Callable[..., Gate]) -> None:
         # on_lost runs once the beat is over: beat_now() in it used to wait for
         # the beat lock its own thread held, and the heartbeat stopped for good.

@@ -41,7 +41,11 @@
 --   "next_exp" holding a lower bound of the earliest expiry (admissions lower
 --   it; renewals only push expiries later and releases only remove them, so
 --   it stays a lower bound; with no lease it is NO_EXPIRY). Returns how many
---   leases it ended and the bound after the call.
+--   leases it ended and the bound after the call: still <= now when expired
+--   leases are left for later calls. The bound keeps one call short: each
+--   ended lease costs about ten commands (64 take some 0.7 ms of server
+--   time, 256 some 3 to 5 ms); admit_job.lua answers short retries while
+--   leases are left, so that callers come back and reap on.
 
 local function script_now(clock_ms, last)
   local now = clock_ms

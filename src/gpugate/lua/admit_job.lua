@@ -36,13 +36,14 @@
 --                      minute (minute = ms // 60000), expiring after 16 min
 --   P ghosts     zset  "<uuid>\t<id>" -> release ms, ghosts not yet ended
 --
--- Order: reap expired leases; pause; GPU presence (a device the caller
--- listed but without a fresh sample: DEFER stale_sample; none listed: the
--- class's no_gpu); never fits (REJECT, judged on the capacity of every
--- listed device: when only stale ones could hold it, DEFER stale_sample);
--- class cap; per-device caps; higher-priority waiters; VRAM, fragmentation
--- (the class's max_fragmentation) and placement;
--- token bucket; lease. Every DEFER refreshes the request's waiter entry.
+-- Order: reap expired leases (at most 64 per call, see reap_expired; with
+-- expired leases left, every estimated retry below is 20 ms); pause; GPU
+-- presence (a device the caller listed but without a fresh sample: DEFER
+-- stale_sample; none listed: the class's no_gpu); never fits (REJECT, judged
+-- on the capacity of every listed device: when only stale ones could hold it,
+-- DEFER stale_sample); class cap; per-device caps; higher-priority waiters;
+-- VRAM, fragmentation (the class's max_fragmentation) and placement; token
+-- bucket; lease. Every DEFER refreshes the request's waiter entry.
 
 local state_key = KEYS[1]
 local exp_key = KEYS[2]
@@ -98,6 +99,12 @@ end
 -- shorter (a poller that comes back when told stays a waiter, even with the
 -- client's jitter of up to +50 %), at least 100 ms, capped by retry_max.
 local estimate = math.min(retry_max, math.max(100, math.floor(math.min(ttl / 3, waiter_ttl / 2))))
+-- Reaping stopped at its bound with expired leases left (the bound after the
+-- call is still <= now): they count against caps and memory as if live, so a
+-- DEFER here may be owed to them alone. It says come back in 20 ms instead:
+-- the next decision reaps the next batch, and a worker killed with hundreds
+-- of leases is gone after a few such retries, not after one estimate each.
+if next_exp <= now then estimate = math.min(estimate, 20) end
 
 -- This request's waiter entry: read once, refreshed by every DEFER.
 local since = nil
