@@ -223,6 +223,27 @@ class TestVramLedger:
         assert [r.outcome for r in results].count(Outcome.ADMIT) == 4
         assert results[-1].reason == "vram"
 
+    def test_the_ghosts_of_a_host_gone_for_good_do_not_keep_others_from_ending(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # A host dies holding 300 leases: they expire and stay as ghosts of a
+        # device nobody samples any more. A decision reads the oldest 256
+        # ghosts: with theirs first, no other ghost ended again, and released
+        # memory counted as in use for good.
+        clock = FakeClock()
+        dead = make_gate(policy(), _Renamed(SimulatedSampler(["80GiB"]), "DEAD"), _clock_ms=clock)
+        for _ in range(300):
+            assert dead.try_admit("batch", vram="100MiB").lease is not None
+        dead.close()  # its leases are released: 300 ghosts on DEAD's device
+        clock.advance(1)
+        gate = make_gate(policy(), SimulatedSampler(["80GiB"]), _clock_ms=clock)
+        job = gate.try_admit("batch", vram="60GiB")
+        assert job.lease is not None
+        job.lease.release()
+        clock.advance(3)  # past the pool's sample_max_age (2 s) since DEAD's releases
+        outcomes = [gate.try_admit("batch", vram="60GiB").outcome for _ in range(2)]
+        assert Outcome.ADMIT in outcomes, outcomes
+
     def test_unmanaged_memory_makes_jobs_wait(self, make_gate: Callable[..., Gate]) -> None:
         sampler = SimulatedSampler(["80GiB"])
         gate = make_gate(policy(), sampler)
@@ -334,6 +355,25 @@ class _FrozenSampler:
         from dataclasses import replace
 
         return replace(self.snap, taken_mono=time.monotonic() - self.age_s)
+
+
+class _Renamed:
+    """A sampler whose devices carry another uuid prefix (another host's GPUs)."""
+
+    backend = "simulated"
+
+    def __init__(self, sampler: SimulatedSampler, prefix: str) -> None:
+        self._sampler = sampler
+        self._prefix = prefix
+
+    def sample(self) -> Any:
+        import dataclasses
+
+        snap = self._sampler.sample()
+        devices = tuple(
+            dataclasses.replace(d, uuid=f"{self._prefix}-{d.uuid}") for d in snap.devices
+        )
+        return dataclasses.replace(snap, devices=devices, host=self._prefix.lower())
 
 
 class _Frozen:

@@ -432,6 +432,13 @@ class Model:
         # now, and would not once this request took its share.
         needs = [v for eff, v in wanted if eff > my_eff]
 
+        # Ghosts on the other devices that no decision can need any more: any
+        # decision that looks at their device has a sample taken after them.
+        looked_at = {c[0] for c in slotted}
+        for lid, rec in list(self.leases.items()):
+            if 0 < rec.r < now - self.max_age and rec.dev not in looked_at:
+                del self.leases[lid]
+
         best = closest = None
         best_avail = closest_avail = 0
         held_back = False

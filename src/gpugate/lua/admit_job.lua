@@ -291,7 +291,12 @@ local function room_taken(free)
 end
 
 -- Ghosts end once a sample taken after their release is used: they leave
--- the device's memory sums and their records go.
+-- the device's memory sums and their records go. So do the ghosts, on other
+-- devices, released before the oldest sample a decision may use (now -
+-- max_age): any decision that looks at their device has a sample taken after
+-- them. This read takes the oldest 256; without that second rule, 256 ghosts
+-- of devices nobody samples any more (a host gone with its leases) would fill
+-- it, and no other ghost would end again.
 local by_uuid = {}
 local newest_ts = 0
 for _, d in ipairs(slotted) do
@@ -300,12 +305,24 @@ for _, d in ipairs(slotted) do
 end
 local ghosts_key = prefix .. 'ghosts'
 local ended = {}  -- uuid -> {lease id = true}: ghosts ended here, deleted at the end
+local others = {}  -- memory sums of other devices with ghosts ended here, by uuid
 local gone = redis.call('ZRANGEBYSCORE', ghosts_key, '-inf', newest_ts - 1, 'WITHSCORES', 'LIMIT', 0, 256)
 for i = 1, #gone, 2 do
   local member = gone[i]
   local tab = string.find(member, '\t', 1, true)
-  local d = by_uuid[string.sub(member, 1, tab - 1)]
-  if d and tonumber(gone[i + 1]) < d.ts then
+  local uuid = string.sub(member, 1, tab - 1)
+  local d = by_uuid[uuid]
+  if not d and tonumber(gone[i + 1]) < now - max_age then
+    d = others[uuid]
+    if not d then
+      d = {uuid = uuid}
+      d.m_res, d.m_act, d.m_at, d.m_idle = parse_memory(redis.call('HGET', state_key, 'm:' .. uuid))
+      others[uuid] = d
+    end
+  elseif d and tonumber(gone[i + 1]) >= d.ts then
+    d = nil
+  end
+  if d then
     local dkey = prefix .. 'dev:' .. d.uuid
     local id = string.sub(member, tab + 1)
     local raw = redis.call('HGET', dkey, id)
@@ -371,6 +388,11 @@ local function dirty_fields(skip)
       fields[#fields + 1] = 'm:' .. d.uuid
       fields[#fields + 1] = format_memory(d.m_res, d.m_act, d.m_at, d.m_idle)
     end
+  end
+  for uuid, d in pairs(others) do
+    fields[#fields + 1] = 'm:' .. uuid
+    fields[#fields + 1] = format_memory(math.max(0, d.m_res), math.max(0, d.m_act), d.m_at,
+                                        math.max(0, d.m_idle))
   end
   return fields
 end
