@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from gpugate import (
     AdmissionTimeout,
     BackendError,
     ConfigError,
+    Decision,
     Gate,
     NoGpuSampler,
     Outcome,
@@ -740,6 +742,87 @@ class TestPriority:
         assert gate.try_admit("batch", vram="10GiB").reason == "priority"
         clock.advance(5.001)
         assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
+
+    def test_two_threads_polling_the_same_request_are_two_waiters(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Given two job slots (threads) of one worker, each polling for an
+        # interactive job of 15 GiB while 10 GiB are free,
+        clock = FakeClock()
+        sampler = SimulatedSampler(["80GiB"])
+        worker = make_gate(policy({"waiter_ttl": "1h"}), sampler, _clock_ms=clock)
+        other = make_gate(sampler=sampler, _clock_ms=clock)
+        sampler.set_used(0, "70GiB")  # memory gpugate does not manage
+        with ThreadPoolExecutor(1) as slot_a, ThreadPoolExecutor(1) as slot_b:
+
+            def poll(slot: ThreadPoolExecutor) -> Decision:
+                return slot.submit(worker.try_admit, "interactive", vram="15GiB").result()
+
+            assert poll(slot_a).reason == "vram"
+            assert poll(slot_b).reason == "vram"
+            # when 30 GiB come free and slot A is admitted,
+            sampler.set_used(0, "50GiB")
+            clock.advance(0.1)
+            a = poll(slot_a)
+            assert a.outcome is Outcome.ADMIT
+            # then slot B still waits: batch may not take the 15 GiB left,
+            d = other.try_admit("batch", vram="10GiB")
+            assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+            # which slot B gets when it comes back.
+            assert poll(slot_b).outcome is Outcome.ADMIT
+
+    def test_two_asyncio_tasks_polling_the_same_request_are_two_waiters(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # The same with two tasks of one event loop as the job slots.
+        clock = FakeClock()
+        sampler = SimulatedSampler(["80GiB"])
+        worker = make_gate(policy({"waiter_ttl": "1h"}), sampler, _clock_ms=clock)
+        other = make_gate(sampler=sampler, _clock_ms=clock)
+        sampler.set_used(0, "70GiB")
+
+        async def slot(again: asyncio.Event) -> list[Decision]:
+            first = worker.try_admit("interactive", vram="15GiB")
+            await again.wait()
+            return [first, worker.try_admit("interactive", vram="15GiB")]
+
+        async def two_slots() -> tuple[list[Decision], Decision, list[Decision]]:
+            again_a, again_b = asyncio.Event(), asyncio.Event()
+            slot_a = asyncio.create_task(slot(again_a))
+            slot_b = asyncio.create_task(slot(again_b))
+            await asyncio.sleep(0)  # both have polled once
+            sampler.set_used(0, "50GiB")
+            clock.advance(0.1)
+            again_a.set()
+            a = await slot_a
+            batch = other.try_admit("batch", vram="10GiB")
+            again_b.set()
+            return a, batch, await slot_b
+
+        a, batch, b = asyncio.run(two_slots())
+        assert (batch.outcome, batch.reason) == (Outcome.DEFER, "priority")
+        assert [d.reason for d in a + b] == ["vram", "ok", "vram", "ok"]
+
+    def test_a_poller_admitted_then_deferred_is_a_waiter_again_at_once(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # Given a poller admitted after a DEFER vram (its entry deleted),
+        clock = FakeClock()
+        sampler = SimulatedSampler(["80GiB"])
+        gate = make_gate(policy({"waiter_ttl": "1h"}), sampler, _clock_ms=clock)
+        sampler.set_used(0, "70GiB")
+        assert gate.try_admit("interactive", vram="15GiB").reason == "vram"
+        sampler.set_used(0, "50GiB")
+        clock.advance(0.1)
+        first = gate.try_admit("interactive", vram="15GiB")
+        assert first.outcome is Outcome.ADMIT
+        # when it asks again for its next job and nothing fits locally,
+        sampler.set_used(0, "70GiB")
+        clock.advance(0.1)
+        d = gate.try_admit("interactive", vram="15GiB")
+        # then Redis answers, not the pre-check: the request waits in Redis again.
+        assert (d.reason, d.local) == ("vram", False)
+        assert len(waiter_ids(server, pool_name)) == 1
 
     def test_waiting_ages_a_request_past_higher_classes(
         self, make_gate: Callable[..., Gate]

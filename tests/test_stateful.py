@@ -65,6 +65,7 @@ from hypothesis.stateful import (
 
 from conftest import FakeClock
 from gpugate import Gate, Lease, Outcome, Policy, SimulatedSampler, Snapshot
+from gpugate.admission._gate import _poller
 from gpugate.state._keys import PoolKeys
 from gpugate.state._server import RedisProcess
 from strategies import (
@@ -83,6 +84,13 @@ N_DEVICES = 2
 # Deviations of the scripts from the design that the machine tolerates (see
 # the module docstring and TestKnownDeviations).
 KNOWN_DEVIATIONS: frozenset[str] = frozenset()
+
+
+def poll_waiter(owner: str, cls: str, vram: int) -> str:
+    """The waiter id of a try_admit of ``owner``'s gate, with no device pin,
+    polled from this thread (the machine runs in one)."""
+    return f"{owner}|{cls}|{vram}||{_poller()}"
+
 
 STEP_SETTINGS = settings(
     max_examples=100,
@@ -341,7 +349,7 @@ class Model:
         stale_own_since: bool = False,
     ) -> Prediction:
         """One ``try_admit`` that reaches Redis: the prediction, and the state after it."""
-        waiter_id = f"{owner}|{cls}|{vram}|"
+        waiter_id = poll_waiter(owner, cls, vram)
         row = self.classes[cls]
         now = self.script_now(fake_ms)
         if self._reap(now):
@@ -600,12 +608,13 @@ class Harness:
         g = self.gate(g)
         gate = self.gates[g]
         key = (cls, vram, "")
+        waiter = poll_waiter(gate.owner, cls, vram)
         # The pre-check trusts a DEFER younger than a third of the waiter TTL
         # on the host's clock: make that age explicit instead of real.
-        if fresh and key in gate._recent_defer:
-            gate._recent_defer[key] = time.monotonic()
+        if fresh and waiter in gate._recent_defer:
+            gate._recent_defer[waiter] = time.monotonic()
         else:
-            gate._recent_defer.pop(key, None)
+            gate._recent_defer.pop(waiter, None)
             self.model.recent[g].discard(key)
         local = fresh and self.model.local_defer(g, cls, vram, self.used)
         d = gate.try_admit(cls, vram)
@@ -625,7 +634,7 @@ class Harness:
         assert not d.local
         actual = (d.outcome.value, d.reason, d.device, d.lease.id if d.lease else None,
                   d.lease.expires_ms if d.lease else None, d.available)  # fmt: skip
-        raw = self.redis.hget(self.keys.waiters, f"{gate.owner}|{cls}|{vram}|")
+        raw = self.redis.hget(self.keys.waiters, waiter)
         own = None if raw is None else str(raw)
         pred = self._adopt(g, gate.owner, cls, vram, actual, own)
         self._check_retry(pred, d.retry_after)
@@ -652,7 +661,7 @@ class Harness:
         the design's does not match, and only while they are listed.
         """
         args = (g, owner, cls, vram, self.clock.ms, list(self.used))
-        waiter_id = f"{owner}|{cls}|{vram}|"
+        waiter_id = poll_waiter(owner, cls, vram)
         expected: Prediction | None = None
         variants = [False, True] if "stale_own_since" in KNOWN_DEVIATIONS else [False]
         for stale_own_since in variants:

@@ -44,7 +44,7 @@ from ..metrics import Metrics, default_metrics
 from ..policy import Policy
 from ..sampling import Sampler, Snapshot, default_sampler
 from ..state._connect import REDIS_DOWN, connect, mask_url, refuses_writes, resolve_redis_url
-from ..state._keys import PoolKeys, owner_id, waiter_id
+from ..state._keys import PoolKeys, owner_id, poller_waiter_id, waiter_id
 from ..state._scripts import Scripts
 from ._core import _b2s
 from ._decision import Decision, Outcome, Reason, make_decision
@@ -74,10 +74,44 @@ _ESTIMATED = frozenset({"cap", "priority", "vram", "fragmented", "no_gpu", "stal
 # at least _SAMPLE_AFTER_WAKE_S after the wake-up (the script's clock is in
 # ms), polling the (local) sampler every _SAMPLE_POLL_S meanwhile.
 _FREED_AT_A_LATER_SAMPLE = frozenset({"vram", "fragmented"})
-# try_admit waiter ids a gate remembers for close() (one per request shape).
+# try_admit waiter ids a gate remembers, for close() and for the pre-check
+# (one per request shape and poller); past this many it forgets them: their
+# entries expire in Redis by themselves, and their next poll asks Redis.
 _POLLING_KEPT = 1024
 _SAMPLE_AFTER_WAKE_S = 0.002
 _SAMPLE_POLL_S = 0.005
+
+
+_running_loop = asyncio._get_running_loop
+_current_task = asyncio.current_task
+_thread_seq = itertools.count()
+
+
+class _ThisThread(threading.local):
+    """The calling thread's name as a ``try_admit`` poller: a number never
+    given to another thread of this process, so a new thread does not take
+    over the waiter entries of one that ended."""
+
+    def __init__(self) -> None:
+        self.poller = f"{next(_thread_seq):x}"
+
+
+_this_thread = _ThisThread()
+
+
+def _poller() -> str:
+    """Who is polling: the calling thread, and the asyncio task running in it.
+
+    Two job slots of one worker asking for the same thing are two pollers with
+    a waiter entry each, so admitting one leaves the other counting. A task is
+    told apart by its id, unique among live objects: a task that ended may
+    lend it to a new one, which then takes over its entry (gone within the
+    waiter TTL otherwise)."""
+    thread = _this_thread.poller
+    if _running_loop() is None:
+        return thread
+    task = _current_task()
+    return thread if task is None else f"{thread}.{id(task):x}"
 
 
 def _follow_up_by(d: Decision, woke_at: float | None, pause: float) -> float | None:
@@ -184,7 +218,9 @@ class Gate(LeaseKeeping, Overrides):
         # Held by close() throughout; what an operation in flight at close
         # still has to tell Redis waits for it (see _late).
         self._close_lock = threading.RLock()
-        self._recent_defer: dict[tuple[str, int, str], float] = {}
+        # try_admit's last DEFER vram from Redis per waiter id (monotonic): the
+        # pre-check trusts it while that poller's entry is fresh.
+        self._recent_defer: dict[str, float] = {}
         # try_admit's waiter entries Redis holds (id -> when, monotonic): close()
         # deletes them, as a closed gate polls no more.
         self._polling: dict[str, float] = {}
@@ -244,15 +280,19 @@ class Gate(LeaseKeeping, Overrides):
         ``cls``: the class; ``vram``: the estimated peak VRAM of the job
         (bytes or a size string); ``device``: a device uuid to insist on.
         A DEFER registers this request as a waiter (keyed by this gate, class,
-        size and device) for the pool's waiter TTL (or until this gate
-        closes), so polling counts for priority. An ADMIT's lease is renewed
-        by this gate's heartbeat until released or dropped.
+        size, device and poller: the calling thread, and the asyncio task
+        running in it) for the pool's waiter TTL (or until this gate closes
+        or the poller is admitted), so polling counts for priority. Threads
+        or tasks polling the same request are waiters each. An ADMIT's lease
+        is renewed by this gate's heartbeat until released or dropped.
         """
         _check_request(cls, tenant)
         vram_b = parse_size(vram, key="vram")
         if device is not None:
             self._check_device(device)
-        waiter = waiter_id(self.owner, f"{cls}|{vram_b}|{device or ''}")
+        # _poller(), its common case inline: this is every poll's path.
+        poller = _this_thread.poller if _running_loop() is None else _poller()
+        waiter = poller_waiter_id(self.owner, cls, vram_b, device or "", poller)
         return self._decide(cls, vram_b, waiter, device, tenant, precheck=True)
 
     def admit(
@@ -443,9 +483,10 @@ class Gate(LeaseKeeping, Overrides):
             )
             frees = [d.free for d in devices]
             self._packed = (devices, packed, frees)
+        last = self._recent_defer.get(waiter) if precheck else None
         local_retry = (
-            self._local_defer_retry(cls, vram, device, snap, frees)
-            if precheck and devices
+            self._local_defer_retry(last, vram, device, snap, frees)
+            if last is not None and devices
             else None
         )
         if local_retry is not None:
@@ -503,25 +544,33 @@ class Gate(LeaseKeeping, Overrides):
         if d_uuid is not None:
             found = snap.by_uuid(d_uuid)
             index = found.index if found is not None else None
-        if out is Outcome.ADMIT and d_uuid is not None:
-            if self._register and self._process_idle():
-                # The reading this admission was decided on shows the process warm.
-                self._idle.admitted(snap)
-            lease = Lease(
-                self,
-                id=_b2s(lease_id),
-                cls=cls,
-                vram=vram,
-                device=index,
-                device_uuid=d_uuid,
-                expires_ms=int(expires_ms),
-            )
-            self._hold(lease)
+        if out is Outcome.ADMIT:
+            if d_uuid is not None:
+                if self._register and self._process_idle():
+                    # The reading this admission was decided on shows the process warm.
+                    self._idle.admitted(snap)
+                lease = Lease(
+                    self,
+                    id=_b2s(lease_id),
+                    cls=cls,
+                    vram=vram,
+                    device=index,
+                    device_uuid=d_uuid,
+                    expires_ms=int(expires_ms),
+                )
+                self._hold(lease)
+            if precheck:
+                # The script deleted this poller's entry: nothing for close() to
+                # delete, and no entry the pre-check could count on.
+                self._polling.pop(waiter, None)
+                self._recent_defer.pop(waiter, None)
         elif out is Outcome.DEFER and precheck:
             now = time.monotonic()
             if reason == Reason.VRAM:
                 # Only a memory DEFER: the local free memory stands in for its cause.
-                self._recent_defer[(cls, vram, device or "")] = now
+                if len(self._recent_defer) > _POLLING_KEPT:
+                    self._recent_defer.clear()  # those pollers ask Redis once more
+                self._recent_defer[waiter] = now
             if len(self._polling) > _POLLING_KEPT:
                 self._polling.clear()  # the oldest expire in Redis by themselves
             self._polling[waiter] = now
@@ -563,18 +612,16 @@ class Gate(LeaseKeeping, Overrides):
         raise BackendError(f"pool {self.pool!r} has no policy and publishing one failed")
 
     def _local_defer_retry(
-        self, cls: str, vram: int, device: str | None, snap: Snapshot, frees: list[int]
+        self, last: float, vram: int, device: str | None, snap: Snapshot, frees: list[int]
     ) -> float | None:
         """The ``retry_after`` of a DEFER the fast path may answer itself, or
         ``None`` when Redis must decide. It may when nothing fits locally and
-        the waiter entry that the last DEFER ``vram`` from Redis refreshed is
-        fresh enough (a third of ``waiter_ttl``) that priority still sees it.
-        That entry is not refreshed now, so the poller is told to come back
-        within ¾ of ``waiter_ttl`` of that answer, as after one from Redis.
-        ``frees``: each device's free bytes, in the snapshot's order."""
-        last = self._recent_defer.get((cls, vram, device or ""))
-        if last is None:
-            return None
+        this poller's waiter entry, refreshed by its DEFER ``vram`` from Redis
+        at ``last`` (monotonic), is fresh enough (a third of ``waiter_ttl``)
+        that priority still sees it. That entry is not refreshed now, so the
+        poller is told to come back within ¾ of ``waiter_ttl`` of that answer,
+        as after one from Redis. ``frees``: each device's free bytes, in the
+        snapshot's order."""
         pool = self.effective_policy.pool
         since_s = time.monotonic() - last
         if since_s > pool.waiter_ttl_s / 3:
