@@ -698,10 +698,10 @@ class TestPriority:
         sampler.set_used(0, "60GiB")
         big.lease.report_vram("60GiB")  # the sample's 60 GiB are its: 20 GiB are free
         gate.beat_now()
-        key = ("interactive", 30 * GiB, "")
         for _ in range(20):
-            gate._recent_defer.pop(key, None)  # this poll goes to Redis
+            gate._recent_defer.clear()  # this poll goes to Redis
             assert gate.try_admit("interactive", vram="30GiB").reason == "vram"
+            (key,) = gate._recent_defer  # this poller's waiter id
             # Given the answer from Redis 8 s ago (the pre-check trusts it for 10 s)...
             gate._recent_defer[key] -= 8
             clock.advance(8)
@@ -717,11 +717,29 @@ class TestPriority:
     def test_jitter_spreads_retries_below_retry_max_instead_of_piling_on_it(
         self, make_gate: Callable[..., Gate]
     ) -> None:
-        gate = make_gate(policy({"retry_max": "10s"}), NoGpuSampler())
+        # retry_max (1 s) below the estimate (half the waiter TTL, 2.5 s).
+        pol = policy({"retry_max": "1s"}, batch={"priority": 10, "max_concurrent": 0})
+        gate = make_gate(pol)
         retries = [gate.try_admit("batch", vram=1).retry_after for _ in range(40)]
-        assert all(5 <= r <= 10 for r in retries), retries
-        assert retries.count(10.0) <= 1
+        assert all(0.5 <= r <= 1 for r in retries), retries
+        assert retries.count(1.0) <= 1
         assert len(set(retries)) > 30
+
+    def test_a_poller_on_a_host_without_gpus_that_comes_back_when_told_stays_a_waiter(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # It waits for no_gpu (the alert GpugateGPUUnavailable counts such
+        # waiters): it was told retry_max (30 s) against a 5 s waiter TTL,
+        # and dropped out of the waiters between polls.
+        clock = FakeClock()
+        gate = make_gate(policy(), NoGpuSampler(), _clock_ms=clock)
+        for _ in range(10):
+            d = gate.try_admit("batch", vram=1)
+            assert d.reason == "no_gpu"
+            clock.advance(d.retry_after)
+            records = read_redis(server, lambda c: c.hvals(PoolKeys(pool_name).waiters))
+            # Live when it comes back: its expiry (the fifth field) still ahead.
+            assert [int(r.split()[4]) > clock() for r in records] == [True]
 
     def test_a_waiter_held_back_by_its_own_cap_holds_back_nobody(
         self, make_gate: Callable[..., Gate]

@@ -199,7 +199,7 @@ if #cand == 0 then
   elseif no_gpu == 'reject' then
     return {'reject', 'no_gpu', 0, '', '', 0, 'no GPU visible', -1}
   end
-  return defer('no_gpu', retry_max, '', '-', 'no GPU visible')
+  return defer('no_gpu', estimate, '', '-', 'no GPU visible')
 end
 
 -- Never fits: judged against capacity, never against current use.
