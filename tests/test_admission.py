@@ -1961,6 +1961,35 @@ class TestManyWaiters:
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
 
 
+class TestHeartbeatSampler:
+    """A sampler that fails does not stop leases from being renewed."""
+
+    def test_a_sampler_of_ones_own_that_raises_leaves_renewals_going(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        class Failing(SimulatedSampler):
+            broken = False
+
+            def sample(self) -> Any:
+                if self.broken:
+                    raise RuntimeError("the device plugin went away")
+                return super().sample()
+
+        clock = FakeClock()
+        sampler = Failing(["80GiB"])
+        pol = policy({"lease_ttl": "6s"}, batch={"priority": 10, "max_concurrent": 1})
+        gate = make_gate(pol, sampler, _clock_ms=clock)
+        lease = gate.try_admit("batch", vram="1GiB").lease
+        assert lease is not None
+        sampler.broken = True
+        for _ in range(4):  # two TTLs, renewed every TTL/3
+            clock.advance(3)
+            gate.beat_now()
+        assert not lease.lost
+        other = make_gate(pol, SimulatedSampler(["80GiB"]), _clock_ms=clock)
+        assert other.try_admit("batch", vram="1GiB").reason == "cap"
+
+
 class TestManyThreads:
     """More threads than a client's connections (100) wait for one."""
 
@@ -2120,6 +2149,29 @@ class TestRedisHangs:
         assert other.try_admit("batch", vram="1GiB").reason == "cap"  # the orphan holds it
         time.sleep(1.4)  # older than a socket timeout (and a second): not a decision in flight
         gate.beat_now()  # Redis answers again: the gate gives back what it did not know of
+        assert other.try_admit("batch", vram="1GiB").admitted
+
+    @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+    def test_a_lease_admitted_by_a_decision_cut_short_goes_when_the_gate_closes(
+        self, private: tuple[RedisProcess, Callable[..., Gate]], interrupt: type[BaseException]
+    ) -> None:
+        # Ctrl-C, or sys.exit() from a SIGTERM handler, while a decision
+        # waits for its reply: Redis admitted it, nobody holds the lease.
+        _, make = private
+        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        gate, other = make(pol), make(pol)
+        script = gate._scripts.admit_job
+
+        def interrupted(keys: list[Any], args: list[Any]) -> Any:
+            script(keys=keys, args=args)  # Redis admits it...
+            raise interrupt()  # ...and the caller is gone before the reply
+
+        gate._scripts.admit_job = interrupted  # type: ignore[assignment]
+        with pytest.raises(interrupt):
+            gate.admit("batch", vram="1GiB", timeout=5)
+        gate._scripts.admit_job = script  # type: ignore[assignment]
+        assert other.try_admit("batch", vram="1GiB").reason == "cap"  # the orphan holds it
+        gate.close()  # as at exit: it gave back its orphan, not one TTL later
         assert other.try_admit("batch", vram="1GiB").admitted
 
     def test_closing_while_redis_hangs_waits_one_timeout_not_one_per_lease(

@@ -527,6 +527,11 @@ class Gate(LeaseKeeping, Overrides):
             if not isinstance(exc.__cause__, redis.ConnectionError):
                 self._maybe_orphans = True
             return self._backend_down(cls, vram, snap, exc)
+        except BaseException:
+            # Interrupted mid-call (Ctrl-C, sys.exit from a signal handler):
+            # Redis may have admitted it, and nobody holds that lease.
+            self._maybe_orphans = True
+            raise
         self._note_redis_clock(reply[9], time.monotonic())
         outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available, v, _ = (
             reply
@@ -873,6 +878,11 @@ class Gate(LeaseKeeping, Overrides):
             else:
                 self._leases.discard(lease)
                 self.metrics.job_outcomes.labels(lease.cls, "dropped").inc()
+        if reachable and self._maybe_orphans:
+            # What a decision cut short may have left in Redis goes now, not
+            # a TTL later (the gate beats no more).
+            self._give_back_orphans(settle_ms=0)
+            reachable = not self._leases.has_unsent()
         return reachable
 
     def __enter__(self) -> Gate:

@@ -169,6 +169,11 @@ class LeaseKeeping(WorkerRecord):
         except GpugateError as exc:  # the sampler's own errors are logged by it
             log.debug("heartbeat_without_snapshot", error=str(exc))
             snap = None
+        except Exception as exc:
+            # A sampler of the caller's own that fails: renewing needs no
+            # snapshot, and leases left unrenewed would be given away.
+            log.warning("heartbeat_without_snapshot", error=repr(exc))
+            snap = None
         excess = self._idle_excess(snap)
         args: list[Any] = [
             self._keys.prefix,
@@ -241,14 +246,16 @@ class LeaseKeeping(WorkerRecord):
                     self.stats["leases_lost"] += 1
                     self.metrics.leases_lost.labels(lease.cls).inc()
 
-    def _give_back_orphans(self) -> None:
+    def _give_back_orphans(self, settle_ms: int | None = None) -> None:
         """Release (as ``dropped``) the leases Redis holds for this gate that it
         does not know of: admitted by a decision whose reply was lost (a
-        timeout mid-call). Only leases older than a socket timeout: a decision
-        still in flight may not have brought its own home yet."""
+        timeout mid-call, an interrupt). Only leases older than ``settle_ms``
+        (default: a socket timeout and a second): a decision still in flight
+        may not have brought its own home yet (none is, once the gate closes)."""
         self._maybe_orphans = False
         held = self._leases.known()
-        settle_ms = int(self._socket_timeout_s * 1000) + 1000
+        if settle_ms is None:
+            settle_ms = int(self._socket_timeout_s * 1000) + 1000
         try:
             view = read_pool(self._client, self.pool, redis_url=self.redis_url)
         except BackendError:
