@@ -378,3 +378,44 @@ def test_a_connection_that_cannot_be_made_is_tried_as_often_as_the_clients_path_
         s.close()
         client.close()
         server.close()
+
+
+_PACK_UNTIL_INTERRUPTED = r"""
+import signal, sys
+import hiredis
+from gpugate.state._scripts import _as_text
+signal.signal(signal.SIGINT, signal.default_int_handler)
+command = ("EVALSHA", "a" * 40, 3, "gpugate:{x}:state", "k", 0, "batch", 1073741824,
+           "w", "o", "", 1, "SIM-sim-0", 85899345920, 0, 1.5, 0)
+print("ready", flush=True)
+try:
+    while True:
+        hiredis.pack_command(_as_text(command))
+except KeyboardInterrupt:
+    pass
+"""
+
+
+def test_a_signal_while_the_lane_packs_does_not_crash_the_interpreter() -> None:
+    # hiredis-py's pack_command crashed (SIGSEGV) in about a third of the
+    # SIGINTs that landed while it turned numbers into text; the lane gives
+    # it text only.
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    codes = []
+    for _ in range(12):
+        with subprocess.Popen(
+            [sys.executable, "-c", _PACK_UNTIL_INTERRUPTED],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        ) as child:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"ready\n"
+            time.sleep(random.uniform(0.02, 0.1))
+            child.send_signal(signal.SIGINT)
+            codes.append(child.wait(30))
+    assert codes == [0] * 12
