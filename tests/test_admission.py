@@ -31,6 +31,7 @@ from gpugate import (
     SimulatedSampler,
     UsageError,
 )
+from gpugate.admission._ticket import is_cuda_oom
 from gpugate.state._inspect import read_pool
 from gpugate.state._keys import PoolKeys
 from gpugate.state._server import RedisProcess
@@ -1663,12 +1664,17 @@ class TestBlockingAdmit:
 
         with pytest.raises(OutOfMemoryError, match=r"^CUDA out of memory\. Tried to allocate"):
             run_out_of_memory_inside_the_block()
+        with (
+            pytest.raises(RuntimeError, match=r"^CUDA error: out of memory$"),
+            gate.admit("batch", vram="1GiB", timeout=5),
+        ):
+            raise RuntimeError("CUDA error: out of memory")
         with pytest.raises(ValueError, match=r"^bug$"), gate.admit("batch", vram="1GiB", timeout=5):
             raise ValueError("bug")
         with gate.admit("batch", vram="1GiB", timeout=5):
             pass
         counters = state(server, pool_name)
-        assert counters["out:batch:oom"] == "1"
+        assert counters["out:batch:oom"] == "2"
         assert counters["out:batch:error"] == "1"
         assert counters["out:batch:ok"] == "1"
 
@@ -1691,6 +1697,58 @@ class TestBlockingAdmit:
             return order
 
         assert sorted(asyncio.run(main())) == ["a", "b", "c"]
+
+
+class TestCudaOomRecognition:
+    """An escaping exception is a CUDA OOM by its type's name or an exact CUDA marker, no looser."""
+
+    @pytest.mark.parametrize(
+        "exc",
+        [
+            RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            RuntimeError(
+                "CUDA error: out of memory\nCUDA kernel errors might be asynchronously "
+                "reported at some other API call, so the stacktrace below might be incorrect."
+            ),
+            RuntimeError("cudaErrorMemoryAllocation: out of memory"),
+            RuntimeError("CUDA_ERROR_OUT_OF_MEMORY: out of memory"),
+            RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"),
+            RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+            RuntimeError("cusolver error: CUSOLVER_STATUS_ALLOC_FAILED"),
+            RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184"),
+        ],
+        ids=["torch", "runtime", "cupy", "driver", "cublas", "cudnn", "cusolver", "xla"],
+    )
+    def test_cuda_allocation_failures_are_oom(self, exc: BaseException) -> None:
+        assert is_cuda_oom(exc)
+
+    @pytest.mark.parametrize(
+        "exc",
+        [
+            MemoryError(),
+            OSError(12, "Cannot allocate memory"),
+            RuntimeError("out of memory"),
+            RuntimeError(
+                "unable to mmap 1048576 bytes from file </torch_1_2>: Cannot allocate memory"
+            ),
+            RuntimeError("CUDA error: an illegal memory access was encountered"),
+            RuntimeError("CUDA error: device-side assert triggered"),
+            RuntimeError("cuDNN error: CUDNN_STATUS_NOT_INITIALIZED"),
+            RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm`"),
+        ],
+        ids=[
+            "host",
+            "errno",
+            "bare",
+            "shm",
+            "illegal-access",
+            "assert",
+            "cudnn-init",
+            "cublas-exec",
+        ],
+    )
+    def test_other_errors_are_not_oom(self, exc: BaseException) -> None:
+        assert not is_cuda_oom(exc)
 
 
 class TestMetrics:

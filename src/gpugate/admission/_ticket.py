@@ -7,18 +7,36 @@ from types import TracebackType
 from ._decision import Decision
 from ._lease import Lease, check_outcome
 
+# Exact markers only: a bare "out of memory" is also what host allocations,
+# shared memory and unrelated libraries say, and those are job errors. The
+# CUDA runtime's cudaErrorMemoryAllocation reads "out of memory" (PyTorch:
+# "CUDA error: out of memory", CuPy: "cudaErrorMemoryAllocation: out of
+# memory"); a math library's ALLOC_FAILED is a cudaMalloc failing inside it;
+# RESOURCE_EXHAUSTED is XLA's (JAX) failed device allocation.
+_CUDA_OOM_MARKERS = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "cudaErrorMemoryAllocation",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUSOLVER_STATUS_ALLOC_FAILED",
+    "RESOURCE_EXHAUSTED",
+)
+
 
 def is_cuda_oom(exc: BaseException) -> bool:
-    """True for a CUDA out-of-memory error (PyTorch, JAX, CuPy, or by message)."""
+    """True for a CUDA out-of-memory error (PyTorch, JAX, CuPy, or by message).
+
+    By type name (``OutOfMemoryError``, ``CUDAOutOfMemoryError``), or by one
+    of the exact markers in the message: the CUDA runtime's and driver's
+    out-of-memory errors and cuBLAS, cuDNN and cuSOLVER allocation failures.
+    """
     name = type(exc).__name__
     if name in ("OutOfMemoryError", "CUDAOutOfMemoryError"):
         return True
     text = str(exc)
-    return (
-        "CUDA out of memory" in text
-        or "CUDA_ERROR_OUT_OF_MEMORY" in text
-        or "RESOURCE_EXHAUSTED" in text
-    )
+    return any(marker in text for marker in _CUDA_OOM_MARKERS)
 
 
 class Ticket:
