@@ -604,16 +604,20 @@ class TestStatusCommand:
         assert first["classes"]["batch"]["admitted_per_min"] is None
         assert second["classes"]["batch"]["admitted_per_min"] == 0
 
-    def test_watch_goes_on_through_a_redis_outage(self, redis_server: Any, pool_name: str) -> None:
+    @pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+    def test_watch_goes_on_through_a_redis_outage(
+        self, redis_server: Any, pool_name: str, as_json: bool
+    ) -> None:
         import io
 
         from gpugate.state._server import RedisProcess
 
         private = RedisProcess(redis_server.executable).start()
-        make = Gate(private.url, pool=pool_name, policy=Policy.from_dict(POLICY), register=False)
+        url = private.url
+        make = Gate(url, pool=pool_name, policy=Policy.from_dict(POLICY), register=False)
         make.close()
         stream = io.StringIO()
-        client = connect(private.url, socket_timeout_s=0.5)
+        client = connect(url, socket_timeout_s=0.5)
         frames: list[str] = []
 
         def outage() -> None:
@@ -626,9 +630,9 @@ class TestStatusCommand:
             code = run_status(
                 client,
                 pool_name,
-                private.url,
+                url,
                 embedded=False,
-                as_json=True,
+                as_json=as_json,
                 watch=0.4,
                 color="never",
                 stream=stream,
@@ -639,8 +643,19 @@ class TestStatusCommand:
             client.close()
             private.stop()
         lines = stream.getvalue().splitlines()
-        assert json.loads(lines[0])["pool"] == pool_name  # the first frame
-        assert any("cannot read the pool" in line for line in lines[1:]), lines
+        if as_json:
+            # Every line is a JSON document (jq reads on): the first the status,
+            # the last the failed frame saying why.
+            docs = [json.loads(line) for line in lines]
+            assert docs[0]["pool"] == pool_name
+            assert "error" not in docs[0]
+            assert docs[-1]["pool"] == pool_name
+            assert docs[-1]["redis"] == url
+            assert docs[-1]["error"].startswith("cannot read the pool: ")
+            assert isinstance(docs[-1]["time"], float)
+        else:
+            assert "cannot read the pool" not in lines[0], lines
+            assert "cannot read the pool: " in lines[-1], lines
         assert code == 2  # the last frame could not be read
         assert frames == ["stopped"]
 

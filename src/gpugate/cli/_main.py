@@ -231,7 +231,10 @@ def _parser() -> argparse.ArgumentParser:
         const=2.0,
         type=_duration,
         metavar="INTERVAL",
-        help="refresh every INTERVAL (default 2s) until Ctrl-C; with --json, one JSON per line",
+        help=(
+            "refresh every INTERVAL (default 2s) until Ctrl-C; with --json, one JSON per line"
+            ' (a frame that cannot read the pool: {"error": ...})'
+        ),
     )
     status.add_argument(
         "--color",

@@ -475,6 +475,8 @@ def run_status(
     ``asynq`` reads the Asynq queues of the pool's classes (default:
     ``client``); ``asynq_now_ms`` injects the clock of those reads (tests).
     Each frame measures the queues' rate against the previous frame's reading.
+    A watched frame that cannot read the pool is a line saying why, with
+    ``as_json`` a document ``{pool, redis, time, error}``, and the watch goes on.
     """
     stream = stream or sys.stdout
     st = Style.for_stream(stream, color)
@@ -489,11 +491,23 @@ def run_status(
                 if not watch:
                     raise
                 # Watching through an incident: say so, and read again next time.
-                print(
-                    f"{time.strftime('%H:%M:%S')}  cannot read the pool: {exc}",
-                    file=stream,
-                    flush=True,
-                )
+                # With --json the frame is a JSON document too: a script reading
+                # stdout (jq) would stop at a text line, and with nothing there
+                # it could not tell an unreadable pool from a stalled watch.
+                if as_json:
+                    failed = {
+                        "pool": pool,
+                        "redis": mask_url(url) if url else "",
+                        "time": round(time.time(), 3),
+                        "error": f"cannot read the pool: {exc}",
+                    }
+                    print(json.dumps(failed), file=stream, flush=True)
+                else:
+                    print(
+                        f"{time.strftime('%H:%M:%S')}  cannot read the pool: {exc}",
+                        file=stream,
+                        flush=True,
+                    )
                 shown += 1
                 if frames is not None and shown >= frames:
                     return 2
