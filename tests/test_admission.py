@@ -504,6 +504,27 @@ class TestOverrides:
         clock.advance(540)
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
 
+    def test_a_dropped_class_logs_only_its_overrides_in_force_as_lifted(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # Given batch's 10-minute pause, over, and its cap without expiry
+        clock = FakeClock()
+        gate = make_gate(policy(), _clock_ms=clock)
+        gate.pause("batch", duration="10m")
+        gate.cap("batch", 1)
+        clock.advance(601)
+        assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+        # When a policy without batch is forced on the pool
+        narrow = make_gate(policy(interactive={"priority": 100}), _clock_ms=clock)
+        with capture_logs() as logs:
+            narrow.sync_policy(force=True)
+        # Then only the cap is lifted; the pause's record is deleted all the same
+        lifted = [e["lifted"] for e in logs if e["event"] == "overrides_lifted_with_class"]
+        assert lifted == [["cap batch"]]
+        left = state(server, pool_name)
+        assert "pause:batch" not in left
+        assert "cap:batch" not in left
+
     def test_resume_lifts_a_pause(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())
         gate.pause("batch")

@@ -802,6 +802,36 @@ class TestOverrideCommands:
         assert gate.try_admit("batch", vram="1GiB").admitted
         assert gate.try_admit("batch", vram="1GiB").admitted
 
+    def test_a_policy_that_drops_a_class_reports_only_its_overrides_still_in_force(
+        self,
+        make_gate: Callable[..., Gate],
+        gpugate: Callable[..., Run],
+        tmp_path: Path,
+        redis_client: redis.Redis,
+        pool_name: str,
+    ) -> None:
+        # Given batch's pause and cap set an hour ago for 10 minutes (a gate on a
+        # clock an hour behind Redis TIME: both ended 50 minutes ago, still stored)
+        # and notebook's pause without expiry
+        gate = make_gate(_clock_ms=FakeClock.from_now(ahead_s=-3600))
+        gate.pause("batch", duration="10m", reason="short")
+        gate.cap("batch", 1, duration="10m")
+        gate.pause("notebook", reason="long")
+        shown = json.loads(gpugate("status", "--json").out)["overrides"]
+        assert [(o["kind"], o["class"]) for o in shown] == [("pause", "notebook")]
+        # When a policy without batch or notebook is applied (the CLI on Redis TIME)
+        only = {**POLICY, "classes": {"interactive": POLICY["classes"]["interactive"]}}
+        f = tmp_path / "gpugate.toml"
+        f.write_text(_toml(only))
+        run = gpugate("policy", "apply", str(f))
+        # Then only notebook's pause is reported lifted; batch's records go all the same
+        assert run.code == 0, run.err
+        assert "notebook's pause lifted: the policy has no class notebook now" in run.out
+        assert "batch" not in run.out, run.out
+        state = redis_client.hgetall(PoolKeys(pool_name).state)
+        assert not {b"pause:batch", b"cap:batch", b"pause:notebook"} & set(state)
+        assert gate.overrides() == {"pause": {}, "cap": {}}
+
     def test_a_pause_left_from_a_dropped_class_can_be_lifted(
         self,
         make_gate: Callable[..., Gate],

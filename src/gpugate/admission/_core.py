@@ -151,8 +151,15 @@ class GateCore:
         gate publishes to an empty pool the pool's policy it last knew (Redis
         lost its state: the operator's policy is restored, with a warning),
         else :meth:`Policy.default`. A forced publish that drops classes lifts
-        their pauses and caps with them (logged ``overrides_lifted_with_class``).
+        their pauses and caps with them (those still in force are logged,
+        ``overrides_lifted_with_class``).
         """
+        return self._sync_policy(force=force)[0]
+
+    def _sync_policy(self, *, force: bool) -> tuple[str, list[tuple[str, str]]]:
+        """:meth:`sync_policy`, and the ``(kind, class)`` of each pause or cap
+        still in force that the publish lifted with its class (for
+        ``gpugate policy apply``, from the same script call)."""
         self._check_usable()
         restoring = self.policy is None and self.pool_policy is not None
         mine = self.policy or self.pool_policy or Policy.default()
@@ -160,19 +167,20 @@ class GateCore:
             current, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
             if current is not None:
                 self._adopt(_b2s(current), _b2s(stored) if stored is not None else None)
-                return self.pool_policy_version or ""
-        published, version, *lifted = self._call(
+                return self.pool_policy_version or "", []
+        published, version, *raw_lifted = self._call(
             self._scripts.publish_policy,
             keys=[self._keys.state],
-            args=publish_args(mine, force=force),
+            args=publish_args(mine, force=force, clock_ms=self._now_arg()),
         )
         version = _b2s(version)
+        lifted = [(kind, cls) for kind, cls in (_b2s(x).split(" ", 1) for x in raw_lifted)]
         if lifted:
             # The policy dropped classes that had a pause or cap in force.
             log.warning(
                 "overrides_lifted_with_class",
                 pool=self.pool,
-                lifted=[_b2s(x) for x in lifted],
+                lifted=[f"{kind} {cls}" for kind, cls in lifted],
                 note="the new policy has no such class",
             )
         if published and restoring and not force:
@@ -191,7 +199,7 @@ class GateCore:
             doc = self._call(self._client.hget, self._keys.state, "pdoc")
             self._adopt(_b2s(doc) if doc is not None else None, version)
         self._check_mismatch()
-        return self.pool_policy_version or ""
+        return self.pool_policy_version or "", lifted
 
     def _check_mismatch(self) -> None:
         self.policy_mismatch = (

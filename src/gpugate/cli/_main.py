@@ -431,16 +431,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             p = Policy.from_file(args.file)
             url, _ = redis_url(args.redis_url)  # never starts the embedded Redis
             with Gate(url, pool=args.pool, policy=p, register=False) as gate:
-                before = overrides_from_reply(gate.overrides())
-                version = gate.sync_policy(force=True)
+                before = {f"{o.kind} {o.cls}": o for o in overrides_from_reply(gate.overrides())}
+                # The script's list: overrides in force when it ran (one past its
+                # expiry is still stored until the next override write).
+                version, lifted = gate._sync_policy(force=True)
                 after = overrides_from_reply(gate.overrides())
             print(f"pool {gate.pool}: policy {version} applied from {args.file}")
             now_ms = int(time.time() * 1000)
-            kept = {(o.kind, o.cls) for o in after}
-            for o in before:
-                if (o.kind, o.cls) not in kept and o.cls not in p.classes:
-                    what = "pause" if o.kind == "pause" else f"cap of {o.n}"
-                    print(f"{o.cls}'s {what} lifted: the policy has no class {o.cls} now")
+            for kind, cls in lifted:
+                o = before.get(f"{kind} {cls}")
+                n = o.n if o is not None else None
+                what = "pause" if kind == "pause" else "cap" if n is None else f"cap of {n}"
+                print(f"{cls}'s {what} lifted: the policy has no class {cls} now")
             for o in after:
                 # A runtime cap at or above the old policy's may bind under the new one.
                 if o.until_ms == 0 or o.until_ms > now_ms:

@@ -1,31 +1,37 @@
 -- publish_policy.lua: store the pool's policy, unless it has one already.
 --
 -- KEYS = [state]
--- ARGV = [version, force, policy_doc, classes, pool_record,
+-- ARGV = [version, force, clock_ms, policy_doc, classes, pool_record,
 --         (class, class_record) * len(classes)]
+--   clock_ms: 0 = Redis TIME (tests inject a clock)
 -- -> {published (1|0), the pool's policy version after the call,
---     "<kind> <class>" for each override lifted with its class}
+--     "<kind> <class>" for each override in force lifted with its class}
 --
 -- Key schema: state pversion, pdoc (JSON of Policy.to_dict(), for people and
 -- gates), classes (space-separated names), pool (pool record), c:<class>
--- (class records; formats in the prelude), pause:<class>, cap:<class> and
--- ovr (overrides, as set_override.lua writes them). With force "1" the
+-- (class records; formats in the prelude), pause:<class> ("until_ms"),
+-- cap:<class> ("n until_ms"; until 0 = no expiry) and ovr (overrides, as
+-- set_override.lua writes them), clock (read only). With force "1" the
 -- policy replaces the stored one (`gpugate policy apply`); records of classes
 -- it drops are deleted, so their requests fail as unknown, and so are their
 -- overrides: none is left that nobody could lift, or that would come back
--- with a class of the same name.
+-- with a class of the same name. Only those still in force at the script's
+-- now are replied as lifted: one past its expiry had ended already (it stays
+-- stored until the next override write), and admit_job.lua ignored it.
 
 local state_key = KEYS[1]
 local version = ARGV[1]
 local force = ARGV[2] == '1'
-local policy_doc = ARGV[3]
-local classes = ARGV[4]
-local pool_record = ARGV[5]
+local clock_ms = tonumber(ARGV[3])
+local policy_doc = ARGV[4]
+local classes = ARGV[5]
+local pool_record = ARGV[6]
 
-local st = redis.call('HMGET', state_key, 'pversion', 'classes', 'ovr')
+local st = redis.call('HMGET', state_key, 'pversion', 'classes', 'ovr', 'clock')
 if st[1] and not force then return {0, st[1]} end
 local reply = {1, version}
 if st[2] then
+  local now = script_now(clock_ms, tonumber(st[4]) or 0)
   local keeps = {}
   for name in string.gmatch(classes, '%S+') do keeps[name] = true end
   local ovr = st[3] and cjson.decode(st[3]) or nil
@@ -34,8 +40,15 @@ if st[2] then
     redis.call('HDEL', state_key, 'c:' .. old)
     if not keeps[old] then
       for _, kind in ipairs({'pause', 'cap'}) do
-        if redis.call('HDEL', state_key, kind .. ':' .. old) == 1 then
-          reply[#reply + 1] = kind .. ' ' .. old
+        local field = kind .. ':' .. old
+        local raw = redis.call('HGET', state_key, field)
+        if raw then
+          redis.call('HDEL', state_key, field)
+          -- pause: "until_ms"; cap: "n until_ms"
+          local until_ms = tonumber(string.match(raw, '(%S+)$'))
+          if until_ms == 0 or until_ms > now then
+            reply[#reply + 1] = kind .. ' ' .. old
+          end
         end
         if ovr and ovr[kind] and ovr[kind][old] then
           ovr[kind][old] = nil
@@ -47,7 +60,7 @@ if st[2] then
   if lifted then redis.call('HSET', state_key, 'ovr', cjson.encode(ovr)) end
 end
 local fields = {'pversion', version, 'pdoc', policy_doc, 'classes', classes, 'pool', pool_record}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   fields[#fields + 1] = 'c:' .. ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
 end
