@@ -525,6 +525,32 @@ class TestOverrides:
         assert "pause:batch" not in left
         assert "cap:batch" not in left
 
+    def test_an_override_set_again_while_in_force_keeps_when_it_came_into_force(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # What GpugateEmergencyOverrideActive times: an incident's pause extended
+        # every half hour has been in force since the first one.
+        clock = FakeClock()
+        start = clock.ms
+        gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 4}), _clock_ms=clock)
+        gate.pause("batch", duration="1h", reason="incident 42")
+        gate.cap("batch", 2, duration="1h", reason="incident 42")
+        clock.advance(30 * 60)
+        gate.pause("batch", duration="1h", reason="incident 42, extended")
+        gate.cap("batch", 1, duration="1h", reason="incident 42, tighter")
+        ovr = gate.overrides()
+        for kind in ("pause", "cap"):
+            assert (ovr[kind]["batch"]["at"], ovr[kind]["batch"]["since"]) == (clock.ms, start)
+
+        # A pause lifted, and a cap expired, start afresh when set again.
+        gate.resume("batch")
+        clock.advance(60 * 60 + 1)
+        gate.pause("batch", duration="1h", reason="again")
+        gate.cap("batch", 2, duration="1h", reason="again")
+        ovr = gate.overrides()
+        for kind in ("pause", "cap"):
+            assert (ovr[kind]["batch"]["at"], ovr[kind]["batch"]["since"]) == (clock.ms, clock.ms)
+
     def test_resume_lifts_a_pause(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())
         gate.pause("batch")

@@ -222,6 +222,37 @@ class TestPoolCollector:
         assert series["gpugate_class_reserved_bytes", "batch"] == 0
         assert series["gpugate_gpu_memory_reserved_bytes", device] == 0
 
+    def test_an_extended_pause_is_exported_as_in_force_since_its_first_setting(
+        self, redis_url: str, pool_name: str, scrape: Callable[..., CollectorRegistry]
+    ) -> None:
+        now = [1_700_000_000_000]
+        gate = Gate(
+            redis_url,
+            pool=pool_name,
+            policy=POLICY,
+            sampler=SimulatedSampler(["80GiB"], name=pool_name),
+            metrics=Metrics(CollectorRegistry()),
+            register=False,
+            _clock_ms=lambda: now[0],
+        )
+        try:
+            # Given a pause extended half an hour after it was set,
+            gate.pause("batch", duration="1h", reason="incident 42")
+            now[0] += 30 * 60_000
+            gate.pause("batch", duration="1h", reason="incident 42, extended")
+            registry = scrape(now_ms=lambda: now[0])
+        finally:
+            gate.close()
+
+        # then the series the alert reads keeps its start; the set time is the change's.
+        def value(name: str) -> float | None:
+            labels = {"pool": pool_name, "class": "batch", "kind": "pause"}
+            return registry.get_sample_value(name, labels)
+
+        assert value("gpugate_override_since_timestamp_seconds") == 1_700_000_000
+        assert value("gpugate_override_set_timestamp_seconds") == 1_700_000_000 + 30 * 60
+        assert value("gpugate_override_expiry_timestamp_seconds") == 1_700_000_000 + 90 * 60
+
     def test_an_unreachable_redis_scrapes_as_pool_up_0_and_nothing_else(self) -> None:
         client = connect("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
         registry = CollectorRegistry()

@@ -193,6 +193,8 @@ def describe_override(o: OverrideView, now_ms: int) -> str:
     else:
         when = f"until {clock(o.until_ms)} (in {ago(left)})"
     by = f"set by {o.who or 'unknown'}" + (f" at {clock(o.at_ms)}" if o.at_ms else "")
+    if o.since_ms and o.since_ms < o.at_ms:
+        by += f" (in force since {clock(o.since_ms)})"
     why = o.why or "no reason given"
     return f"{what} {when}, {by}: {why}"
 
@@ -216,6 +218,7 @@ def overrides_from_reply(reply: dict[str, Any]) -> list[OverrideView]:
                     why=str(o.get("why", "")),
                     at_ms=int(o.get("at", 0)),
                     n=int(o["n"]) if kind == "cap" and "n" in o else None,
+                    since_ms=int(o.get("since", o.get("at", 0))),
                 )
             )
     return out

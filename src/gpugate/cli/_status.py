@@ -129,6 +129,7 @@ def to_json(
                 "who": o.who,
                 "why": o.why,
                 "set_at": o.at_ms / 1000 if o.at_ms else None,
+                "since": o.since_ms / 1000 if o.since_ms else None,
                 "reverts_at": o.until_ms / 1000 if o.until_ms else None,
                 "reverts_in_s": o.remaining_s(now),
             }

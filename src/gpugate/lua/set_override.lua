@@ -5,7 +5,11 @@
 --   kind: "pause" | "cap" | "resume" (clears a pause) | "uncap" (clears a cap)
 --   n: the cap (kind "cap"); for_ms: how long it lasts, 0 = until cleared
 -- -> JSON of every override still in force, {"pause": {class: {until, who,
---    why, at}}, "cap": {class: {n, until, who, why, at}}}.
+--    why, at, since}}, "cap": {class: {n, until, who, why, at, since}}}: at
+--    = when it was last set (ms), since = when it came into force: setting
+--    an override still in force again (a pause extended, a cap changed)
+--    keeps its since; one lifted or expired starts afresh (entries written
+--    before since existed read at for it).
 --    Error replies "nopolicy", "unknown_class <name>" (a class the policy
 --    does not have, unless lifting an override of it that is still stored).
 --
@@ -55,11 +59,18 @@ end
 
 local until_ms = 0
 if for_ms > 0 then until_ms = now + for_ms end
+-- Only overrides in force are left in ovr: one set again keeps when it began.
+local function since_of(prev)
+  if prev then return prev.since or prev.at or now end
+  return now
+end
 if kind == 'pause' then
-  ovr.pause[cls] = {['until'] = until_ms, who = who, why = why, at = now}
+  local since = since_of(ovr.pause[cls])
+  ovr.pause[cls] = {['until'] = until_ms, who = who, why = why, at = now, since = since}
   redis.call('HSET', state_key, 'pause:' .. cls, string.format('%d', until_ms))
 elseif kind == 'cap' then
-  ovr.cap[cls] = {n = n, ['until'] = until_ms, who = who, why = why, at = now}
+  local since = since_of(ovr.cap[cls])
+  ovr.cap[cls] = {n = n, ['until'] = until_ms, who = who, why = why, at = now, since = since}
   redis.call('HSET', state_key, 'cap:' .. cls, string.format('%d %d', n, until_ms))
 elseif kind == 'resume' then
   ovr.pause[cls] = nil

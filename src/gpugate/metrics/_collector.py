@@ -369,7 +369,13 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
     )
     set_at = GaugeMetricFamily(
         "gpugate_override_set_timestamp_seconds",
-        "When the override in force was set (Unix time).",
+        "When the override in force was last set or changed (Unix time).",
+        labels=ovr_labels,
+    )
+    since = GaugeMetricFamily(
+        "gpugate_override_since_timestamp_seconds",
+        "When the override came into force (Unix time): kept when it is set again while "
+        "in force (a pause extended, a cap changed); afresh after it was lifted or expired.",
         labels=ovr_labels,
     )
     until = GaugeMetricFamily(
@@ -381,8 +387,9 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
         labels = [p, o.cls, o.kind]
         active.add_metric(labels, 1)
         set_at.add_metric(labels, o.at_ms / 1000)
+        since.add_metric(labels, (o.since_ms or o.at_ms) / 1000)
         until.add_metric(labels, o.until_ms / 1000)
-    yield from (active, set_at, until)
+    yield from (active, set_at, since, until)
 
     workers = GaugeMetricFamily(
         "gpugate_workers",

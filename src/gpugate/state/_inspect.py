@@ -187,8 +187,11 @@ class WaiterView:
 class OverrideView:
     """A runtime pause or cap still in force, with who set it, why and when.
 
-    ``until_ms`` 0 = until cleared; ``at_ms`` when it was set (0 if unknown);
-    ``n`` the cap (``None`` for a pause).
+    ``until_ms`` 0 = until cleared; ``at_ms`` when it was last set (0 if
+    unknown); ``since_ms`` when it came into force: setting it again while in
+    force (extending a pause, changing a cap) keeps it, one set after it was
+    lifted or expired starts afresh (0 if unknown); ``n`` the cap (``None``
+    for a pause).
     """
 
     kind: Literal["pause", "cap"]
@@ -198,6 +201,7 @@ class OverrideView:
     why: str
     at_ms: int
     n: int | None = None
+    since_ms: int = 0
 
     def remaining_s(self, now_ms: int) -> float | None:
         """Seconds until it reverts by itself; ``None`` when it has no expiry."""
@@ -802,6 +806,7 @@ def _overrides(state: Mapping[str, str], now_ms: int) -> list[OverrideView]:
                 why=str(o.get("why", "")),
                 at_ms=_int(str(o.get("at", 0))),
                 n=_int(fields[0]) if kind == "cap" and fields else None,
+                since_ms=_int(str(o.get("since", o.get("at", 0)))),
             )
         )
     out.sort(key=lambda o: (o.cls, o.kind))
