@@ -222,6 +222,52 @@ class TestPoolCollector:
         assert series["gpugate_class_reserved_bytes", "batch"] == 0
         assert series["gpugate_gpu_memory_reserved_bytes", device] == 0
 
+    def test_a_lease_its_max_duration_ended_counts_apart_from_expired_ones(
+        self, redis_url: str, pool_name: str, scrape: Callable[..., CollectorRegistry]
+    ) -> None:
+        now = [1_700_000_000_000]
+        gate = Gate(
+            redis_url,
+            pool=pool_name,
+            policy=Policy.from_dict(
+                {
+                    "pool": {"lease_ttl": "30s"},
+                    "classes": {
+                        "interactive": {"priority": 100},
+                        "notebook": {"priority": 50, "max_duration": "60s"},
+                    },
+                }
+            ),
+            sampler=SimulatedSampler(["80GiB"], name=pool_name),
+            metrics=Metrics(CollectorRegistry()),
+            register=False,
+            _clock_ms=lambda: now[0],
+        )
+        notebook = {"pool": pool_name, "class": "notebook"}
+        try:
+            # Given a notebook lease whose holder renews it every 10 s until told
+            # that its class's max duration is reached,
+            nb = gate.try_admit("notebook", vram="4GiB")
+            assert nb.lease is not None
+            while not nb.lease.max_duration_reached:
+                now[0] += 10_000
+                gate.beat_now()
+            # when its last expiry has passed, it is not overdue (its holder is alive),
+            now[0] += 30_000
+            overdue = scrape(now_ms=lambda: now[0]).get_sample_value(
+                "gpugate_leases_overdue", notebook
+            )
+            # and once a decision reaps it, it counts as ended by max_duration.
+            assert gate.try_admit("interactive", vram="1GiB").admitted
+            after = scrape(now_ms=lambda: now[0])
+        finally:
+            gate.close()
+        assert overdue == 0
+        assert after.get_sample_value("gpugate_pool_leases_expired_total", notebook) == 0
+        released = {"outcome": "max_duration", **notebook}
+        assert after.get_sample_value("gpugate_pool_lease_releases_total", released) == 1
+        assert after.get_sample_value("gpugate_pool_admissions_total", notebook) == 1
+
     def test_an_extended_pause_is_exported_as_in_force_since_its_first_setting(
         self, redis_url: str, pool_name: str, scrape: Callable[..., CollectorRegistry]
     ) -> None:

@@ -24,7 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from conftest import spawn_gpugate_metrics
 from gpugate import Gate, Outcome, Policy, SimulatedSampler
-from gpugate.metrics import Metrics
+from gpugate.metrics import Metrics, PoolCollector
+from gpugate.state._connect import connect
 from gpugate.state._server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +158,92 @@ class TestRulesFile:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "SUCCESS" in result.stdout
+
+
+def _lease_series(registry: CollectorRegistry) -> dict[str, float]:
+    """The exporter's lease counters and gauges, as promtool series names."""
+    wanted = {
+        "gpugate_pool_leases_expired_total",
+        "gpugate_pool_lease_releases_total",
+        "gpugate_leases_overdue",
+    }
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name in wanted:
+                labels = {**s.labels, "instance": "exporter:9470", "job": "gpugate"}
+                inner = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+                out[f"{s.name}{{{inner}}}"] = s.value
+    return out
+
+
+class TestRulesOnTheExportersSeries:
+    """What the pool exporter exports after a real sequence of events, fed to promtool."""
+
+    def test_a_lease_its_max_duration_ended_does_not_fire_heartbeats_missing(
+        self, redis_url: str, pool_name: str, tmp_path: Path
+    ) -> None:
+        promtool = tool("promtool")
+        now = [1_700_000_000_000]
+        gate = Gate(
+            redis_url,
+            pool=pool_name,
+            policy=Policy.from_dict(
+                {
+                    "pool": {"lease_ttl": "30s"},
+                    "classes": {
+                        "interactive": {"priority": 100},
+                        "notebook": {"priority": 50, "max_duration": "60s"},
+                    },
+                }
+            ),
+            sampler=SimulatedSampler(["80GiB"], name=pool_name),
+            metrics=Metrics(CollectorRegistry()),
+            register=False,
+            _clock_ms=lambda: now[0],
+        )
+        client = connect(redis_url)
+        registry = CollectorRegistry()
+        registry.register(PoolCollector(client, pool_name, now_ms=lambda: now[0]))
+        try:
+            # A notebook lease, its holder alive and renewing until told its class's
+            # max duration is reached; scraped while live, past its last expiry, and
+            # after a decision reaped it.
+            nb = gate.try_admit("notebook", vram="4GiB")
+            assert nb.lease is not None
+            scrapes = [_lease_series(registry)]
+            while not nb.lease.max_duration_reached:
+                now[0] += 10_000
+                gate.beat_now()
+            now[0] += 30_000
+            scrapes.append(_lease_series(registry))
+            assert gate.try_admit("interactive", vram="1GiB").admitted
+            scrapes.append(_lease_series(registry))
+        finally:
+            gate.close()
+            client.close()
+        series = "".join(
+            f"  - series: '{name}'\n"
+            f"    values: {' '.join(str(s.get(name, 0)) for s in scrapes)}x12\n"
+            for name in sorted(set().union(*scrapes))
+        )
+        evals = "".join(
+            f"  - eval_time: {m}m\n    alertname: GpugateWorkerHeartbeatsMissing\n"
+            "    exp_alerts: []\n"
+            for m in (6, 12)
+        )
+        tests = tmp_path / "max-duration.test.yml"
+        tests.write_text(
+            f"rule_files: ['{RULES}']\nevaluation_interval: 1m\ntests:\n"
+            f"- interval: 1m\n  input_series:\n{series}  alert_rule_test:\n{evals}"
+        )
+        result = subprocess.run(
+            [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        # Not silent for want of the lease's end: it is in the series, apart.
+        ended = 'class="notebook", instance="exporter:9470", job="gpugate", outcome="max_duration"'
+        assert [v for k, v in scrapes[-1].items() if ended in k] == [1]
 
 
 def dashboard_exprs() -> list[str]:

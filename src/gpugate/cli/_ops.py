@@ -325,7 +325,12 @@ def run_leases(args: argparse.Namespace) -> int:
             if lease.actual:
                 vram += f" (uses {size(lease.actual)})"
             left = (lease.expires_ms - now) / 1000
-            expires = f"in {ago(left)}" if left > 0 else f"OVERDUE {ago(-left)}"
+            if left > 0:
+                expires = f"in {ago(left)}"
+            elif lease.overdue(now):
+                expires = f"OVERDUE {ago(-left)}"
+            else:  # the class's max duration ended it; the next call reaps it
+                expires = f"ENDED {ago(-left)} ago (max_duration)"
             rows.append(
                 [
                     lease.id,

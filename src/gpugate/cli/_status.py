@@ -215,10 +215,12 @@ def _bar(st: Style, used: int, committed: int, total: int) -> str:
     return "[" + paint("█" * u + "▒" * (c - u)) + st.dim("░" * (BAR_WIDTH - c)) + "]"
 
 
-def _expired_cell(expired: int, by_operator: int) -> str:
+def _expired_cell(expired: int, by_operator: int, max_duration: int) -> str:
     """Leases whose holder stopped renewing them, and those an operator ended
-    (``gpugate leases --expire``): neither was released by its holder."""
-    return str(expired) + (f" +{by_operator} by operator" if by_operator else "")
+    (``gpugate leases --expire``) or the class's max duration ended: none was
+    released by its holder."""
+    cell = str(expired) + (f" +{by_operator} by operator" if by_operator else "")
+    return cell + (f" +{max_duration} max_duration" if max_duration else "")
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -365,7 +367,11 @@ def render(
                 oldest,
                 str(c.admitted),
                 ended,
-                _expired_cell(c.expired, c.released.get("expired_by_operator", 0)),
+                _expired_cell(
+                    c.expired,
+                    c.released.get("expired_by_operator", 0),
+                    c.released.get("max_duration", 0),
+                ),
             ]
             if rate is not None:
                 row += [f"{rate.admitted.get(name, 0):.1f}", f"{rate.done.get(name, 0):.1f}"]

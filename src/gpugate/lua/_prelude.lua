@@ -42,10 +42,19 @@
 --   it; renewals only push expiries later and releases only remove them, so
 --   it stays a lower bound; with no lease it is NO_EXPIRY). Returns how many
 --   leases it ended and the bound after the call: still <= now when expired
---   leases are left for later calls. The bound keeps one call short: each
---   ended lease costs about ten commands (64 take some 0.7 ms of server
---   time, 256 some 3 to 5 ms); admit_job.lua answers short retries while
---   leases are left, so that callers come back and reap on.
+--   leases are left for later calls. Each ended lease counts in state
+--   "expired:<class>" (its holder stopped renewing it), or in
+--   "out:<class>:max_duration" when its expiry lay past its max deadline
+--   (lease record field m): its last renewal (or its admission) came within
+--   the TTL before that deadline, and renewal stops there (renew_leases.lua,
+--   status 2), so the class's max_duration ended it, not a silent holder. A
+--   holder that died within that last TTL counts there too: its lease ended
+--   no later than the deadline would have ended it. A lease that
+--   max_duration_contended ended leaves no trace of it and counts as
+--   expired. The bound keeps one call short: each ended lease costs about
+--   ten commands (64 take some 0.7 ms of server time, 256 some 3 to 5 ms);
+--   admit_job.lua answers short retries while leases are left, so that
+--   callers come back and reap on.
 
 local function script_now(clock_ms, last)
   local now = clock_ms
@@ -118,8 +127,8 @@ local NO_EXPIRY = 99999999999999
 
 local function reap_expired(prefix, state_key, exp_key, now, next_exp)
   if next_exp ~= nil and now < next_exp then return 0, next_exp end
-  local expired = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'LIMIT', 0, 64)
-  for i = 1, #expired do
+  local expired = redis.call('ZRANGEBYSCORE', exp_key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 64)
+  for i = 1, #expired, 2 do
     local member = expired[i]
     local tab = string.find(member, '\t', 1, true)
     local uuid = string.sub(member, 1, tab - 1)
@@ -127,12 +136,18 @@ local function reap_expired(prefix, state_key, exp_key, now, next_exp)
     local raw = redis.call('HGET', prefix .. 'dev:' .. uuid, id)
     if raw then
       local rec = parse_lease(raw)
-      if rec.r == 0 then end_lease(prefix, state_key, uuid, id, rec, now, 'expired:' .. rec.c) end
+      if rec.r == 0 then
+        local counter = 'expired:' .. rec.c
+        if rec.m > 0 and tonumber(expired[i + 1]) > rec.m then
+          counter = 'out:' .. rec.c .. ':max_duration'
+        end
+        end_lease(prefix, state_key, uuid, id, rec, now, counter)
+      end
     end
     redis.call('ZREM', exp_key, member)
   end
   local first = redis.call('ZRANGE', exp_key, 0, 0, 'WITHSCORES')
   next_exp = tonumber(first[2]) or NO_EXPIRY
   redis.call('HSET', state_key, 'next_exp', string.format('%d', next_exp))
-  return #expired, next_exp
+  return #expired / 2, next_exp
 end

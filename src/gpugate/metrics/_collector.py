@@ -48,8 +48,9 @@ __all__ = ["PoolCollector"]
 
 log = structlog.get_logger(__name__)
 
-# The job outcomes a pool counts: the releases', and an operator's expiry.
-_OUTCOMES = (*JOB_OUTCOMES, "expired_by_operator")
+# The job outcomes a pool counts: the releases', an operator's expiry, and the
+# ends of leases at their class's max duration.
+_OUTCOMES = (*JOB_OUTCOMES, "expired_by_operator", "max_duration")
 
 
 class PoolCollector(Collector):
@@ -312,12 +313,14 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
     )
     released = CounterMetricFamily(
         "gpugate_pool_lease_releases",
-        "Leases ended by their holder or an operator, pool-wide, by outcome.",
+        "Leases ended by their holder, an operator (expired_by_operator) or their class's "
+        "max duration (max_duration), pool-wide, by outcome.",
         labels=["pool", "class", "outcome"],
     )
     expired = CounterMetricFamily(
         "gpugate_pool_leases_expired",
-        "Leases that expired because their holder stopped renewing them, pool-wide.",
+        "Leases that expired because their holder stopped renewing them, pool-wide "
+        "(not those their class's max duration ended).",
         labels=cls_labels,
     )
     ooms = CounterMetricFamily(

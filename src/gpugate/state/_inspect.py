@@ -105,9 +105,21 @@ class LeaseView:
         """Not released and not past its expiry."""
         return self.released_ms == 0 and self.expires_ms > now_ms
 
+    @property
+    def ends_at_max_duration(self) -> bool:
+        """Its expiry lies past its max deadline: renewal stops at that deadline,
+        so it ends by its class's ``max_duration`` (the scripts count it as
+        released with outcome ``max_duration``, not as expired)."""
+        return 0 < self.max_deadline_ms < self.expires_ms
+
     def overdue(self, now_ms: int) -> bool:
-        """Past its expiry but not reaped yet: its holder stopped renewing it."""
-        return self.released_ms == 0 and 0 < self.expires_ms <= now_ms
+        """Past its expiry but not reaped yet, and not ended by its max duration:
+        its holder stopped renewing it."""
+        return (
+            self.released_ms == 0
+            and 0 < self.expires_ms <= now_ms
+            and not self.ends_at_max_duration
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,8 +368,10 @@ class ClassView:
     ``cap`` is the effective pool-wide cap (policy lowered by a runtime cap;
     ``None`` for none). ``tokens`` is the bucket's level now (``None`` without
     a rate). ``released`` counts ended leases by outcome (``ok``, ``error``,
-    ``oom``, ``dropped``, ``expired_by_operator``); ``expired`` those whose
-    holder stopped renewing them. ``admitted`` is every GPU lease ever
+    ``oom``, ``dropped``, ``expired_by_operator``, and ``max_duration`` for
+    those the class's max duration ended); ``expired`` those whose holder
+    stopped renewing them. ``overdue`` counts leases past their expiry whose
+    holder stopped renewing them, not yet reaped. ``admitted`` is every GPU lease ever
     granted: live + released + expired. ``recent`` counts the admission
     script's answers of the last minutes (admissions on the CPU included).
     """
@@ -925,7 +939,10 @@ def _workers(
         if lease.released_ms or not lease.expires_ms:
             continue
         e = entry(lease.owner)
-        e["overdue" if lease.overdue(now_ms) else "leases"] += 1
+        if lease.overdue(now_ms):
+            e["overdue"] += 1
+        elif lease.live(now_ms):
+            e["leases"] += 1
         renewed = max(lease.start_ms, lease.expires_ms - ttl_ms)
         e["last"] = max(e["last"], renewed)
     for w in waiters:
