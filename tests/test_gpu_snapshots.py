@@ -44,10 +44,15 @@ class Host:
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.gates: list[Gate] = []
 
-    def gate(self, name: str, devices: int = 1) -> tuple[Gate, SimulatedSampler]:
+    def gate(
+        self, name: str, devices: int = 1, lost: Sequence[int] = ()
+    ) -> tuple[Gate, SimulatedSampler]:
         """A registered gate seeing ``devices`` GPUs ``SIM-<name>-<i>``, whose
-        heartbeats come only from the test (``beat_now``)."""
+        heartbeats come only from the test (``beat_now``); those of ``lost``
+        are lost before it starts."""
         sim = SimulatedSampler(["80GiB"] * devices, name=name)
+        for i in lost:
+            sim.lose(i)
         g = Gate(self.url, pool=self.pool, policy=POLICY, sampler=sim, _clock_ms=self.clock)
         if g._heartbeat is not None:
             g._heartbeat.stop()
@@ -68,14 +73,18 @@ class Host:
     def device(self, uuid: str) -> DeviceView:
         return next(d for d in self.view().devices if d.uuid == uuid)
 
-    def gpus_metric(self) -> float | None:
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One series of the pool exporter, scraped now."""
         registry = CollectorRegistry()
         client = redis.Redis.from_url(self.url)
         try:
             registry.register(PoolCollector(client, self.pool, now_ms=self.clock))
-            return registry.get_sample_value("gpugate_gpus", {"pool": self.pool})
+            return registry.get_sample_value(name, {"pool": self.pool, **labels})
         finally:
             client.close()
+
+    def gpus_metric(self) -> float | None:
+        return self.metric("gpugate_gpus")
 
     def close(self) -> None:
         for g in self.gates:
@@ -134,6 +143,35 @@ class TestGatesOfOneHost:
         assert device.sample_age_s(host.clock.ms) < 5
         assert device.reserved == 0
         assert device.host == hostname()
+
+
+class TestALostGpuInTheMetrics:
+    """A lost (quarantined) GPU is exported as such, whether it ever sent a sample or not."""
+
+    def test_a_gpu_lost_before_its_worker_started_is_exported_quarantined(self, host: Host) -> None:
+        # given a worker started on a host whose second GPU is lost already
+        gate, _ = host.gate("a", devices=2, lost=[1])
+        # when it admits on the other one and beats
+        held = gate.try_admit("batch", vram="10GiB")
+        assert held.device_uuid == "SIM-a-0"
+        gate.beat_now()
+        # then status and the exporter both say the lost one is quarantined
+        view = host.view()
+        lost = next(d for d in view.devices if d.uuid == "SIM-a-1")
+        assert lost.sample_ms == 0  # it never sent a sample
+        assert lost.quarantined is True
+        assert "lost (quarantined)" in assess(view).line
+        assert host.metric("gpugate_gpu_quarantined", device="SIM-a-1") == 1
+        assert host.metric("gpugate_gpu_leases", device="SIM-a-1") == 0
+        assert host.metric("gpugate_gpu_memory_reserved_bytes", device="SIM-a-1") == 0
+        # its memory is unknown, not zero
+        assert host.metric("gpugate_gpu_memory_used_bytes", device="SIM-a-1") is None
+        assert host.metric("gpugate_gpu_memory_total_bytes", device="SIM-a-1") is None
+        assert host.metric("gpugate_gpu_sample_age_seconds", device="SIM-a-1") is None
+        assert host.metric("gpugate_gpu_quarantined", device="SIM-a-0") == 0
+        assert host.metric("gpugate_gpu_leases", device="SIM-a-0") == 1
+        assert host.metric("gpugate_pool_health") == 1
+        assert host.gpus_metric() == 1
 
 
 class TestEntriesLeaveWithTheirGate:

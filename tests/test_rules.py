@@ -105,6 +105,7 @@ class TestRulesFile:
         assert names >= {
             "GpugateGPUUnavailable",
             "GpugateHighGPUMemory",
+            "GpugateGPULost",  # one GPU of several lost: the pool runs on, DEGRADED
             "GpugateGPUFragmentation",
             "GpugateHighDeferRate",
             "GpugateRejecting",

@@ -248,28 +248,32 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
     )
     g_quar = GaugeMetricFamily(
         "gpugate_gpu_quarantined",
-        "1 if the device is quarantined (absent while not measured).",
+        "1 if the device is quarantined (lost: nothing is admitted there), else 0; "
+        "absent while no gate's heartbeat has reported on it.",
         labels=dev_labels,
     )
     for d in view.devices:
+        labels = [p, d.uuid]
+        # The pool's own records and its hosts' reports hold for every device it
+        # knows, sampled or not: a GPU lost before its worker started (the usual
+        # case after a pod restart) never sent a sample, and is quarantined.
+        g_reserved.add_metric(labels, d.reserved)
+        g_leases.add_metric(labels, d.leases)
+        if d.quarantined is not None:
+            g_quar.add_metric(labels, int(d.quarantined))
         if not d.sample_ms:
             continue
-        labels = [p, d.uuid]
         g_total.add_metric(labels, d.total)
         g_used.add_metric(labels, d.used)
         g_free.add_metric(labels, d.free)
-        g_reserved.add_metric(labels, d.reserved)
         g_unmanaged.add_metric(labels, d.unmanaged)
         g_avail.add_metric(labels, d.available)
         g_age.add_metric(labels, d.sample_age_s(now))
-        g_leases.add_metric(labels, d.leases)
         if d.utilization is not None:
             g_util.add_metric(labels, d.utilization)
         if d.fragmentation is not None:
             g_frag.add_metric(labels, d.fragmentation)
         g_idle.add_metric(labels, d.idle_workers)
-        if d.quarantined is not None:
-            g_quar.add_metric(labels, int(d.quarantined))
     yield from (g_total, g_used, g_free, g_reserved, g_unmanaged, g_avail, g_age, g_leases)
     yield from (g_util, g_frag, g_idle, g_quar)
 
