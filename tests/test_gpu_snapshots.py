@@ -27,6 +27,7 @@ from gpugate.state._keys import PoolKeys
 from gpugate.state._server import RedisProcess
 from gpugate.state._verdict import assess
 
+GiB = 1 << 30
 TTL_S = 30
 POLICY = Policy.from_dict(
     {"pool": {"lease_ttl": f"{TTL_S}s"}, "classes": {"batch": {"priority": 10}}}
@@ -172,6 +173,115 @@ class TestALostGpuInTheMetrics:
         assert host.metric("gpugate_gpu_leases", device="SIM-a-0") == 1
         assert host.metric("gpugate_pool_health") == 1
         assert host.gpus_metric() == 1
+
+
+class TestDevicesThatStoppedReporting:
+    """A host that died leaves its devices' last samples behind: they stop
+    counting as current once the devices stopped reporting (2 minutes, or a
+    lease TTL), and the living gates' heartbeats remove them 10 TTLs on."""
+
+    def test_a_dead_hosts_last_memory_figures_are_neither_exported_nor_judged(
+        self, host: Host
+    ) -> None:
+        # given a host at 97.5 % memory that admitted once, and a living host
+        dead, sim = host.gate("dead")
+        live, _ = host.gate("live")
+        sim.set_used(0, "78GiB")
+        held = dead.try_admit("batch", vram="1GiB")
+        assert held.admitted
+        dead.beat_now()
+        assert host.metric("gpugate_gpu_memory_used_bytes", device="SIM-dead-0") == 78 * GiB
+        assert "SIM-dead-0 memory 97% used" in assess(host.view()).line
+        # when its worker is killed (it never beats again) and 2 minutes pass
+        host.clock.advance(121)
+        live.beat_now()
+        # then its last figures are not current: the exporter and the verdict leave them
+        view = host.view()
+        assert {d.uuid for d in view.reporting_devices()} == {"SIM-live-0"}
+        assert assess(view).line == "OK"
+        for name in (
+            "gpugate_gpu_memory_used_bytes",
+            "gpugate_gpu_memory_total_bytes",
+            "gpugate_gpu_memory_free_bytes",
+            "gpugate_gpu_memory_unmanaged_bytes",
+            "gpugate_gpu_memory_available_bytes",
+        ):
+            assert host.metric(name, device="SIM-dead-0") is None, name
+            assert host.metric(name, device="SIM-live-0") is not None, name
+        # its age says how long it has been silent; its lease expired and was reaped
+        assert (host.metric("gpugate_gpu_sample_age_seconds", device="SIM-dead-0") or 0) >= 121
+        assert host.metric("gpugate_gpu_leases", device="SIM-dead-0") == 0
+        assert host.gpus_metric() == 1
+
+    def test_a_dead_hosts_samples_go_ten_ttls_on_and_its_device_with_them(self, host: Host) -> None:
+        # given two hosts that admitted once each, one of which dies
+        dead, _ = host.gate("dead")
+        live, _ = host.gate("live")
+        for gate in (dead, live):
+            held = gate.try_admit("batch", vram="1GiB")
+            assert held.lease is not None
+            held.lease.release()
+        live.beat_now()
+        # when 200 s pass, the living host beating (and deciding nothing)
+        for _ in range(20):
+            host.clock.advance(10)
+            live.beat_now()
+        # then the dead host's sample is still there: status shows how old it is
+        assert set(host.redis.hkeys(host.keys.samples)) == {"SIM-dead-0", "SIM-live-0"}
+        age = host.metric("gpugate_gpu_sample_age_seconds", device="SIM-dead-0")
+        assert age == pytest.approx(200, abs=1)
+        # when 10 TTLs have passed since
+        for _ in range(11):
+            host.clock.advance(10)
+            live.beat_now()
+        # then both samples are gone; the dead device leaves the pool, the idle
+        # living one stays, fresh by its host's snapshot
+        assert host.redis.hkeys(host.keys.samples) == []
+        view = host.view()
+        assert [d.uuid for d in view.devices] == ["SIM-live-0"]
+        assert [d.uuid for d in view.reporting_devices()] == ["SIM-live-0"]
+        assert host.metric("gpugate_gpu_sample_age_seconds", device="SIM-dead-0") is None
+        assert host.metric("gpugate_gpu_leases", device="SIM-dead-0") is None
+        assert host.metric("gpugate_gpu_memory_total_bytes", device="SIM-live-0") == 80 * GiB
+        # and a decision on the living one stores its sample again
+        assert live.try_admit("batch", vram="1GiB").admitted
+        assert host.redis.hkeys(host.keys.samples) == ["SIM-live-0"]
+
+    def test_lost_gpus_whose_samples_went_leave_a_verdict_without_an_age(self, host: Host) -> None:
+        # given a host whose only GPU is lost after one decision, its gate beating on
+        gate, sim = host.gate("a")
+        held = gate.try_admit("batch", vram="1GiB")
+        assert held.lease is not None
+        held.lease.release()
+        sim.lose(0)
+        # when 10 TTLs pass: its last sample goes, the device stays known as lost
+        for _ in range(31):
+            host.clock.advance(10)
+            gate.beat_now()
+        assert host.redis.hkeys(host.keys.samples) == []
+        (device,) = host.view().devices
+        assert device.quarantined is True
+        assert device.sample_ms == 0
+        # then the verdict says no GPU reports, not since the epoch
+        assert assess(host.view()).reasons == (
+            "no GPU has reported lately "
+            "(no decision's sample, no host heartbeat: are the GPU hosts' workers running?)",
+            "GPU SIM-a-0 lost (quarantined): nothing is admitted there",
+        )
+        assert host.metric("gpugate_gpu_quarantined", device="SIM-a-0") == 1
+        assert host.metric("gpugate_gpu_sample_age_seconds", device="SIM-a-0") is None
+
+    def test_samples_are_looked_over_once_per_ttl_pool_wide(self, host: Host) -> None:
+        gate, _ = host.gate("a")
+        gate.beat_now()
+        gone = f"{80 << 30} 0 {host.clock.ms - 400_000}"
+        host.redis.hset(host.keys.samples, mapping={"GPU-gone": gone, "GPU-garbled": "x"})
+        host.clock.advance(TTL_S - 1)
+        gate.beat_now()
+        assert set(host.redis.hkeys(host.keys.samples)) == {"GPU-gone", "GPU-garbled"}
+        host.clock.advance(1)
+        gate.beat_now()
+        assert host.redis.hkeys(host.keys.samples) == []
 
 
 class TestEntriesLeaveWithTheirGate:

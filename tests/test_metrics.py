@@ -329,6 +329,14 @@ class TestPoolCollector:
         registry = scrape()
         assert registry.get_sample_value("gpugate_gpus", {"pool": pool_name}) == 0
         assert registry.get_sample_value("gpugate_pool_health", {"pool": pool_name}) == 2
+        # Their last figures are not exported as current memory; their age is.
+        for dev in gate.sampler.sample().devices:
+            labels = {"pool": pool_name, "device": dev.uuid}
+            assert registry.get_sample_value("gpugate_gpu_memory_used_bytes", labels) is None
+            assert registry.get_sample_value("gpugate_gpu_memory_total_bytes", labels) is None
+            age = registry.get_sample_value("gpugate_gpu_sample_age_seconds", labels)
+            assert age is not None
+            assert age >= 300
         verdict = assess(read_pool(client, pool_name))
         assert verdict.line.startswith("CRITICAL: no GPU has reported for 5m"), verdict.line
         client.close()

@@ -202,6 +202,7 @@ class LeaseKeeping(WorkerRecord):
             self._keys.workerinfo,
             self._keys.idle_memory,
             self._keys.idle_seen,
+            self._keys.samples,
         ]
         try:
             try:

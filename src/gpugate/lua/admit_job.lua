@@ -26,10 +26,12 @@
 --                      d::<uuid> (live leases per device), seq (the last lease id),
 --                      next_exp (a lower bound of the earliest lease expiry),
 --                      m:<uuid> (memory sums of the device's leases;
---                      idle includes idle workers' excess)
+--                      idle includes idle workers' excess), swept (when a
+--                      heartbeat last removed stale samples)
 --   P exp        zset  "<uuid>\t<id>" -> expiry ms, live leases only
 --   P waiters    hash  waiter id -> waiter record
---   P samples    hash  uuid -> sample record (the freshest one seen)
+--   P samples    hash  uuid -> sample record (the freshest one seen; the
+--                      heartbeats remove those 10 TTLs old: renew_leases.lua)
 --   P buckets    hash  class -> "tokens updated_ms"
 --   P dev:<uuid> hash  lease id -> lease record (live leases and ghosts)
 --   P dec:<minute> hash "<class> <outcome> <reason>" -> answers in that

@@ -1,6 +1,6 @@
 -- renew_leases.lua: extend the leases one process holds, in one call.
 --
--- KEYS = [state, exp, waiters, workers, workerinfo, idlemem, idleseen]
+-- KEYS = [state, exp, waiters, workers, workerinfo, idlemem, idleseen, samples]
 --   (and P gpus, built from the prefix)
 -- ARGV = [prefix, clock_ms, owner, info, host, gpus, excess, n,
 --         (uuid, id, actual, actual_age_ms, idle) * n]
@@ -19,6 +19,15 @@
 --   readers merge the entries per device. host: the host's name, under which
 --   the previous version kept one entry per host; a beat removes that entry
 --   once it is 10 TTLs old (no gate of that version beats there any more).
+--   samples: the devices' freshest samples, written by admit_job. A beat,
+--   registered or not, removes those taken 10 TTLs ago or earlier (and never
+--   within 2 minutes, the window after which status and metrics count a
+--   device as stopped reporting: state/_inspect.py REPORT_WINDOW_S): a host
+--   that died, or a GPU taken out, would leave its last figures there for
+--   good. A device still seen is not lost with its entry: its host's gpus
+--   snapshot, or its next decision's own sample, stands in. The hash holds
+--   one entry per device and every worker beats every TTL/3, so it is read
+--   at most once per TTL pool-wide: state field swept = the last time.
 --   excess: the worker's idle excess, "<uuid> <bytes> <uuid> <bytes> ..."
 --   (what NVML shows for its pid on each device above its warm baseline
 --   while it holds no lease); "" none; "-" leaves it as it was. Ignored
@@ -50,6 +59,7 @@ local workers_key = KEYS[4]
 local workerinfo_key = KEYS[5]
 local idlemem_key = KEYS[6]
 local idleseen_key = KEYS[7]
+local samples_key = KEYS[8]
 
 local prefix = ARGV[1]
 local clock_ms = tonumber(ARGV[2])
@@ -61,7 +71,7 @@ local excess = ARGV[7]
 local n = tonumber(ARGV[8])
 local gpus_key = prefix .. 'gpus'
 
-local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion')
+local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion', 'swept')
 -- Every key built here (not in KEYS) is read before the first write: on Redis
 -- Cluster, while the pool's slot migrates, one may be on the other node
 -- already, and the script must fail before it writes (Redis does not undo
@@ -183,6 +193,18 @@ end
 -- An idle worker silent for one TTL (dead, or cut off) no longer counts.
 local stale = redis.call('ZRANGEBYSCORE', idleseen_key, '-inf', now - ttl, 'LIMIT', 0, 16)
 for i = 1, #stale do drop_excess(stale[i]) end
+
+-- Samples nobody has refreshed for 10 TTLs (see samples above).
+if now - (tonumber(st[5]) or 0) >= ttl then
+  local oldest = now - math.max(10 * ttl, 120000)
+  local rows = redis.call('HGETALL', samples_key)
+  for i = 1, #rows, 2 do
+    -- An entry that cannot be read goes too: no decision could use it.
+    local taken = tonumber(string.match(rows[i + 1], '^%d+ %d+ (%d+)'))
+    if taken == nil or taken <= oldest then redis.call('HDEL', samples_key, rows[i]) end
+  end
+  redis.call('HSET', state_key, 'swept', now)
+end
 
 local out = {now, st[4] or ''}
 for i = 0, n - 1 do

@@ -196,16 +196,18 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
 
     dev_labels = ["pool", "device"]
     g_total = GaugeMetricFamily(
-        "gpugate_gpu_memory_total_bytes", "Device memory, as last sampled.", labels=dev_labels
+        "gpugate_gpu_memory_total_bytes",
+        "Device memory, as last sampled, while the device reports (as gpugate_gpus counts).",
+        labels=dev_labels,
     )
     g_used = GaugeMetricFamily(
         "gpugate_gpu_memory_used_bytes",
-        "Device memory in use (NVML), as last sampled.",
+        "Device memory in use (NVML), as last sampled, while the device reports.",
         labels=dev_labels,
     )
     g_free = GaugeMetricFamily(
         "gpugate_gpu_memory_free_bytes",
-        "Device memory not in use (total - used), as last sampled.",
+        "Device memory not in use (total - used), as last sampled, while the device reports.",
         labels=dev_labels,
     )
     g_reserved = GaugeMetricFamily(
@@ -225,7 +227,7 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
     )
     g_age = GaugeMetricFamily(
         "gpugate_gpu_sample_age_seconds",
-        "Age of the device's freshest memory sample in the pool.",
+        "Age of the device's freshest memory sample in the pool (also once it stopped reporting).",
         labels=dev_labels,
     )
     g_leases = GaugeMetricFamily(
@@ -252,6 +254,12 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
         "absent while no gate's heartbeat has reported on it.",
         labels=dev_labels,
     )
+    # A device's measured figures are exported while it reports, as
+    # gpugate_gpus counts it: a host that died leaves its last sample behind
+    # (97 % used, say), which must not read as current to GpugateHighGPUMemory
+    # and the dashboard. The sample stays until the heartbeat of a living gate
+    # removes it, 10 lease TTLs on (renew_leases.lua), or for good with none.
+    reporting = {d.uuid for d in view.reporting_devices()}
     for d in view.devices:
         labels = [p, d.uuid]
         # The pool's own records and its hosts' reports hold for every device it
@@ -261,14 +269,15 @@ def _families(view: PoolView, verdict: Verdict) -> Iterator[Metric]:
         g_leases.add_metric(labels, d.leases)
         if d.quarantined is not None:
             g_quar.add_metric(labels, int(d.quarantined))
-        if not d.sample_ms:
+        if d.sample_ms:
+            g_age.add_metric(labels, d.sample_age_s(now))
+        if d.uuid not in reporting:
             continue
         g_total.add_metric(labels, d.total)
         g_used.add_metric(labels, d.used)
         g_free.add_metric(labels, d.free)
         g_unmanaged.add_metric(labels, d.unmanaged)
         g_avail.add_metric(labels, d.available)
-        g_age.add_metric(labels, d.sample_age_s(now))
         if d.utilization is not None:
             g_util.add_metric(labels, d.utilization)
         if d.fragmentation is not None:

@@ -63,7 +63,9 @@ DECISION_MINUTES = 16
 # through its host's heartbeat (every lease TTL/3, even while idle). One
 # silent for this long, or for a lease TTL when that is longer, counts as gone
 # (its host down, or no worker running there): with none left the verdict is
-# CRITICAL and gpugate_gpus reads 0.
+# CRITICAL and gpugate_gpus reads 0; its memory figures are no longer exported
+# nor judged by the verdict. The heartbeats (renew_leases.lua) remove its
+# sample 10 lease TTLs on, never within this window.
 REPORT_WINDOW_S = 120.0
 RECENT_WINDOWS = (1, 5, 15)
 OUTCOMES = ("admit", "defer", "reject")
@@ -527,11 +529,14 @@ def read_pool(
             stored_ms = int(stored[2]) if len(stored) >= 3 and stored[2].isdigit() else -1
             if "total" in seen and seen["taken_ms"] > stored_ms:
                 samples[uuid] = f"{seen['total']} {seen['used']} {seen['taken_ms']}"
+        # A device's live-lease count (d::<uuid>) stays in the state at 0 once
+        # its last lease ends: it names a device only above 0, or one whose
+        # sample and snapshots are gone (renew_leases.lua) would stay listed.
         uuids = sorted(
             set(samples)
             | set(hosts)
             | {m.split("\t", 1)[0] for m in exp}
-            | {f[3:] for f in state if f.startswith("d::")}
+            | {f[3:] for f, v in state.items() if f.startswith("d::") and _int(v) > 0}
         )
         clock = _int(state.get("clock"))
         if now_ms is None:

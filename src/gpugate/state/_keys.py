@@ -18,12 +18,15 @@ key                 type     meaning
                              ``d::<uuid>``), per-device memory sums
                              (``m:<uuid>``; its idle field is the device's
                              fragmentation), lease sequence ``seq``, script
-                             clock ``clock``, outcome counters
+                             clock ``clock``, outcome counters, ``swept``
+                             (the last look for stale samples)
 ``P exp``           zset     live leases ``<uuid>\\t<id>`` scored by expiry (ms)
 ``P waiters``       hash     waiter id -> waiter record (class, priority,
                              since, vram, device, what it waits for, expiry)
 ``P samples``       hash     device uuid -> ``total used taken_ms`` (the
-                             freshest sample any host sent)
+                             freshest sample a decision sent); heartbeats
+                             remove samples 10 TTLs old (at least 2 minutes),
+                             once per TTL (``swept`` in ``P state``)
 ``P buckets``       hash     class -> ``tokens updated_ms`` (token buckets)
 ``P dev:<uuid>``    hash     lease id -> lease record on that device (live
                              leases and ghosts)

@@ -58,7 +58,8 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     a class with requests waiting has been deferred without a single
     admission for 5 min or more (the highest class) or 10 min or more (the
     others) by the per-minute decision counts, a device is quarantined (lost)
-    or its memory is 95 % used, a class is paused, or requests wait for a
+    or its memory is 95 % used (while it reports: not by the last sample of a
+    device that stopped reporting), a class is paused, or requests wait for a
     fresh sample. UNKNOWN for
     a pool without a policy (nothing used it yet).
 
@@ -79,19 +80,22 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     degraded: list[str] = []
     notes: list[str] = []
     no_gpu = [w for w in view.waiters if w.reason == "no_gpu"]
+    # A device known without a sample (lost before it sent one, or its sample
+    # removed by the heartbeats) has no age.
+    ages = [d.sample_age_s(now) for d in view.devices if d.sample_ms]
     if not view.devices:
         critical.append("no GPU visible (no device has sent a sample to this pool)")
     elif not view.reporting_devices():
-        newest = min(d.sample_age_s(now) for d in view.devices)
+        since = f"for {format_duration(round(min(ages)))}" if ages else "lately"
         critical.append(
-            f"no GPU has reported for {format_duration(round(newest))} "
+            f"no GPU has reported {since} "
             "(no decision's sample, no host heartbeat: are the GPU hosts' workers running?)"
         )
     elif no_gpu:
         critical.append(f"no GPU visible to {len(no_gpu)} waiting request(s)")
     stale = [w for w in view.waiters if w.reason == "stale_sample"]
     if stale:
-        oldest = max(d.sample_age_s(now) for d in view.devices) if view.devices else 0.0
+        oldest = max(ages, default=0.0)
         degraded.append(f"no fresh GPU sample (newest is {format_duration(round(oldest))} old)")
     top = view.policy.highest_classes
     for name, c in view.classes.items():
@@ -109,12 +113,15 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
                 degraded.append(
                     f"{name} admitted none in {window.minutes}m ({window.deferred} deferred: {why})"
                 )
+    # Memory figures count only while their device reports: the last sample of
+    # a host that died is not its memory now.
+    reporting = {d.uuid for d in view.reporting_devices()}
     for d in view.devices:
         if d.quarantined:
             degraded.append(
                 f"GPU {_short_uuid(d.uuid)} lost (quarantined): nothing is admitted there"
             )
-        elif d.total and d.used / d.total >= MEMORY_HIGH_RATIO:
+        elif d.uuid in reporting and d.total and d.used / d.total >= MEMORY_HIGH_RATIO:
             degraded.append(f"GPU {_short_uuid(d.uuid)} memory {d.used * 100 // d.total}% used")
     bounds = {
         name: c.max_fragmentation
@@ -124,6 +131,8 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
     if bounds:
         strictest = min(bounds.values())
         for d in view.devices:
+            if d.uuid not in reporting:
+                continue
             if d.fragmentation is not None and d.fragmentation > strictest:
                 kept_off = ", ".join(sorted(n for n, b in bounds.items() if d.fragmentation > b))
                 idle = ""
