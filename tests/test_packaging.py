@@ -116,6 +116,7 @@ class TestImplementationChoice:
             "pack_samples",
             "precheck_fits",
             "process_entry_bytes",
+            "text_args",
         }
         assert set(_speedups.__all__) == {"IMPLEMENTATION", *_fastpath_py.__all__}
         if _compiled is not None:
@@ -174,6 +175,16 @@ class TestPackSamples:
     def test_sequences_of_different_lengths_are_refused(self, fastpath: ModuleType) -> None:
         with pytest.raises(ValueError, match="2 uuids, 2 totals, 1 useds, 2 ages_ms"):
             fastpath.pack_samples(["a", "b"], [1, 2], [1], [1, 2])
+
+
+class TestTextArgs:
+    """text_args writes ints and floats as redis-py does, and leaves the rest."""
+
+    def test_numbers_become_text_and_the_rest_stays(self, fastpath: ModuleType) -> None:
+        command = ("EVALSHA", b"\xff", 3, -7, 1 << 70, 0.1, 1e20, True, "é")
+        assert fastpath.text_args(command) == (
+            "EVALSHA", b"\xff", "3", "-7", str(1 << 70), "0.1", "1e+20", True, "é",
+        )  # fmt: skip
 
 
 _ints = st.one_of(st.integers(min_value=0, max_value=1 << 45), st.integers())

@@ -383,7 +383,7 @@ def test_a_connection_that_cannot_be_made_is_tried_as_often_as_the_clients_path_
 _PACK_UNTIL_INTERRUPTED = r"""
 import signal, sys
 import hiredis
-from gpugate.state._scripts import _as_text
+from gpugate._speedups import text_args as _as_text
 signal.signal(signal.SIGINT, signal.default_int_handler)
 command = ("EVALSHA", "a" * 40, 3, "gpugate:{x}:state", "k", 0, "batch", 1073741824,
            "w", "o", "", 1, "SIM-sim-0", 85899345920, 0, 1.5, 0)

@@ -16,7 +16,7 @@ from libc.string cimport memcpy, memset, strlen
 from posix.types cimport pid_t
 from posix.unistd cimport getpid
 
-__all__ = ["NvmlLibrary", "pack_samples", "precheck_fits", "process_entry_bytes"]
+__all__ = ["NvmlLibrary", "pack_samples", "precheck_fits", "process_entry_bytes", "text_args"]
 
 
 cdef inline list _as_list(object values):
@@ -111,6 +111,24 @@ def pack_samples(uuids, totals, useds, ages_ms):
         out[j + 2] = _int_str(us[i])
         out[j + 3] = _int_str(a[i])
     return out
+
+
+def text_args(tuple command):
+    """``command`` with its ints and floats as text, as redis-py writes them
+    (``repr``); everything else, bools included, as it is."""
+    cdef Py_ssize_t n = len(command)
+    cdef Py_ssize_t i
+    cdef object value
+    cdef list out = [None] * n
+    for i in range(n):
+        value = command[i]
+        if type(value) is int:
+            out[i] = _int_str(value)
+        elif type(value) is float:
+            out[i] = repr(value)
+        else:
+            out[i] = value
+    return tuple(out)
 
 
 # -- NVML ----------------------------------------------------------------------

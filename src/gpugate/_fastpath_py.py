@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["NvmlLibrary", "pack_samples", "precheck_fits", "process_entry_bytes"]
+__all__ = ["NvmlLibrary", "pack_samples", "precheck_fits", "process_entry_bytes", "text_args"]
 
 
 def precheck_fits(free_bytes: Iterable[int], vram: int, margin: int) -> bool:
@@ -52,6 +52,12 @@ def pack_samples(
     out[2::4] = [str(v) for v in useds]
     out[3::4] = [str(v) for v in ages_ms]
     return out
+
+
+def text_args(command: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``command`` with its ints and floats as text, as redis-py writes them
+    (``repr``); everything else, bools included, as it is."""
+    return tuple(repr(a) if a.__class__ is int or a.__class__ is float else a for a in command)
 
 
 # -- NVML ----------------------------------------------------------------------

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 
 from . import _fastpath_py
 
-__all__ = ["IMPLEMENTATION", "NvmlLibrary", "pack_samples", "precheck_fits", "process_entry_bytes"]
+__all__ = [
+    "IMPLEMENTATION",
+    "NvmlLibrary",
+    "pack_samples",
+    "precheck_fits",
+    "process_entry_bytes",
+    "text_args",
+]
 
 NO_EXTENSIONS_ENV = "GPUGATE_NO_EXTENSIONS"
 REQUIRE_EXTENSIONS_ENV = "GPUGATE_REQUIRE_EXTENSIONS"
@@ -54,9 +61,16 @@ def _choose() -> tuple[ModuleType, str]:
 _impl, IMPLEMENTATION = _choose()
 
 if TYPE_CHECKING:
-    from ._fastpath_py import NvmlLibrary, pack_samples, precheck_fits, process_entry_bytes
+    from ._fastpath_py import (
+        NvmlLibrary,
+        pack_samples,
+        precheck_fits,
+        process_entry_bytes,
+        text_args,
+    )
 else:
     NvmlLibrary = _impl.NvmlLibrary
     pack_samples = _impl.pack_samples
     precheck_fits = _impl.precheck_fits
+    text_args = _impl.text_args
     process_entry_bytes = _impl.process_entry_bytes

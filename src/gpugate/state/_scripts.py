@@ -53,6 +53,7 @@ from redis.exceptions import InvalidResponse, NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import _process
+from .._speedups import text_args
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -174,7 +175,11 @@ class _Lane:
             if self._pack is not None:
                 # try/except, not contextlib.suppress: no context manager per call.
                 try:  # noqa: SIM105
-                    packed = self._pack(_as_text(command))
+                    # Numbers as text: hiredis-py 3.5's pack_command crashes
+                    # the interpreter (SIGSEGV) now and then when a signal
+                    # interrupts it turning them into text itself (14 of 40
+                    # SIGINTs in a packing loop; none of 40 with text only).
+                    packed = self._pack(text_args(command))
                 except TypeError:
                     pass  # an argument hiredis does not take: redis-py's packer says why
             sock = conn._sock
@@ -275,17 +280,6 @@ class _Lane:
             if conn is not None and self._pid == _process.pid:
                 self._untune()
                 self._pool.release(conn)
-
-
-def _as_text(command: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``command`` with its numbers as text, as redis-py encodes them (``repr``).
-
-    hiredis-py 3.5's ``pack_command`` turns numbers into text itself, and a
-    signal that interrupts it there (Ctrl-C, a SIGTERM handler that raises)
-    crashes the interpreter now and then: 14 of 40 SIGINTs in a packing loop
-    with numbers ended in SIGSEGV, none of 40 with text only.
-    """
-    return tuple(repr(a) if a.__class__ is int or a.__class__ is float else a for a in command)
 
 
 def _new_reader(parse_error: Callable[[str], Exception]) -> Any:
