@@ -715,6 +715,21 @@ class TestPriority:
         assert gate.try_admit("batch", vram="40GiB").device_uuid == "SIM-sim-1"
         assert gate.try_admit("interactive", vram="30GiB").device_uuid == "SIM-sim-1"
 
+    def test_another_hosts_waiter_does_not_hold_back_this_hosts_devices(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # An interactive request waits on host A's full GPU; host B's GPU is
+        # idle. A cannot use B's GPU: B's batch must not wait for it.
+        clock = FakeClock()
+        host_a = make_gate(policy(), _Renamed(SimulatedSampler(["80GiB"]), "A"), _clock_ms=clock)
+        host_b = make_gate(policy(), _Renamed(SimulatedSampler(["80GiB"]), "B"), _clock_ms=clock)
+        full = host_a.try_admit("batch", vram="70GiB")
+        assert full.lease is not None
+        assert host_a.try_admit("interactive", vram="30GiB").reason == "vram"
+        d = host_b.try_admit("batch", vram="60GiB")
+        assert d.outcome is Outcome.ADMIT
+        assert d.device_uuid == "B-SIM-sim-0"
+
     def test_a_poller_that_comes_back_when_told_keeps_its_place(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -428,7 +428,7 @@ class Model:
                 del self.waiters[wid]
             elif w.w != "-" and w.d != "-":
                 waiting_on.setdefault(w.d, []).append((w.p, w.s))
-                if w.w == "vram":
+                if w.w == "vram" and w.d in self.uuids:  # a waiter of this host
                     wanted.append((w.p + self.aging * (now - w.s), w.v))
         my_eff = row.prio + self.aging * (now - since())
         # A device is held back by the highest of the live waiters for it.

@@ -149,13 +149,17 @@ end
 local cand = {}
 local fresher = {}
 local stored = {}
+local listed_uuids = {}  -- the devices this request listed (its host's), as a set
 -- Devices the caller listed (and insisted on, if it did), fresh or not, and
 -- whether one of them could ever hold the request: capacity does not go
 -- stale, so "never fits" looks at them all.
 local listed, fits_listed = 0, false
 if n_samples > 0 then
   local uuids = {}
-  for i = 0, n_samples - 1 do uuids[i + 1] = ARGV[11 + 4 * i] end
+  for i = 0, n_samples - 1 do
+    uuids[i + 1] = ARGV[11 + 4 * i]
+    listed_uuids[uuids[i + 1]] = true
+  end
   stored = redis.call('HMGET', samples_key, unpack(uuids))
 end
 -- The samples' times, on this clock: see sent_ms above.
@@ -252,9 +256,11 @@ end
 
 -- Devices that a live waiter of higher effective priority waits for (the
 -- one closest to fitting it, or whose slot it waits for). Waiting ages
--- priority, so batch is not starved forever. A waiter for memory also holds
--- back any device where it fits now and would not once this request took
--- its share (see room_taken below).
+-- priority, so batch is not starved forever. A waiter for memory of this
+-- request's host (the device it waits for is one of the listed ones) also
+-- holds back any device where it fits now and would not once this request
+-- took its share (see room_taken below); another host's waiter cannot use
+-- this host's devices.
 local blocked = {}
 local wanted = {}  -- {effective priority, vram} of the waiters for memory
 local waiting = false
@@ -270,7 +276,7 @@ for i = 1, #waiters, 2 do
   elseif w ~= '-' and d ~= '-' then
     local eff = tonumber(p) + aging * (now - tonumber(s))
     if blocked[d] == nil or eff > blocked[d] then blocked[d] = eff end
-    if w == 'vram' then wanted[#wanted + 1] = {eff, tonumber(v)} end
+    if w == 'vram' and listed_uuids[d] then wanted[#wanted + 1] = {eff, tonumber(v)} end
   end
 end
 local my_eff = my_prio + aging * (now - my_since())
