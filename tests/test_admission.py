@@ -2251,6 +2251,23 @@ class TestRedisHangs:
         assert holder.leases_held() == []
         assert read_redis(server, lambda client: client.zcard(PoolKeys(holder.pool).exp)) == 0
 
+    def test_a_policy_that_lowers_the_lease_ttl_does_not_make_holders_give_up_leases(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        # Redis granted 30 s at the last renewal: the holder may not judge that
+        # by the new 1 s TTL (it gave both leases away, and a cap of 2 ran 4).
+        _, make = private
+        holder = make(policy({"lease_ttl": "30s"}, batch={"priority": 10, "max_concurrent": 2}))
+        held = [holder.try_admit("batch", vram="1GiB").lease for _ in range(2)]
+        assert all(lease is not None for lease in held)
+        operator = make(policy({"lease_ttl": "1s"}, batch={"priority": 10, "max_concurrent": 2}))
+        operator.sync_policy(force=True)  # `gpugate policy apply`
+        time.sleep(1.5)  # longer than the new TTL since the leases were confirmed
+        assert holder.try_admit("batch", vram="1GiB").reason == "cap"  # it sees the new policy
+        holder.beat_now()
+        assert [lease.lost for lease in held if lease is not None] == [False, False]
+        assert operator.try_admit("batch", vram="1GiB").reason == "cap"
+
     def test_a_lease_admitted_by_a_decision_whose_reply_was_lost_is_given_back(
         self, private: tuple[RedisProcess, Callable[..., Gate]]
     ) -> None:

@@ -562,6 +562,7 @@ class Gate(LeaseKeeping, Overrides):
                     device=index,
                     device_uuid=d_uuid,
                     expires_ms=int(expires_ms),
+                    ttl_s=(int(expires_ms) - int(reply[9])) / 1000,
                 )
                 self._hold(lease)
             if precheck:

@@ -230,11 +230,13 @@ class LeaseKeeping(WorkerRecord):
             self._follow_pool_policy(reply[1])
         if self._maybe_orphans:
             self._give_back_orphans()
+        redis_now = int(reply[0])
         for i, lease in enumerate(leases):
             status, expires = int(reply[2 + 2 * i]), int(reply[3 + 2 * i])
             if status == 1:
                 lease.expires_ms = expires
                 lease._renewed_mono = beat_started
+                lease._ttl_s = (expires - redis_now) / 1000
             elif status == 2:
                 lease.expires_ms = expires
                 lease._renewed_mono = beat_started
@@ -283,8 +285,9 @@ class LeaseKeeping(WorkerRecord):
         leases = self._leases.live()
         if not leases:
             return float("inf")
-        oldest = min(lease._renewed_mono for lease in leases)
-        return oldest + self.effective_policy.pool.lease_ttl_s - time.monotonic()
+        ttl = self.effective_policy.pool.lease_ttl_s
+        first = min(lease._renewed_mono + _granted_s(lease, ttl) for lease in leases)
+        return first - time.monotonic()
 
     def _give_up_unrenewed(self, leases: list[Lease]) -> None:
         """Tell the holders of leases Redis has not confirmed for a whole TTL
@@ -294,7 +297,9 @@ class LeaseKeeping(WorkerRecord):
         ttl = self.effective_policy.pool.lease_ttl_s
         now = time.monotonic()
         for lease in leases:
-            if now - lease._renewed_mono > ttl and lease._mark_lost("unrenewed", later=self._told):
+            if now - lease._renewed_mono > _granted_s(lease, ttl) and lease._mark_lost(
+                "unrenewed", later=self._told
+            ):
                 self._leases.discard(lease)
                 self._leases.send_later(
                     Unsent(lease.device_uuid, lease.id, lease.cls, "dropped", False)
@@ -306,3 +311,9 @@ class LeaseKeeping(WorkerRecord):
         """Renew every held lease now, in this thread (tests, shutdown paths)."""
         self._check_usable()
         self._beat()
+
+
+def _granted_s(lease: Lease, pool_ttl_s: float) -> float:
+    """How long Redis confirmed ``lease`` for at its last confirmation: what it
+    granted then, not the pool's TTL now (a policy may have lowered it since)."""
+    return pool_ttl_s if lease._ttl_s is None else lease._ttl_s

@@ -48,6 +48,7 @@ class Lease:
         "_on_lost",
         "_on_max",
         "_renewed_mono",
+        "_ttl_s",
         "cls",
         "device",
         "device_uuid",
@@ -72,6 +73,7 @@ class Lease:
         device_uuid: str,
         expires_ms: int,
         local: bool = False,
+        ttl_s: float | None = None,
     ) -> None:
         self._gate = gate
         self.id = id
@@ -89,8 +91,11 @@ class Lease:
         self._actual: tuple[int, int, float] | None = None
         self._on_lost: list[LeaseCallback] = []
         self._on_max: list[LeaseCallback] = []
-        # When Redis last confirmed it (monotonic): admitted, or renewed.
+        # When Redis last confirmed it (monotonic): admitted, or renewed; and
+        # for how long it did (None: the pool's lease TTL as the gate knows it).
+        # A policy that lowers the TTL leaves what Redis granted as it was.
         self._renewed_mono = time.monotonic()
+        self._ttl_s = ttl_s
         # A local lease (Redis unreachable, on_backend_error "open") holds a
         # slot of this process's own cap; releasing or dropping it frees that.
         self._local_done: Any = weakref.finalize(self, gate._local_done, cls) if local else None
