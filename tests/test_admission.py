@@ -2311,6 +2311,27 @@ class TestRedisHangs:
         gate.close()  # as at exit: it gave back its orphan, not one TTL later
         assert other.try_admit("batch", vram="1GiB").admitted
 
+    def test_a_release_cut_short_is_sent_again_when_the_gate_closes(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        _, make = private
+        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        gate, other = make(pol), make(pol)
+        lease = gate.try_admit("batch", vram="1GiB").lease
+        assert lease is not None
+        script = gate._scripts.release_lease
+
+        def interrupted(keys: list[Any], args: list[Any]) -> Any:
+            raise KeyboardInterrupt  # before Redis heard of it
+
+        gate._scripts.release_lease = interrupted  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):
+            lease.release()
+        gate._scripts.release_lease = script  # type: ignore[assignment]
+        assert other.try_admit("batch", vram="1GiB").reason == "cap"  # still held in Redis
+        gate.close()  # as at exit: the release goes now, not one TTL later
+        assert other.try_admit("batch", vram="1GiB").admitted
+
     def test_closing_while_redis_hangs_waits_one_timeout_not_one_per_lease(
         self, private: tuple[RedisProcess, Callable[..., Gate]]
     ) -> None:

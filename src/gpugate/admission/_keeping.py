@@ -93,6 +93,11 @@ class LeaseKeeping(WorkerRecord):
                 "within one TTL",
             )
             return False
+        except BaseException:
+            # Interrupted mid-call (Ctrl-C, sys.exit from a signal handler):
+            # close(), at exit too, sends it again (it is idempotent).
+            self._leases.send_later(Unsent(lease.device_uuid, lease.id, lease.cls, outcome, True))
+            raise
 
     def _release(self, dev_uuid: str, lease_id: str, outcome: str, *, refund: bool = False) -> bool:
         """Run release_lease.lua for one lease; True if it was still live."""
