@@ -23,6 +23,7 @@ import structlog
 
 from conftest import FakeClock
 from gpugate import Gate, NoGpuSampler, Outcome, Policy, SimulatedSampler, UsageError
+from gpugate._version import __version__ as gpugate_version
 from gpugate.cli import main
 from gpugate.cli._status import run_status, to_json
 from gpugate.state._connect import connect
@@ -462,9 +463,12 @@ class TestStatusCommand:
         batch = next(line for line in lines if line.startswith("batch"))
         assert batch.split()[:3] == ["batch", "10", "1"]
         assert any("notebook paused until" in line and "incident 42" in line for line in lines)
-        assert any(
-            line.split()[:2] == [gate.owner.split(":")[0], str(os.getpid())] for line in lines
+        worker = next(
+            line.split()
+            for line in lines
+            if line.split()[:2] == [gate.owner.split(":")[0], str(os.getpid())]
         )
+        assert gpugate_version in worker  # which workers run which release, mid-upgrade
 
     def test_each_class_shows_its_answers_of_the_last_5_minutes_as_text_and_json(
         self, make_gate: Callable[..., Gate], gpugate: Callable[..., Run]

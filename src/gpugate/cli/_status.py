@@ -411,7 +411,10 @@ def render(
         st.cyan("WORKERS") + st.dim("  (heartbeats in the registry, or leases and waiters)")
     )
     if view.workers:
-        head = ("HOST", "PID", "LEASES", "WAITING", "LAST SEEN", "", "FAST PATH", "POLICY")
+        head = (
+            *("HOST", "PID", "LEASES", "WAITING", "LAST SEEN", ""),
+            *("VERSION", "FAST PATH", "POLICY"),
+        )
         rows = [[st.cyan(h) for h in head]]
         for w in view.workers:
             seen = max(0.0, (now - w.last_seen_ms) / 1000)
@@ -429,6 +432,7 @@ def render(
                     str(w.waiting),
                     f"{ago(seen)} ago",
                     state,
+                    str(w.info.get("version", "-")),
                     str(w.info.get("fastpath", "-")),
                     policy if w.registered else "-",
                 ]
