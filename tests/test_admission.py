@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
 import socket
 import threading
 import time
@@ -1182,6 +1183,29 @@ class TestLeases:
         gate.beat_now()  # releases it, as any dropped lease
         assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
 
+    def test_close_in_a_signal_handler_that_interrupted_the_gates_bookkeeping_does_not_hang(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # A SIGTERM handler that closes the gate runs in the thread it
+        # interrupted, which may hold the gate's locks right then (adding or
+        # dropping a lease, a blocked admission joining or settling).
+        pol = policy(batch={"priority": 10, "max_concurrent": 1})
+        gate, other = make_gate(pol), make_gate(pol)
+        assert gate.try_admit("batch", vram=1).lease is not None
+
+        def hung(signum: int, frame: object) -> None:
+            raise AssertionError("close() waited for a lock its own thread held")
+
+        previous = signal.signal(signal.SIGALRM, hung)
+        signal.setitimer(signal.ITIMER_REAL, 10, 1)  # again each second: one wait per lock
+        try:
+            with gate._lock, gate._leases._lock, gate._herd._lock:
+                gate.close()  # what the handler does, in the interrupted thread
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert other.try_admit("batch", vram=1).admitted  # given back at once
+
     def test_a_gate_refuses_to_work_in_a_forked_child(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy())
         held = gate.try_admit("batch", vram=1)
@@ -2309,6 +2333,56 @@ class TestRedisHangs:
         gate._scripts.admit_job = script  # type: ignore[assignment]
         assert other.try_admit("batch", vram="1GiB").reason == "cap"  # the orphan holds it
         gate.close()  # as at exit: it gave back its orphan, not one TTL later
+        assert other.try_admit("batch", vram="1GiB").admitted
+
+    def test_a_lease_admitted_by_a_decision_a_closing_signal_handler_cut_short_goes_too(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        # The usual SIGTERM handler closes the gate, in the thread whose
+        # decision waits for its reply, then exits: close() ran before the
+        # decision knew it was cut short, so it could not look for its lease.
+        _, make = private
+        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        gate, other = make(pol), make(pol)
+        script = gate._scripts.admit_job
+
+        def interrupted(keys: list[Any], args: list[Any]) -> Any:
+            script(keys=keys, args=args)  # Redis admits it...
+            gate.close()  # ...the handler closes the gate...
+            raise SystemExit(0)  # ...and leaves before the reply
+
+        gate._scripts.admit_job = interrupted  # type: ignore[assignment]
+        with pytest.raises(SystemExit):
+            gate.try_admit("batch", vram="1GiB")
+        assert other.try_admit("batch", vram="1GiB").admitted  # not one TTL later
+
+    @pytest.mark.parametrize("handler_closes", [False, True], ids=["ctrl-c", "closing-handler"])
+    def test_a_release_cut_short_by_an_interrupt_is_sent_again(
+        self, private: tuple[RedisProcess, Callable[..., Gate]], handler_closes: bool
+    ) -> None:
+        # Ctrl-C, or a SIGTERM handler that closes the gate and exits, lands
+        # in a release before Redis has it: the lease was no longer renewed,
+        # and nothing gave it back for a whole TTL.
+        _, make = private
+        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        gate, other = make(pol), make(pol)
+        lease = gate.try_admit("batch", vram="1GiB").lease
+        assert lease is not None
+        script = gate._scripts.release_lease
+
+        def interrupted(keys: list[Any], args: list[Any]) -> Any:
+            gate._scripts.release_lease = script  # cut short before it was sent
+            if handler_closes:
+                gate.close()
+                raise SystemExit(0)
+            raise KeyboardInterrupt
+
+        gate._scripts.release_lease = interrupted  # type: ignore[assignment]
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            lease.release()
+        if not handler_closes:
+            assert other.try_admit("batch", vram="1GiB").reason == "cap"
+            gate.beat_now()  # the next beat (or close()) sends it
         assert other.try_admit("batch", vram="1GiB").admitted
 
     def test_a_release_cut_short_is_sent_again_when_the_gate_closes(

@@ -10,6 +10,7 @@ largest overlap must stay within every cap and every device's memory.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import random
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import Any
 
@@ -271,6 +273,115 @@ class TestKilledHolder:
         assert d.outcome is Outcome.ADMIT
         d.lease.release()  # type: ignore[union-attr]
         gate.close()
+
+
+_CLOSING_HOLDER = textwrap.dedent(
+    """
+    import signal, sys, time
+    from gpugate import Gate, Policy, SimulatedSampler
+    url, pool, cap, then = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    batch = {"priority": 10, "max_concurrent": cap}
+    pol = Policy.from_dict({"pool": {"lease_ttl": "60s"}, "classes": {"batch": batch}})
+    gate = Gate(
+        url, pool=pool, policy=pol, sampler=SimulatedSampler(["80GiB"]), socket_timeout_s=10
+    )
+
+    def on_sigterm(signum, frame):
+        gate.close()  # the usual graceful shutdown: give everything back, then leave
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    d = gate.try_admit("batch", vram="1GiB")
+    for _ in range(1000):  # registered at once; after that beat the heartbeat idles for 20 s
+        if gate._heartbeat.beats:
+            break
+        time.sleep(0.01)
+    print("LEASE", d.outcome.value, d.lease.device_uuid, d.lease.id, flush=True)
+    sys.stdin.readline()  # Redis is busy now: the next call on the script lane waits
+    if then == "release":
+        d.lease.release()
+    while True:  # the worker polls for more work
+        gate.try_admit("batch", vram="1GiB")
+        time.sleep(0.01)
+    """
+)
+
+# Blocks Redis for ARGV[1] microseconds, as another client's slow script would.
+_BUSY = """
+local t0 = redis.call('TIME')
+local start = t0[1] * 1000000 + t0[2]
+while true do
+  local t = redis.call('TIME')
+  if t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+class TestSigtermHandler:
+    """A worker whose SIGTERM handler closes its gate exits and frees its slots at once."""
+
+    @pytest.mark.parametrize(
+        ("cap", "then"),
+        [(1, "poll"), (2, "poll"), (1, "release")],
+        ids=["mid-decision-that-defers", "mid-decision-that-admits", "mid-release"],
+    )
+    def test_a_handler_that_closes_the_gate_mid_call_exits_and_frees_the_slots(
+        self, redis_server: RedisProcess, pool_name: str, cap: int, then: str
+    ) -> None:
+        # The signal lands while the worker's call (a poll that Redis defers
+        # or admits, a release) waits for Redis on the script lane, Redis busy
+        # with another client's slow script. close() in the handler waited
+        # for the lane that the interrupted call, in the same thread, held:
+        # the worker hung until SIGKILL. Once it no longer waits, what the
+        # interrupted call did in Redis must not outlive the worker either.
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CLOSING_HOLDER, redis_server.url, pool_name, str(cap), then],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert child.stdin is not None
+        assert child.stdout is not None
+
+        def slow_script() -> None:
+            other = redis.Redis.from_url(redis_server.url)
+            other.eval(_BUSY, 0, 1_500_000)
+            other.close()
+
+        busy = threading.Thread(target=slow_script)
+        try:
+            line = ""
+            while not line.startswith("LEASE"):  # skip the child's log lines
+                line = child.stdout.readline()
+                assert line, "the worker exited before taking its lease"
+            _, outcome, dev, lease_id = line.split()
+            assert outcome == "admit"
+            busy.start()
+            time.sleep(0.2)  # the slow script runs
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            time.sleep(0.3)  # the worker's call waits for its reply
+            child.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=20)
+            exited = child.returncode
+        finally:
+            if busy.ident is not None:
+                busy.join()
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            child.stdin.close()
+            child.stdout.close()
+        assert exited == 0, "the worker still ran 20 s after SIGTERM"
+        client = redis.Redis.from_url(redis_server.url)
+        exp = PoolKeys(pool_name).exp
+        # Given back at once, not left to their 60 s TTL: the lease held, and
+        # any the interrupted call admitted.
+        assert client.zscore(exp, f"{dev}\t{lease_id}") is None
+        assert client.zrange(exp, 0, -1) == []
+        client.close()
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,12 @@ cache, a forked child and a closed lane all still get the answer.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -44,12 +46,31 @@ def _client_ids(client: redis.Redis) -> set[int]:
     return {c["id"] for c in client.client_list()}
 
 
+@contextmanager
+def _busy(lane: _Lane | None) -> Iterator[None]:
+    """The lane held by another thread's call while the block runs."""
+    assert lane is not None
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lane.lock:
+            held.set()
+            done.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        done.set()
+        holder.join()
+
+
 def test_lane_answers_as_the_client_path_does(scripts: tuple[redis.Redis, Scripts]) -> None:
     _client, s = scripts
     on_lane = _unknown_release(s)
-    lane = s._lane
-    assert lane is not None
-    with lane.lock:  # a busy lane: the call takes the client's path
+    with _busy(s._lane):  # a busy lane: the call takes the client's path
         off_lane = _unknown_release(s)
     assert on_lane == off_lane
 
@@ -199,7 +220,7 @@ def test_an_error_reply_raises_what_the_client_path_raises(
         raise AssertionError("the script accepted arguments it cannot use")
 
     on_lane = error()
-    with lane.lock:  # a busy lane: the client's path
+    with _busy(lane):  # a busy lane: the client's path
         off_lane = error()
     assert (type(on_lane), str(on_lane)) == (type(off_lane), str(off_lane))
     assert _unknown_release(s) == _unknown_release(s)  # the lane is still in step
@@ -297,6 +318,51 @@ def test_a_timed_out_call_never_hands_its_reply_to_the_next(
         assert lane.call(fast, [], ["next"]) == b"next"
         assert lane.call(fast, [], ["again"]) == b"again"
     finally:
+        lane.close()
+        client.close()
+
+
+def test_close_in_a_signal_handler_of_the_calling_thread_does_not_wait_for_the_call(
+    redis_url: str,
+) -> None:
+    """The usual SIGTERM handler closes the gate in the thread whose lane call
+    it interrupted: close() cannot wait for that call, which goes on only once
+    the handler returns. The lane lets go of the connection at once, and the
+    call, done, gives it back to the pool."""
+    client = connect(redis_url)
+    assert isinstance(client, redis.Redis)
+    pool = client.connection_pool
+    slow = client.script_load(_SLOW_LUA)
+    lane = _Lane(client)
+    seen: dict[str, object] = {}
+
+    def on_alarm(signum: int, frame: object) -> None:
+        if seen:  # the alarm again, 5 s on: the first handler still waits in close()
+            raise AssertionError("close() waited for the call its signal handler interrupted")
+        seen["again"] = lane.call(slow, [], [0])  # the lane is mid-call: the client's path
+        lane.close()
+        seen["kept"] = lane._conn
+        other = pool.get_connection()  # not the lane's, still in use by the call
+        seen["handed_out"] = other
+        pool.release(other)
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        assert lane.call(slow, [], [0]) == b"slow"  # the lane has its connection
+        conn = lane._conn
+        signal.setitimer(signal.ITIMER_REAL, 0.1, 5.0)
+        assert lane.call(slow, [], [500_000]) == b"slow"  # the alarm lands mid-call
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert seen["again"] is _scripts.OFF_LANE
+        assert seen["kept"] is None
+        assert seen["handed_out"] is not conn
+        again = pool.get_connection()  # back in the pool now (handed out last-in first)
+        assert again is conn
+        pool.release(again)
+        assert lane.call(slow, [], [0]) == b"slow"  # a closed lane takes a connection again
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         lane.close()
         client.close()
 

@@ -531,6 +531,10 @@ class Gate(LeaseKeeping, Overrides):
             # Interrupted mid-call (Ctrl-C, sys.exit from a signal handler):
             # Redis may have admitted it, and nobody holds that lease.
             self._maybe_orphans = True
+            if self._closed:
+                # The handler closed the gate before this call could end, so
+                # close() looked for such leases too early: look again now.
+                self._late(functools.partial(self._give_back_orphans, settle_ms=0))
             raise
         self._note_redis_clock(reply[9], time.monotonic())
         outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available, v, _ = (
@@ -859,8 +863,9 @@ class Gate(LeaseKeeping, Overrides):
         try would wait a socket timeout): those leases expire within one TTL,
         the entries within the waiter TTL, and the worker's registry entry goes
         with its heartbeat's silence."""
-        with self._lock:
-            waiting = list(self._waiting)
+        # No lock: list() copies the set in one step, and close() may run in a
+        # signal handler that interrupted this thread while it held _lock.
+        waiting = list(self._waiting)
         # try_admit's pollers too, those whose entries have not expired yet.
         fresh = time.monotonic() - self.effective_policy.pool.waiter_ttl_s
         waiting += [w for w, at in list(self._polling.items()) if at > fresh]

@@ -82,7 +82,9 @@ class Herd:
     """The blocked admissions of one gate, in age order per shape."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: the gate's close() (send_everyone) may run in a signal
+        # handler that interrupted a blocked admission's thread in here.
+        self._lock = threading.RLock()
         self._generation = 0
         self._shapes: dict[Shape, list[Member]] = {}
 

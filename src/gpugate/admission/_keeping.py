@@ -57,6 +57,11 @@ class LeaseKeeping(WorkerRecord):
             heartbeat.kick()
 
     def _ensure_heartbeat(self) -> None:
+        # Without the lock once started or closed: no lock per admission, and
+        # none on close()'s path (a failed release comes here), which may run
+        # in a signal handler that interrupted this thread holding _lock.
+        if self._heartbeat is not None or self._closed:
+            return
         with self._lock:
             # A gate closing now may have stopped its heartbeat already.
             if self._heartbeat is None and not self._closed:
@@ -95,8 +100,13 @@ class LeaseKeeping(WorkerRecord):
             return False
         except BaseException:
             # Interrupted mid-call (Ctrl-C, sys.exit from a signal handler):
-            # close(), at exit too, sends it again (it is idempotent).
+            # Redis may not have had it, and the lease is no longer renewed. A
+            # release is idempotent: it is sent again by the next beat or by
+            # close(), or now if close() ran meanwhile (a signal handler's).
             self._leases.send_later(Unsent(lease.device_uuid, lease.id, lease.cls, outcome, True))
+            if self._closed:
+                with contextlib.suppress(BackendError):
+                    self._late(self._send_releases)
             raise
 
     def _release(self, dev_uuid: str, lease_id: str, outcome: str, *, refund: bool = False) -> bool:

@@ -265,7 +265,11 @@ class LeaseRegistry:
     """
 
     def __init__(self, touch: Callable[[], None] | None = None) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: the gate's close() may run in a signal handler that
+        # interrupted its thread in here. Every step leaves the registry
+        # usable; the handler may only miss the one lease being added or
+        # moved to the releases right then.
+        self._lock = threading.RLock()
         self._held: dict[tuple[str, str], weakref.ReferenceType[Lease]] = {}
         self._unsent: list[Unsent] = []
         self._dropped: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()

@@ -11,9 +11,10 @@ directly. redis-py's command path (pool checkout and return, retry wrapper,
 observability hooks, about 140 Python calls in redis-py 8) costs as much as
 the round trip itself: 68 against 29 µs for a no-op EVALSHA on the
 benchmark machine (benchmarks/RESULTS.md §11). The lane is used by one
-thread at a time; a call that finds it busy, and any call on a Cluster,
-takes the client's own path. When the lane's connection fails (it is then
-closed), the call is made again on the client's path, which reconnects and
+call at a time; a call that finds it busy (another thread's call, or one of
+its own thread that a signal handler interrupted), and any call on a
+Cluster, takes the client's own path. When the lane's connection fails (it
+is then closed), the call is made again on the client's path, which reconnects and
 retries as :func:`gpugate.state._connect.connect` configured it, as redis-py
 would have retried the call anyway; a timeout is raised at once (neither
 path retries one). With hiredis installed and the client's
@@ -105,15 +106,22 @@ class _Lane:
     docstring). Fork-safe: a child process takes a connection of its own."""
 
     __slots__ = (
-        "_buf", "_conn", "_direct", "_pack", "_parse_error", "_pid", "_pool", "_reader",
-        "_tuned", "_tuned_timeout", "lock",
+        "_buf", "_busy", "_conn", "_detached", "_direct", "_pack", "_parse_error", "_pid",
+        "_pool", "_reader", "_tuned", "_tuned_timeout", "lock",
     )  # fmt: skip
 
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._conn: Any = None
         self._pid = _process.pid
-        self.lock = threading.Lock()
+        # Re-entrant for close() alone: a signal handler that closes the gate
+        # runs in the thread whose call it interrupted, which holds the lock
+        # (see close). A call never re-enters: _busy sends it off the lane.
+        self.lock = threading.RLock()
+        self._busy = False  # a call is under way (in the thread holding lock)
+        # The connection close() took from a call under way, given back to
+        # the pool by that call once it is done with it.
+        self._detached: Any = None
         encoder = client.get_encoder()
         utf8 = codecs.lookup(encoder.encoding).name == "utf-8"
         self._pack = _hiredis_pack if utf8 and encoder.encoding_errors == "strict" else None
@@ -157,6 +165,12 @@ class _Lane:
         lock = self.lock
         if not lock.acquire(False):
             return OFF_LANE
+        if self._busy:
+            # This thread's own call, interrupted by a signal handler that
+            # calls again: the connection is in the middle of that call.
+            lock.release()
+            return OFF_LANE
+        self._busy = True
         try:
             # A failure to connect is raised, not left to the client's path:
             # redis-py retried it already, and that path would retry it all
@@ -167,6 +181,9 @@ class _Lane:
             elif getattr(conn, "_sock", False) is None:
                 conn.connect()
         except BaseException:
+            self._busy = False
+            if self._detached is not None:
+                self._give_back_detached()
             lock.release()
             raise
         try:
@@ -197,6 +214,9 @@ class _Lane:
         except _LANE_RETRY:
             return OFF_LANE
         finally:
+            self._busy = False
+            if self._detached is not None:
+                self._give_back_detached()
             lock.release()
 
     def _through_redis_py(self, conn: Any, command: tuple[Any, ...], packed: bytes | None) -> Any:
@@ -274,12 +294,32 @@ class _Lane:
         return reply
 
     def close(self) -> None:
-        """Give the connection back to the pool."""
-        with self.lock:
+        """Give the connection back to the pool, once no call is using it.
+
+        From another thread than a call under way, it waits for that call. From
+        the call's own thread (a signal handler that interrupted it: the usual
+        SIGTERM handler closes the gate) it cannot wait, as the call goes on
+        only once the handler returns: the lane lets go of the connection at
+        once, so no later call uses it, and the interrupted call gives it back
+        to the pool once done with it (answered, failed, or cut short by the
+        handler's ``sys.exit``)."""
+        with self.lock:  # re-entrant: no wait in the thread of the call under way
             conn, self._conn = self._conn, None
-            if conn is not None and self._pid == _process.pid:
+            if conn is None or self._pid != _process.pid:
+                return
+            if self._busy:
+                self._detached = conn
+            else:
                 self._untune()
                 self._pool.release(conn)
+
+    def _give_back_detached(self) -> None:
+        """Give back to the pool the connection close() took from the call
+        that has just ended (the caller holds lock; see close)."""
+        conn, self._detached = self._detached, None
+        if self._tuned is not None and self._tuned is getattr(conn, "_sock", None):
+            self._untune()
+        self._pool.release(conn)
 
 
 def _new_reader(parse_error: Callable[[str], Exception]) -> Any:
