@@ -1598,6 +1598,40 @@ class TestBlockingAdmit:
         slow.delay_s = 0
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
 
+    @pytest.mark.parametrize("in_flight", [True, False], ids=["decision-in-flight", "decided"])
+    def test_a_cancelled_admit_async_gives_back_at_once_what_it_admitted_after_its_loop_closed(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str, in_flight: bool
+    ) -> None:
+        # An event loop per call (asyncio.run per request in a sync app): the
+        # loop is closed by the time the decision's end could be handled on
+        # it, so a done-callback there never ran, and the lease went back as
+        # a dropped one at the next heartbeat (a third of the TTL: 20 s here).
+        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        slow = _SlowSampler(SimulatedSampler(["80GiB"]), delay_s=0.6)
+        gate = make_gate(pol, slow)
+
+        async def decision_done_before_the_task_hears_of_it() -> None:
+            task = asyncio.ensure_future(gate.admit_async("batch", vram="1GiB"))
+            await asyncio.sleep(0.1)  # its decision runs in its thread
+            time.sleep(1.0)  # the loop busy meanwhile: the decision is done, its task not told
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        if in_flight:  # the decision is still in flight when wait_for cancels it
+            with pytest.raises(TimeoutError):
+                asyncio.run(asyncio.wait_for(gate.admit_async("batch", vram="1GiB"), 0.2))
+        else:
+            asyncio.run(decision_done_before_the_task_hears_of_it())
+        exp = PoolKeys(pool_name).exp
+        deadline = time.monotonic() + 5
+        while read_redis(server, lambda c: c.zcard(exp)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert read_redis(server, lambda c: c.zcard(exp)) == 0
+        assert state(server, pool_name).get("out:batch:dropped") == "1"
+        slow.delay_s = 0
+        assert gate.try_admit("batch", vram="1GiB").admitted
+
     def test_a_cancelled_admit_async_leaves_no_waiter_its_decision_in_flight_wrote(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:

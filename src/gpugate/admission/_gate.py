@@ -382,20 +382,19 @@ class Gate(LeaseKeeping, Overrides):
         ):
             while True:
                 generation = herd.generation
+                handoff = _Handoff(self, waiter, loop)
                 deciding = asyncio.ensure_future(
-                    asyncio.to_thread(
-                        self._decide, cls, request.vram, request.waiter, device, tenant, False
-                    )
+                    asyncio.to_thread(handoff.decide, cls, request.vram, device, tenant)
                 )
                 try:
                     d = await asyncio.shield(deciding)
                 except asyncio.CancelledError:
                     # The decision runs on in its thread: what it admits goes
                     # back unused, and the waiter entry it writes goes too,
-                    # once it is done (both off the loop).
-                    deciding.add_done_callback(
-                        functools.partial(self._after_cancelled, loop, waiter)
-                    )
+                    # once it is done, without the loop (asyncio.run() may
+                    # have closed it by then).
+                    handoff.abandon()
+                    deciding.add_done_callback(_retrieved)
                     raise
                 if d.outcome is Outcome.ADMIT:
                     return Ticket(d)
@@ -787,20 +786,6 @@ class Gate(LeaseKeeping, Overrides):
             with self._lock:
                 self._waiting.discard(waiter)
 
-    def _after_cancelled(
-        self, loop: asyncio.AbstractEventLoop, waiter: str, deciding: asyncio.Future[Decision]
-    ) -> None:
-        """A decision whose awaiting task was cancelled is done: release what it
-        admitted, unused (rate token refunded, counted ``dropped``), or delete
-        the waiter entry it wrote; off the loop."""
-        lease = None
-        if not deciding.cancelled() and deciding.exception() is None:
-            lease = deciding.result().lease
-        if lease is not None:
-            _off_loop(loop, functools.partial(lease.release, "dropped", refund=True))
-        else:
-            _off_loop(loop, self._forget_waiter, waiter)
-
     def _forget_waiter(self, *waiters: str) -> None:
         """Delete waiter entries; on failure they expire by themselves within
         the waiter TTL. One written by a decision in flight when the gate
@@ -899,6 +884,67 @@ class Gate(LeaseKeeping, Overrides):
 
     def __repr__(self) -> str:
         return f"<Gate pool={self.pool!r} redis={self.redis_url} leases={len(self._leases)}>"
+
+
+class _Handoff:
+    """A decision an asyncio admission runs in a worker thread, and what becomes
+    of it when the awaiting task is cancelled first.
+
+    Whichever of the two comes second, the decision done (in its thread) or
+    the task cancelled (on the loop), gives back what the decision admitted,
+    unused (rate token refunded, counted ``dropped``), or deletes the waiter
+    entry it wrote: exactly one of them, under the handoff's lock. Neither
+    waits for the loop, which may be closed before the decision is done
+    (``asyncio.run(asyncio.wait_for(...))``): a done-callback on it never ran,
+    and the lease went back only as a dropped one, at the next heartbeat."""
+
+    __slots__ = ("_abandoned", "_done", "_gate", "_lease", "_lock", "_loop", "_waiter")
+
+    def __init__(self, gate: Gate, waiter: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._gate = gate
+        self._waiter = waiter
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._done = False
+        self._abandoned = False
+        self._lease: Lease | None = None
+
+    def decide(self, cls: str, vram: int, device: str | None, tenant: str | None) -> Decision:
+        """The decision (in the worker thread); given back here if its task
+        was cancelled meanwhile."""
+        lease = None
+        try:
+            d = self._gate._decide(cls, vram, self._waiter, device, tenant, False)
+            lease = d.lease
+            return d
+        finally:
+            with self._lock:
+                self._done = True
+                self._lease = lease
+                abandoned = self._abandoned
+            if abandoned:
+                self._give_back(lease)
+
+    def abandon(self) -> None:
+        """The awaiting task was cancelled (on the loop): give back what the
+        decision, if done, left; else the decision does once done."""
+        with self._lock:
+            self._abandoned = True
+            done = self._done
+        if done:
+            _off_loop(self._loop, self._give_back, self._lease)
+
+    def _give_back(self, lease: Lease | None) -> None:
+        if lease is not None:
+            lease.release("dropped", refund=True)
+        else:
+            self._gate._forget_waiter(self._waiter)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned future's exception retrieved (asyncio logs it otherwise)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _off_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
