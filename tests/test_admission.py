@@ -2258,6 +2258,14 @@ class TestRedisHangs:
             for gate in gates:
                 gate.close()
 
+    @pytest.fixture
+    def pair(self, private: tuple[RedisProcess, Callable[..., Gate]]) -> tuple[Gate, Gate]:
+        """Two gates on the private server, on a class that admits one job at a
+        time, with 60 s leases (none expires while a test runs)."""
+        _, make = private
+        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
+        return make(pol), make(pol)
+
     def test_a_call_waits_one_socket_timeout_not_its_retries(
         self, private: tuple[RedisProcess, Callable[..., Gate]]
     ) -> None:
@@ -2277,11 +2285,10 @@ class TestRedisHangs:
         assert blocked < 2.0, blocked
 
     def test_a_release_that_fails_is_sent_again_when_redis_answers(
-        self, private: tuple[RedisProcess, Callable[..., Gate]]
+        self, private: tuple[RedisProcess, Callable[..., Gate]], pair: tuple[Gate, Gate]
     ) -> None:
-        server, make = private
-        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
-        holder, other = make(pol), make(pol)
+        server, _ = private
+        holder, other = pair
         ticket = holder.admit("batch", vram="1GiB", timeout=5)
         with frozen(server):
             ticket.release("error")  # fails: Redis does not answer
@@ -2327,11 +2334,9 @@ class TestRedisHangs:
         assert operator.try_admit("batch", vram="1GiB").reason == "cap"
 
     def test_a_lease_admitted_by_a_decision_whose_reply_was_lost_is_given_back(
-        self, private: tuple[RedisProcess, Callable[..., Gate]]
+        self, pair: tuple[Gate, Gate]
     ) -> None:
-        _, make = private
-        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
-        gate, other = make(pol), make(pol)
+        gate, other = pair
         script = gate._scripts.admit_job
 
         def reply_lost(keys: list[Any], args: list[Any]) -> Any:
@@ -2348,13 +2353,11 @@ class TestRedisHangs:
 
     @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
     def test_a_lease_admitted_by_a_decision_cut_short_goes_when_the_gate_closes(
-        self, private: tuple[RedisProcess, Callable[..., Gate]], interrupt: type[BaseException]
+        self, pair: tuple[Gate, Gate], interrupt: type[BaseException]
     ) -> None:
         # Ctrl-C, or sys.exit() from a SIGTERM handler, while a decision
         # waits for its reply: Redis admitted it, nobody holds the lease.
-        _, make = private
-        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
-        gate, other = make(pol), make(pol)
+        gate, other = pair
         script = gate._scripts.admit_job
 
         def interrupted(keys: list[Any], args: list[Any]) -> Any:
@@ -2370,14 +2373,12 @@ class TestRedisHangs:
         assert other.try_admit("batch", vram="1GiB").admitted
 
     def test_a_lease_admitted_by_a_decision_a_closing_signal_handler_cut_short_goes_too(
-        self, private: tuple[RedisProcess, Callable[..., Gate]]
+        self, pair: tuple[Gate, Gate]
     ) -> None:
         # The usual SIGTERM handler closes the gate, in the thread whose
         # decision waits for its reply, then exits: close() ran before the
         # decision knew it was cut short, so it could not look for its lease.
-        _, make = private
-        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
-        gate, other = make(pol), make(pol)
+        gate, other = pair
         script = gate._scripts.admit_job
 
         def interrupted(keys: list[Any], args: list[Any]) -> Any:
@@ -2390,23 +2391,21 @@ class TestRedisHangs:
             gate.try_admit("batch", vram="1GiB")
         assert other.try_admit("batch", vram="1GiB").admitted  # not one TTL later
 
-    @pytest.mark.parametrize("handler_closes", [False, True], ids=["ctrl-c", "closing-handler"])
+    @pytest.mark.parametrize("then", ["next-beat", "close-at-exit", "closing-handler"])
     def test_a_release_cut_short_by_an_interrupt_is_sent_again(
-        self, private: tuple[RedisProcess, Callable[..., Gate]], handler_closes: bool
+        self, pair: tuple[Gate, Gate], then: str
     ) -> None:
         # Ctrl-C, or a SIGTERM handler that closes the gate and exits, lands
         # in a release before Redis has it: the lease was no longer renewed,
         # and nothing gave it back for a whole TTL.
-        _, make = private
-        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
-        gate, other = make(pol), make(pol)
+        gate, other = pair
         lease = gate.try_admit("batch", vram="1GiB").lease
         assert lease is not None
         script = gate._scripts.release_lease
 
         def interrupted(keys: list[Any], args: list[Any]) -> Any:
             gate._scripts.release_lease = script  # cut short before it was sent
-            if handler_closes:
+            if then == "closing-handler":
                 gate.close()
                 raise SystemExit(0)
             raise KeyboardInterrupt
@@ -2414,30 +2413,12 @@ class TestRedisHangs:
         gate._scripts.release_lease = interrupted  # type: ignore[assignment]
         with pytest.raises((KeyboardInterrupt, SystemExit)):
             lease.release()
-        if not handler_closes:
-            assert other.try_admit("batch", vram="1GiB").reason == "cap"
-            gate.beat_now()  # the next beat (or close()) sends it
-        assert other.try_admit("batch", vram="1GiB").admitted
-
-    def test_a_release_cut_short_is_sent_again_when_the_gate_closes(
-        self, private: tuple[RedisProcess, Callable[..., Gate]]
-    ) -> None:
-        _, make = private
-        pol = policy({"lease_ttl": "60s"}, batch={"priority": 10, "max_concurrent": 1})
-        gate, other = make(pol), make(pol)
-        lease = gate.try_admit("batch", vram="1GiB").lease
-        assert lease is not None
-        script = gate._scripts.release_lease
-
-        def interrupted(keys: list[Any], args: list[Any]) -> Any:
-            raise KeyboardInterrupt  # before Redis heard of it
-
-        gate._scripts.release_lease = interrupted  # type: ignore[assignment]
-        with pytest.raises(KeyboardInterrupt):
-            lease.release()
-        gate._scripts.release_lease = script  # type: ignore[assignment]
-        assert other.try_admit("batch", vram="1GiB").reason == "cap"  # still held in Redis
-        gate.close()  # as at exit: the release goes now, not one TTL later
+        if then != "closing-handler":
+            assert other.try_admit("batch", vram="1GiB").reason == "cap"  # still held
+            if then == "next-beat":
+                gate.beat_now()
+            else:
+                gate.close()  # as at exit
         assert other.try_admit("batch", vram="1GiB").admitted
 
     def test_closing_while_redis_hangs_waits_one_timeout_not_one_per_lease(
