@@ -334,6 +334,28 @@ class TestVerdict:
         make_gate().try_admit("batch", vram="1GiB").lease.release()  # type: ignore[union-attr]
         assert assess(view()).line == "OK"
 
+    def test_requests_waiting_for_a_fresh_sample_name_the_newest_samples_age(
+        self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
+    ) -> None:
+        import dataclasses
+
+        from gpugate.state._inspect import WaiterView
+
+        clock = FakeClock.from_now(ahead_s=3600)
+        old = make_gate(SimulatedSampler(["80GiB"], name="old"), _clock_ms=clock)
+        old.try_admit("batch", vram="1GiB").lease.release()  # type: ignore[union-attr]
+        clock.advance(60)
+        new = make_gate(SimulatedSampler(["80GiB"], name="new"), _clock_ms=clock)
+        new.try_admit("batch", vram="1GiB").lease.release()  # type: ignore[union-attr]
+        clock.advance(5)
+        waiting = WaiterView(
+            id="w", owner="o", cls="batch", priority=10, since_ms=clock.ms, vram=1,
+            wants="-", expires_ms=clock.ms + 5000, device=None, reason="stale_sample",
+        )  # fmt: skip
+        seen = dataclasses.replace(view(now_ms=clock.ms), waiters=[waiting])
+        # Samples 65 s and 5 s old: the newest is 5 s old (it said 1m5s).
+        assert "no fresh GPU sample (newest is 5s old)" in assess(seen).line
+
     def test_the_highest_class_waiting_half_a_minute_is_degraded(
         self, make_gate: Callable[..., Gate], view: Callable[..., PoolView]
     ) -> None:

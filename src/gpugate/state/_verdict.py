@@ -95,8 +95,8 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
         critical.append(f"no GPU visible to {len(no_gpu)} waiting request(s)")
     stale = [w for w in view.waiters if w.reason == "stale_sample"]
     if stale:
-        oldest = max(ages, default=0.0)
-        degraded.append(f"no fresh GPU sample (newest is {format_duration(round(oldest))} old)")
+        newest = min(ages, default=0.0)
+        degraded.append(f"no fresh GPU sample (newest is {format_duration(round(newest))} old)")
     top = view.policy.highest_classes
     for name, c in view.classes.items():
         limit = TOP_CLASS_WAIT_S if name in top else OTHER_CLASS_WAIT_S
