@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
-from gpugate import BackendError
+from gpugate import BackendError, Gate
 from gpugate.state._connect import connect
 from gpugate.state._server import (
     RedisProcess,
@@ -201,4 +201,31 @@ def spawn_gpugate_metrics(redis_url: str, pool: str, *, stderr: int) -> subproce
         stderr=stderr,
         text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+
+def notebook_gate(redis_url: str, pool: str, clock_ms: Callable[[], int]) -> Gate:
+    """An unregistered gate on ``pool`` whose notebook class ends a lease at
+    60 s (``max_duration``), with 30 s leases, on the injected clock."""
+    from prometheus_client import CollectorRegistry
+
+    from gpugate import Policy, SimulatedSampler
+    from gpugate.metrics import Metrics
+
+    return Gate(
+        redis_url,
+        pool=pool,
+        policy=Policy.from_dict(
+            {
+                "pool": {"lease_ttl": "30s"},
+                "classes": {
+                    "interactive": {"priority": 100},
+                    "notebook": {"priority": 50, "max_duration": "60s"},
+                },
+            }
+        ),
+        sampler=SimulatedSampler(["80GiB"], name=pool),
+        metrics=Metrics(CollectorRegistry()),
+        register=False,
+        _clock_ms=clock_ms,
     )

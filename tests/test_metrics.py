@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from conftest import spawn_gpugate_metrics
+from conftest import notebook_gate, spawn_gpugate_metrics
 from gpugate import Gate, Policy, SimulatedSampler, UsageError
 from gpugate.cli._serve import PoolEvents
 from gpugate.metrics import Metrics, PoolCollector, start_metrics_server
@@ -226,23 +226,7 @@ class TestPoolCollector:
         self, redis_url: str, pool_name: str, scrape: Callable[..., CollectorRegistry]
     ) -> None:
         now = [1_700_000_000_000]
-        gate = Gate(
-            redis_url,
-            pool=pool_name,
-            policy=Policy.from_dict(
-                {
-                    "pool": {"lease_ttl": "30s"},
-                    "classes": {
-                        "interactive": {"priority": 100},
-                        "notebook": {"priority": 50, "max_duration": "60s"},
-                    },
-                }
-            ),
-            sampler=SimulatedSampler(["80GiB"], name=pool_name),
-            metrics=Metrics(CollectorRegistry()),
-            register=False,
-            _clock_ms=lambda: now[0],
-        )
+        gate = notebook_gate(redis_url, pool_name, lambda: now[0])
         notebook = {"pool": pool_name, "class": "notebook"}
         try:
             # Given a notebook lease whose holder renews it every 10 s until told

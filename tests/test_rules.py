@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import spawn_gpugate_metrics
+from conftest import notebook_gate, spawn_gpugate_metrics
 from gpugate import Gate, Outcome, Policy, SimulatedSampler
 from gpugate.metrics import Metrics, PoolCollector
 from gpugate.state._connect import connect
@@ -186,23 +186,7 @@ class TestRulesOnTheExportersSeries:
     ) -> None:
         promtool = tool("promtool")
         now = [1_700_000_000_000]
-        gate = Gate(
-            redis_url,
-            pool=pool_name,
-            policy=Policy.from_dict(
-                {
-                    "pool": {"lease_ttl": "30s"},
-                    "classes": {
-                        "interactive": {"priority": 100},
-                        "notebook": {"priority": 50, "max_duration": "60s"},
-                    },
-                }
-            ),
-            sampler=SimulatedSampler(["80GiB"], name=pool_name),
-            metrics=Metrics(CollectorRegistry()),
-            register=False,
-            _clock_ms=lambda: now[0],
-        )
+        gate = notebook_gate(redis_url, pool_name, lambda: now[0])
         client = connect(redis_url)
         registry = CollectorRegistry()
         registry.register(PoolCollector(client, pool_name, now_ms=lambda: now[0]))
