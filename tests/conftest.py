@@ -204,6 +204,28 @@ def spawn_gpugate_metrics(redis_url: str, pool: str, *, stderr: int) -> subproce
     )
 
 
+# Keeps Redis busy for ARGV[1] microseconds, as another client's slow script would.
+_BUSY_LUA = """
+local t0 = redis.call('TIME')
+local start = t0[1] * 1000000 + t0[2]
+while true do
+  local t = redis.call('TIME')
+  if t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+def keep_busy(url: str, micros: int) -> None:
+    """Keep the Redis at ``url`` busy for ``micros`` µs with a script of a
+    client of its own, as another client's slow script would: every other
+    client's call waits meanwhile. Run it in a thread."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.eval(_BUSY_LUA, 0, micros)
+    finally:
+        client.close()
+
+
 def notebook_gate(redis_url: str, pool: str, clock_ms: Callable[[], int]) -> Gate:
     """An unregistered gate on ``pool`` whose notebook class ends a lease at
     60 s (``max_duration``), with 30 s leases, on the injected clock."""

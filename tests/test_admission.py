@@ -17,7 +17,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from conftest import FakeClock, frozen
+from conftest import FakeClock, frozen, keep_busy
 from gpugate import (
     AdmissionRejected,
     AdmissionTimeout,
@@ -396,16 +396,6 @@ class _Frozen:
 class TestSampleTimes:
     """A sample counts as taken when it was taken, however long its decision waited."""
 
-    # Blocks Redis for ARGV[1] microseconds, as another client's slow script would.
-    _BUSY = """
-    local t0 = redis.call('TIME')
-    local start = t0[1] * 1000000 + t0[2]
-    while true do
-      local t = redis.call('TIME')
-      if t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) then return 1 end
-    end
-    """
-
     def test_a_decision_that_waited_does_not_pass_an_older_sample_for_a_newer_one(
         self, make_gate: Callable[..., Gate], server: RedisProcess
     ) -> None:
@@ -424,9 +414,7 @@ class TestSampleTimes:
         assert job.lease is not None
         time.sleep(0.02)
         job.lease.release()
-        busy = threading.Thread(
-            target=read_redis, args=(server, lambda c: c.eval(self._BUSY, 0, 400_000))
-        )
+        busy = threading.Thread(target=keep_busy, args=(server.url, 400_000))
         busy.start()
         time.sleep(0.05)  # the slow script runs
         try:

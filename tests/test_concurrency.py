@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import redis
 
+from conftest import keep_busy
 from gpugate import Gate, Outcome, Policy, SimulatedSampler
 from gpugate.state._keys import PoolKeys
 from gpugate.state._server import RedisProcess
@@ -306,16 +307,6 @@ _CLOSING_HOLDER = textwrap.dedent(
     """
 )
 
-# Blocks Redis for ARGV[1] microseconds, as another client's slow script would.
-_BUSY = """
-local t0 = redis.call('TIME')
-local start = t0[1] * 1000000 + t0[2]
-while true do
-  local t = redis.call('TIME')
-  if t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) then return 1 end
-end
-"""
-
 
 class TestSigtermHandler:
     """A worker whose SIGTERM handler closes its gate exits and frees its slots at once."""
@@ -344,12 +335,7 @@ class TestSigtermHandler:
         assert child.stdin is not None
         assert child.stdout is not None
 
-        def slow_script() -> None:
-            other = redis.Redis.from_url(redis_server.url)
-            other.eval(_BUSY, 0, 1_500_000)
-            other.close()
-
-        busy = threading.Thread(target=slow_script)
+        busy = threading.Thread(target=keep_busy, args=(redis_server.url, 1_500_000))
         try:
             line = ""
             while not line.startswith("LEASE"):  # skip the child's log lines
