@@ -290,9 +290,7 @@ class Gate(LeaseKeeping, Overrides):
         vram_b = parse_size(vram, key="vram")
         if device is not None:
             self._check_device(device)
-        # _poller(), its common case inline: this is every poll's path.
-        poller = _this_thread.poller if _running_loop() is None else _poller()
-        waiter = poller_waiter_id(self.owner, cls, vram_b, device or "", poller)
+        waiter = poller_waiter_id(self.owner, cls, vram_b, device or "", _poller())
         return self._decide(cls, vram_b, waiter, device, tenant, precheck=True)
 
     def admit(

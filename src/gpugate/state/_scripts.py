@@ -181,10 +181,7 @@ class _Lane:
             elif getattr(conn, "_sock", False) is None:
                 conn.connect()
         except BaseException:
-            self._busy = False
-            if self._detached is not None:
-                self._give_back_detached()
-            lock.release()
+            self._end_call()
             raise
         try:
             command = ("EVALSHA", sha, len(keys), *keys, *args)
@@ -214,10 +211,16 @@ class _Lane:
         except _LANE_RETRY:
             return OFF_LANE
         finally:
-            self._busy = False
-            if self._detached is not None:
-                self._give_back_detached()
-            lock.release()
+            self._end_call()
+
+    def _end_call(self) -> None:
+        """A call is over (answered, failed or cut short): the lane is free
+        again, and a connection close() took from it meanwhile goes back to
+        the pool (see close)."""
+        self._busy = False
+        if self._detached is not None:
+            self._give_back_detached()
+        self.lock.release()
 
     def _through_redis_py(self, conn: Any, command: tuple[Any, ...], packed: bytes | None) -> Any:
         """The call through redis-py's own send and read, on the lane's connection
