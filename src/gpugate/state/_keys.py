@@ -140,7 +140,7 @@ def waiter_id(owner: str, request: str) -> str:
 def poller_waiter_id(owner: str, cls: str, vram: int, device: str, poller: str) -> str:
     """The waiter id of a ``try_admit`` poller: ``owner|class|vram|device|poller``
     (``device`` empty when not pinned; ``poller`` names the calling thread and task)."""
-    return f"{owner}|{cls}|{vram}|{device}|{poller}"
+    return waiter_id(owner, f"{cls}|{vram}|{device}|{poller}")
 
 
 def waiter_owner(waiter: str) -> str:
