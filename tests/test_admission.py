@@ -609,6 +609,25 @@ class TestOverrides:
         assert gate.try_admit("research", vram=1).reason == "paused"
         assert gate.try_admit("interactive", vram=1).outcome is Outcome.ADMIT
 
+    def test_apply_policy_replaces_the_pools_and_names_the_overrides_it_lifted(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        old = policy(
+            interactive={"priority": 100}, notebook={"priority": 50}, batch={"priority": 10}
+        )
+        new = policy(interactive={"priority": 100}, batch={"priority": 10})
+        gate = make_gate(old, register=False)
+        gate.pause("notebook", duration="5m")
+        gate.cap("batch", 1)
+        version, lifted = make_gate(new, register=False).apply_policy()
+        assert version == new.version
+        assert lifted == [("pause", "notebook")]  # batch is still a class: its cap stays
+        assert gate.read_pool_policy() == new
+        assert list(gate.overrides()["cap"]) == ["batch"]
+        assert not gate.overrides()["pause"]
+        with pytest.raises(UsageError, match="policy="):
+            make_gate(register=False).apply_policy()
+
     def test_overriding_an_unknown_class_is_a_usage_error(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -156,10 +156,26 @@ class GateCore:
         """
         return self._sync_policy(force=force)[0]
 
+    def apply_policy(self) -> tuple[str, list[tuple[str, str]]]:
+        """Publish this gate's own policy to the pool, replacing the pool's
+        (what ``gpugate policy apply FILE`` does); running gates follow it.
+
+        Returns the pool's new policy version and, for each pause or cap
+        still in force that the new policy lifted because it has no such
+        class, ``(kind, class)`` with kind ``"pause"`` or ``"cap"``, read in
+        the same script call that published. Raises :class:`UsageError` on a
+        gate made without a policy.
+        """
+        if self.policy is None:
+            raise UsageError(
+                "apply_policy publishes the gate's own policy: make the Gate with policy=..."
+            )
+        return self._sync_policy(force=True)
+
     def _sync_policy(self, *, force: bool) -> tuple[str, list[tuple[str, str]]]:
         """:meth:`sync_policy`, and the ``(kind, class)`` of each pause or cap
         still in force that the publish lifted with its class (for
-        ``gpugate policy apply``, from the same script call)."""
+        :meth:`apply_policy`, from the same script call)."""
         self._check_usable()
         restoring = self.policy is None and self.pool_policy is not None
         mine = self.policy or self.pool_policy or Policy.default()

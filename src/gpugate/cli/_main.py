@@ -434,7 +434,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 before = {f"{o.kind} {o.cls}": o for o in overrides_from_reply(gate.overrides())}
                 # The script's list: overrides in force when it ran (one past its
                 # expiry is still stored until the next override write).
-                version, lifted = gate._sync_policy(force=True)
+                version, lifted = gate.apply_policy()
                 after = overrides_from_reply(gate.overrides())
             print(f"pool {gate.pool}: policy {version} applied from {args.file}")
             now_ms = int(time.time() * 1000)
