@@ -247,6 +247,54 @@ class TestDevicesThatStoppedReporting:
         assert live.try_admit("batch", vram="1GiB").admitted
         assert host.redis.hkeys(host.keys.samples) == ["SIM-live-0"]
 
+    def state_of(self, host: Host, uuid: str) -> list[str]:
+        """What the pool keeps about device ``uuid``: its state fields, lease
+        records and ghosts."""
+        fields = [f for f in host.redis.hkeys(host.keys.state) if f.endswith(":" + uuid)]
+        records = host.redis.hkeys(host.keys.device(uuid))
+        ghosts = [g for g in host.redis.zrange(host.keys.ghosts, 0, -1) if uuid in g]
+        return sorted(fields) + records + ghosts
+
+    def test_a_departed_device_leaves_nothing_in_the_pool(self, host: Host) -> None:
+        # given a host that admitted and released (its ghost not yet ended) and died
+        dead, _ = host.gate("dead")
+        live, _ = host.gate("live")
+        held = dead.try_admit("batch", vram="1GiB")
+        assert held.lease is not None
+        held.lease.release()
+        assert self.state_of(host, "SIM-dead-0") != []
+        # when 10 TTLs pass, the living host beating and deciding nothing
+        for _ in range(31):
+            host.clock.advance(10)
+            live.beat_now()
+        # then its sample went, and so did every count, memory sum, record and ghost
+        assert "SIM-dead-0" not in host.redis.hkeys(host.keys.samples)
+        assert self.state_of(host, "SIM-dead-0") == []
+
+    def test_a_device_holding_a_lease_keeps_its_state_until_it_is_free(self, host: Host) -> None:
+        # given a job running on for 10 TTLs, its gate renewing, no decision made
+        gate, _ = host.gate("a")
+        held = gate.try_admit("batch", vram="1GiB")
+        assert held.lease is not None
+        for _ in range(31):
+            host.clock.advance(10)
+            gate.beat_now()
+        # then its device's sample and state stay: the lease counts there
+        assert host.redis.hkeys(host.keys.samples) == ["SIM-a-0"]
+        assert host.redis.hget(host.keys.state, "d::SIM-a-0") == "1"
+        assert not held.lease.lost
+        # when the job ends: the ghost stays until older than sample_max_age
+        held.lease.release()
+        gate.beat_now()
+        assert self.state_of(host, "SIM-a-0") != []
+        host.clock.advance(TTL_S)
+        gate.beat_now()
+        # then the device leaves the pool's state, and comes back with a decision
+        assert self.state_of(host, "SIM-a-0") == []
+        assert host.redis.hkeys(host.keys.samples) == []
+        assert gate.try_admit("batch", vram="1GiB").admitted
+        assert host.redis.hget(host.keys.state, "d::SIM-a-0") == "1"
+
     def test_lost_gpus_whose_samples_went_leave_a_verdict_without_an_age(self, host: Host) -> None:
         # given a host whose only GPU is lost after one decision, its gate beating on
         gate, sim = host.gate("a")

@@ -28,6 +28,11 @@
 --   snapshot, or its next decision's own sample, stands in. The hash holds
 --   one entry per device and every worker beats every TTL/3, so it is read
 --   at most once per TTL pool-wide: state field swept = the last time.
+--   A device whose sample goes leaves the state with it: its ghosts released
+--   before the oldest sample a decision may use end (as admit_job.lua ends
+--   them), and its count and memory fields (d::<uuid>, d:<class>:<uuid>,
+--   m:<uuid>) are deleted. Not while it holds a live lease, a ghost released
+--   since, or idle workers' memory: its sample then stays for a later sweep.
 --   excess: the worker's idle excess, "<uuid> <bytes> <uuid> <bytes> ..."
 --   (what NVML shows for its pid on each device above its warm baseline
 --   while it holds no lease); "" none; "-" leaves it as it was. Ignored
@@ -71,7 +76,7 @@ local excess = ARGV[7]
 local n = tonumber(ARGV[8])
 local gpus_key = prefix .. 'gpus'
 
-local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion', 'swept')
+local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion', 'swept', 'classes')
 -- Every key built here (not in KEYS) is read before the first write: on Redis
 -- Cluster, while the pool's slot migrates, one may be on the other node
 -- already, and the script must fail before it writes (Redis does not undo
@@ -85,9 +90,39 @@ for i = 0, n - 1 do
 end
 local last = tonumber(st[1]) or 0
 local now = script_now(clock_ms, last)
+
+-- The sample sweep's reads (see samples above): the samples nobody refreshed
+-- for 10 TTLs, and what their devices still hold.
+local ttl, max_age
+if st[2] then
+  local _
+  ttl, _, max_age = select(2, pool_fields(st[2]))
+  ttl, max_age = tonumber(ttl), tonumber(max_age)
+end
+local sweep = ttl ~= nil and now - (tonumber(st[5]) or 0) >= ttl
+local unseen = {}  -- {uuid, dev key's rows, memory record, device count}
+if sweep then
+  local oldest = now - math.max(10 * ttl, 120000)
+  local rows = redis.call('HGETALL', samples_key)
+  for i = 1, #rows, 2 do
+    -- An entry that cannot be read goes too: no decision could use it.
+    local taken = tonumber(string.match(rows[i + 1], '^%d+ %d+ (%d+)'))
+    if taken == nil or taken <= oldest then unseen[#unseen + 1] = {uuid = rows[i]} end
+  end
+  if #unseen > 0 then
+    local fields = {}
+    for j, d in ipairs(unseen) do
+      d.rows = redis.call('HGETALL', prefix .. 'dev:' .. d.uuid)
+      fields[2 * j - 1] = 'm:' .. d.uuid
+      fields[2 * j] = 'd::' .. d.uuid
+    end
+    local vals = redis.call('HMGET', state_key, unpack(fields))
+    for j, d in ipairs(unseen) do d.m, d.n = vals[2 * j - 1], tonumber(vals[2 * j]) or 0 end
+  end
+end
+
 if now > last then redis.call('HSET', state_key, 'clock', now) end
 if not st[2] then return redis.error_reply('nopolicy') end
-local ttl = tonumber((select(2, pool_fields(st[2]))))
 reap_expired(prefix, state_key, exp_key, now, tonumber(st[3]))
 
 local contended = nil
@@ -191,18 +226,42 @@ if owner ~= '' then
   end
 end
 -- An idle worker silent for one TTL (dead, or cut off) no longer counts.
-local stale = redis.call('ZRANGEBYSCORE', idleseen_key, '-inf', now - ttl, 'LIMIT', 0, 16)
-for i = 1, #stale do drop_excess(stale[i]) end
+local silent_idle = redis.call('ZRANGEBYSCORE', idleseen_key, '-inf', now - ttl, 'LIMIT', 0, 16)
+for i = 1, #silent_idle do drop_excess(silent_idle[i]) end
 
--- Samples nobody has refreshed for 10 TTLs (see samples above).
-if now - (tonumber(st[5]) or 0) >= ttl then
-  local oldest = now - math.max(10 * ttl, 120000)
-  local rows = redis.call('HGETALL', samples_key)
-  for i = 1, #rows, 2 do
-    -- An entry that cannot be read goes too: no decision could use it.
-    local taken = tonumber(string.match(rows[i + 1], '^%d+ %d+ (%d+)'))
-    if taken == nil or taken <= oldest then redis.call('HDEL', samples_key, rows[i]) end
+-- Samples nobody has refreshed for 10 TTLs go, with their devices' state
+-- (see samples above), judged after this beat's own changes to the idle
+-- excess (memory, above).
+if sweep then
+  local ghosts_key = prefix .. 'ghosts'
+  local gone = {}
+  for _, d in ipairs(unseen) do
+    local r, a, t, f = parse_memory(d.m)
+    local m = memory[d.uuid]
+    if m then r, a, t, f = m[1], m[2], m[3], m[4] end
+    local ended, busy = {}, d.n > 0
+    for i = 1, #d.rows, 2 do
+      local rec = parse_lease(d.rows[i + 1])
+      if rec.r == 0 or rec.r >= now - max_age then
+        busy = true
+      else
+        r, a, f = r - math.max(rec.e, rec.a), a - rec.a, f - rec.f
+        ended[#ended + 1] = d.rows[i]
+      end
+    end
+    if not busy and f <= 0 then
+      redis.call('HDEL', samples_key, d.uuid)
+      if #ended > 0 then
+        redis.call('DEL', prefix .. 'dev:' .. d.uuid)
+        for _, id in ipairs(ended) do redis.call('ZREM', ghosts_key, d.uuid .. '\t' .. id) end
+      end
+      gone[#gone + 1] = 'm:' .. d.uuid
+      gone[#gone + 1] = 'd::' .. d.uuid
+      for cls in string.gmatch(st[6] or '', '%S+') do gone[#gone + 1] = 'd:' .. cls .. ':' .. d.uuid end
+      memory[d.uuid] = nil
+    end
   end
+  if #gone > 0 then redis.call('HDEL', state_key, unpack(gone)) end
   redis.call('HSET', state_key, 'swept', now)
 end
 
