@@ -723,6 +723,24 @@ class TestPriority:
         assert gate.try_admit("batch", vram="40GiB").device_uuid == "SIM-sim-1"
         assert gate.try_admit("interactive", vram="30GiB").device_uuid == "SIM-sim-1"
 
+    def test_a_pinned_waiter_holds_back_its_device_only(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy(), SimulatedSampler(["80GiB", "80GiB"]), _clock_ms=clock)
+        full = gate.try_admit("batch", vram="70GiB", device="SIM-sim-0")
+        assert full.lease is not None
+        # It can run on sim-0 only, and waits there.
+        assert gate.try_admit("interactive", vram="30GiB", device="SIM-sim-0").reason == "vram"
+        # sim-1 is of no use to it: batch takes it.
+        d = gate.try_admit("batch", vram="60GiB")
+        assert (d.outcome, d.device_uuid) == (Outcome.ADMIT, "SIM-sim-1")
+        # Its own device it still holds: room opening there goes to it first.
+        full.lease.release()
+        clock.advance(0.1)
+        assert gate.try_admit("batch", vram="60GiB").reason == "priority"
+        assert gate.try_admit("interactive", vram="30GiB", device="SIM-sim-0").admitted
+
     def test_another_hosts_waiter_does_not_hold_back_this_hosts_devices(
         self, make_gate: Callable[..., Gate]
     ) -> None:

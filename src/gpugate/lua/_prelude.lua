@@ -10,7 +10,8 @@
 --           ("-" = none)
 --   waiter  "p s v w x d c r"      priority, since (ms), vram, what it waits
 --           for ("vram" | "slot" | "-"), expiry (ms), device ("-" = none),
---           class, reason
+--           class, reason; " pinned" follows when the request named its
+--           device (it can use no other)
 --   sample  "total used taken_ms"
 --   memory  "reserved actual latest_at idle"   per device, state field
 --           m:<uuid>: the sums over its leases and ghosts of max(estimate,

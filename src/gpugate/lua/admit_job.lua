@@ -126,6 +126,7 @@ end
 local function defer(reason, retry, device, wants, detail)
   local rec = string.format('%d %d %d %s %d %s %s %s', my_prio, my_since(), vram, wants,
                             now + waiter_ttl, device ~= '' and device or '-', cls, reason)
+  if want_device ~= '' then rec = rec .. ' pinned' end
   redis.call('HSET', waiters_key, waiter_id, rec)
   return {'defer', reason, retry, device, '', 0, detail, -1}
 end
@@ -276,24 +277,29 @@ for i = 1, #waiters, 2 do
   elseif w ~= '-' and d ~= '-' then
     local eff = tonumber(p) + aging * (now - tonumber(s))
     if blocked[d] == nil or eff > blocked[d] then blocked[d] = eff end
-    if w == 'vram' and listed_uuids[d] then wanted[#wanted + 1] = {eff, tonumber(v)} end
+    if w == 'vram' and listed_uuids[d] then
+      -- A pinned waiter (its record ends " pinned") can use only its device.
+      local pin = string.sub(waiters[i + 1], -7) == ' pinned' and d or nil
+      wanted[#wanted + 1] = {eff, tonumber(v), pin}
+    end
   end
 end
 local my_eff = my_prio + aging * (now - my_since())
 for d, eff in pairs(blocked) do
   if eff <= my_eff then blocked[d] = nil end
 end
-local needs = {}  -- the VRAM each waiter for memory above this request wants
+local needs = {}  -- {vram, pinned device or nil} of each waiter for memory above this request
 for _, e in ipairs(wanted) do
-  if e[1] > my_eff then needs[#needs + 1] = e[2] end
+  if e[1] > my_eff then needs[#needs + 1] = {e[2], e[3]} end
 end
 
--- Whether this request would take room a waiter above it fits in now, on a
--- device with `free` bytes (before class reserves: the waiter's own are
--- smaller than this request's).
-local function room_taken(free)
+-- Whether this request would take room a waiter above it fits in now, on
+-- device `uuid` with `free` bytes (before class reserves: the waiter's own
+-- are smaller than this request's).
+local function room_taken(uuid, free)
   for _, need in ipairs(needs) do
-    if free >= need and free - vram < need then return true end
+    local v = need[1]
+    if (need[2] == nil or need[2] == uuid) and free >= v and free - vram < v then return true end
   end
   return false
 end
@@ -377,7 +383,7 @@ for _, d in ipairs(slotted) do
   if avail >= vram then
     if max_frag >= 0 and d.m_idle > max_frag * d.total then
       fragmented = true
-    elseif blocked[d.uuid] or (#needs > 0 and room_taken(d.total - unmanaged - reserved - margin)) then
+    elseif blocked[d.uuid] or (#needs > 0 and room_taken(d.uuid, d.total - unmanaged - reserved - margin)) then
       held_back = true
     elseif best == nil
         or (placement == 'spread' and avail > best_avail)
