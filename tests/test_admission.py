@@ -1127,6 +1127,19 @@ class TestLeases:
         gate.beat_now()
         assert nb.lease.max_duration_reached  # type: ignore[union-attr]
         assert not nb.lease.lost  # type: ignore[union-attr]
+        # The waiter leaving does not bring renewal back: the lease ends at its
+        # expiry, counted as ended by max_duration, not as expired.
+        gate.client.delete(gate._keys.waiters)  # the interactive request went away
+        clock.advance(1)
+        gate.beat_now()
+        assert nb.lease.expires_ms is not None
+        assert nb.lease.expires_ms <= clock.ms + 5000 - 1000
+        clock.advance(5)
+        gate.beat_now()
+        assert nb.lease.lost  # type: ignore[union-attr]
+        view = gate.client.hgetall(gate._keys.state)
+        assert view.get(b"out:notebook:max_duration") == b"1"
+        assert b"expired:notebook" not in view
 
     def test_lease_ids_are_never_reused_after_redis_loses_its_state(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str

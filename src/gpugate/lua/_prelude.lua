@@ -50,9 +50,9 @@
 --   the TTL before that deadline, and renewal stops there (renew_leases.lua,
 --   status 2), so the class's max_duration ended it, not a silent holder. A
 --   holder that died within that last TTL counts there too: its lease ended
---   no later than the deadline would have ended it. A lease that
---   max_duration_contended ended leaves no trace of it and counts as
---   expired. The bound keeps one call short: each ended lease costs about
+--   no later than the deadline would have ended it. So does a lease that
+--   max_duration_contended ended (renew_leases.lua records that deadline in
+--   field m when it is reached). The bound keeps one call short: each ended lease costs about
 --   ten commands (64 take some 0.7 ms of server time, 256 some 3 to 5 ms);
 --   admit_job.lua answers short retries while leases are left, so that
 --   callers come back and reap on.

@@ -45,8 +45,9 @@
 --
 -- Key schema and record formats: see admit_job.lua and the prelude. The max
 -- duration is the class's max_ms, or max_contended_ms while a live waiter
--- wants memory on the lease's device; whatever memory the holder keeps after
--- its lease ends counts as unmanaged through the samples.
+-- wants memory on the lease's device (once reached, it becomes the lease's
+-- own deadline, record field m); whatever memory the holder keeps after its
+-- lease ends counts as unmanaged through the samples.
 --
 -- Idle excess (P idlemem hash: owner -> "<uuid> <bytes> ..."; P idleseen
 -- zset: owner -> last beat ms, for owners with an entry) is part of each
@@ -299,6 +300,13 @@ for i = 0, n - 1 do
     end
     if deadline > 0 and now >= deadline then
       status = 2
+      if deadline ~= rec.m then
+        -- max_duration_contended ended it: for good (renewal stops, as at
+        -- max_duration, though the waiter may leave), and recorded, so that
+        -- reaping counts it as ended by max_duration, not as expired.
+        rec.m = deadline
+        redis.call('HSET', dkey, id, format_lease(rec))
+      end
     else
       status = 1
       expires = now + ttl
