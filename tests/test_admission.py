@@ -424,6 +424,33 @@ class TestSampleTimes:
         assert d.outcome is Outcome.DEFER
         assert d.reason == "vram"
 
+    def test_a_ghost_ended_on_one_gates_sample_is_not_forgotten_by_another_gates(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Two workers share a GPU, each with its own sampler. B's reading is
+        # taken before job J allocates 60 GiB. J ends, its process keeping the
+        # memory; A's next decision, on a reading taken after J's release, ends
+        # J's ghost (A's reading shows the memory as unmanaged). B then decides
+        # on its older reading, which shows none of it: the stored sample must
+        # be A's, else J's memory counts nowhere. It was not rewritten within
+        # 100 ms of the last write, and B admitted 60 GiB onto it.
+        host_b = make_gate(policy(), _Frozen(SimulatedSampler(["80GiB"]).sample()))
+        first = host_b.try_admit("batch", vram=1)  # B's reading is stored
+        assert first.lease is not None
+        first.lease.release()
+        sim_a = SimulatedSampler(["80GiB"])
+        host_a = make_gate(policy(), sim_a)
+        time.sleep(0.005)
+        job = host_a.try_admit("batch", vram="60GiB")
+        assert job.lease is not None
+        sim_a.set_used(0, "60GiB")
+        job.lease.release()
+        time.sleep(0.005)
+        probe = host_a.try_admit("batch", vram=1)  # ends J's ghost
+        assert probe.lease is not None
+        d = host_b.try_admit("batch", vram="60GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "vram")
+
 
 class TestCaps:
     """Class caps (pool and device), shared device slots, and runtime caps."""

@@ -382,6 +382,7 @@ class Model:
 
         cand: list[tuple[int, int, int, int]] = []  # device, total, used, ts
         fits_listed = False  # capacity does not go stale: never-fits looks at every device
+        unstored: set[int] = set()  # devices whose newer sample was not written (100 ms)
         for i in range(len(self.uuids)):
             total, use, ts = DEVICE_TOTAL, used[i], now
             stored = self.samples.get(i)
@@ -392,6 +393,8 @@ class Model:
                     total, use, ts = stored
             if ts >= s_ts + 100:
                 self.samples[i] = (total, use, ts)
+            elif ts > s_ts:
+                unstored.add(i)
             fits_listed |= total - self.margin - row.reserve_above >= vram
             if now - ts <= self.max_age:
                 cand.append((i, total, use, ts))
@@ -457,6 +460,9 @@ class Model:
                     continue
                 if 0 < rec.r < ts:
                     del self.leases[lid]  # a sample after the release shows it gone
+                    if i in unstored:  # ... and the stored sample is that one from now on
+                        self.samples[i] = (total, use, ts)
+                        unstored.discard(i)
                     continue
                 reserved += max(rec.e, rec.a)
                 measured += rec.a  # measured (by the heartbeat) before any later sample

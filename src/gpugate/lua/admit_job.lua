@@ -181,15 +181,18 @@ for i = 0, n_samples - 1 do
       if s_ts >= ts then total, used, ts = tonumber(s_total), tonumber(s_used), s_ts end
     end
     -- Keep the stored sample fresh for other hosts and status, writing at
-    -- most every 100 ms per device: this decision uses its own sample anyway.
-    if ts >= s_ts + 100 then
+    -- most every 100 ms per device: this decision uses its own sample anyway
+    -- (but see the ghosts below).
+    local written = ts >= s_ts + 100
+    if written then
       fresher[#fresher + 1] = uuid
       fresher[#fresher + 1] = total .. ' ' .. used .. ' ' .. ts
     end
     listed = listed + 1
     if total - margin - reserve_above >= vram then fits_listed = true end
     if now - ts <= max_age then
-      cand[#cand + 1] = {uuid = uuid, total = total, used = used, ts = ts}
+      cand[#cand + 1] = {uuid = uuid, total = total, used = used, ts = ts, s_ts = s_ts,
+                         written = written}
     end
   end
 end
@@ -353,6 +356,19 @@ for i = 1, #gone, 2 do
     frees[#frees + 1] = {'ZREM', ghosts_key, member}
   end
 end
+-- A ghost ended here on this decision's sample is gone for every decision,
+-- and another gate on the device may hold a sample from before its release:
+-- the stored sample, which every decision weighs against its own, must be
+-- this one then, however recent the last write.
+local newer = {}
+for uuid in pairs(ended) do
+  local d = by_uuid[uuid]
+  if d and not d.written and d.ts > d.s_ts then
+    newer[#newer + 1] = uuid
+    newer[#newer + 1] = d.total .. ' ' .. d.used .. ' ' .. d.ts
+  end
+end
+if #newer > 0 then redis.call('HSET', samples_key, unpack(newer)) end
 
 -- VRAM per device: reserved = sum max(est, actual) over leases and ghosts;
 -- unmanaged = used - sum of actuals measured no later than the sample. Both
