@@ -452,6 +452,31 @@ class TestSampleTimes:
         assert (d.outcome, d.reason) == (Outcome.DEFER, "vram")
 
 
+class TestGhosts:
+    """A released lease's memory counts until a sample taken after the release."""
+
+    def test_a_wave_of_ghosts_elsewhere_does_not_hide_a_hosts_own(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # A decision reads the oldest 256 ghosts pool-wide; 300 jobs ending on
+        # host B just before host A's left A's ghost out of that read: A's idle
+        # GPU looked full until B's ghosts had ended.
+        clock = FakeClock()
+        host_a = make_gate(policy(), _Renamed(SimulatedSampler(["80GiB"]), "A"), _clock_ms=clock)
+        host_b = make_gate(policy(), _Renamed(SimulatedSampler(["80GiB"]), "B"), _clock_ms=clock)
+        job = host_a.try_admit("batch", vram="60GiB")
+        assert job.lease is not None
+        for _ in range(300):
+            d = host_b.try_admit("batch", vram=1)
+            assert d.lease is not None
+            d.lease.release()
+        clock.advance(0.001)
+        job.lease.release()
+        clock.advance(0.1)  # A's next reading is taken after its release
+        d = host_a.try_admit("batch", vram="60GiB")
+        assert (d.outcome, d.device_uuid) == (Outcome.ADMIT, "A-SIM-sim-0")
+
+
 class TestCaps:
     """Class caps (pool and device), shared device slots, and runtime caps."""
 

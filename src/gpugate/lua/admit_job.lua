@@ -356,6 +356,31 @@ for i = 1, #gone, 2 do
     frees[#frees + 1] = {'ZREM', ghosts_key, member}
   end
 end
+-- A full read may have left this request's own devices' ghosts out (more
+-- than 256 older ones pool-wide: a wave of jobs ending at once): those are
+-- found in their devices' records instead, else its idle GPUs would look
+-- full until the wave had ended elsewhere.
+if #gone == 512 then
+  for _, d in ipairs(slotted) do
+    local dkey = prefix .. 'dev:' .. d.uuid
+    local rows = redis.call('HGETALL', dkey)
+    local here = ended[d.uuid] or {}
+    for j = 1, #rows, 2 do
+      local id = rows[j]
+      local rec = parse_lease(rows[j + 1])
+      if rec.r > 0 and rec.r < d.ts and not here[id] then
+        d.m_res = d.m_res - math.max(rec.e, rec.a)
+        d.m_act = d.m_act - rec.a
+        d.m_idle = d.m_idle - rec.f
+        d.m_dirty = true
+        here[id] = true
+        frees[#frees + 1] = {'HDEL', dkey, id}
+        frees[#frees + 1] = {'ZREM', ghosts_key, d.uuid .. '\t' .. id}
+      end
+    end
+    if next(here) then ended[d.uuid] = here end
+  end
+end
 -- A ghost ended here on this decision's sample is gone for every decision,
 -- and another gate on the device may hold a sample from before its release:
 -- the stored sample, which every decision weighs against its own, must be
