@@ -902,6 +902,27 @@ class TestPriority:
         clock.advance(5.001)
         assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
 
+    def test_lapsed_waiters_of_a_paused_class_are_swept(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # A decision stopped by a pause reads no waiters, so it deletes none:
+        # pollers of a class paused overnight left every entry behind.
+        clock = FakeClock()
+        gate = make_gate(
+            policy({"waiter_ttl": "5s", "lease_ttl": "30s"}),
+            SimulatedSampler(["80GiB"]),
+            _clock_ms=clock,
+        )
+        gate.pause("batch")
+        for i in range(1, 51):
+            assert gate.try_admit("batch", vram=i).reason == "paused"
+        assert gate.client.hlen(gate._keys.waiters) == 50
+        gate.beat_now()  # within the TTL of the last sweep: nothing to do yet
+        clock.advance(30)
+        assert gate.try_admit("batch", vram=1).reason == "paused"  # one still polls
+        gate.beat_now()
+        assert gate.client.hlen(gate._keys.waiters) == 1
+
     def test_two_threads_polling_the_same_request_are_two_waiters(
         self, make_gate: Callable[..., Gate]
     ) -> None:

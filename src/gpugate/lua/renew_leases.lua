@@ -33,6 +33,7 @@
 --   them), and its count and memory fields (d::<uuid>, d:<class>:<uuid>,
 --   m:<uuid>) are deleted. Not while it holds a live lease, a ghost released
 --   since, or idle workers' memory: its sample then stays for a later sweep.
+--   The same sweep deletes waiter entries past their expiry.
 --   excess: the worker's idle excess, "<uuid> <bytes> <uuid> <bytes> ..."
 --   (what NVML shows for its pid on each device above its warm baseline
 --   while it holds no lease); "" none; "-" leaves it as it was. Ignored
@@ -230,6 +231,13 @@ end
 local silent_idle = redis.call('ZRANGEBYSCORE', idleseen_key, '-inf', now - ttl, 'LIMIT', 0, 16)
 for i = 1, #silent_idle do drop_excess(silent_idle[i]) end
 
+-- HDEL of any number of fields (unpack has a limit on its results).
+local function hdel_all(key, fields)
+  for i = 1, #fields, 1000 do
+    redis.call('HDEL', key, unpack(fields, i, math.min(i + 999, #fields)))
+  end
+end
+
 -- Samples nobody has refreshed for 10 TTLs go, with their devices' state
 -- (see samples above), judged after this beat's own changes to the idle
 -- excess (memory, above).
@@ -262,7 +270,16 @@ if sweep then
       memory[d.uuid] = nil
     end
   end
-  if #gone > 0 then redis.call('HDEL', state_key, unpack(gone)) end
+  hdel_all(state_key, gone)
+  -- Waiters past their TTL: decisions delete those they read, but one that
+  -- stops at a pause or a class cap reads none, and pollers keep coming.
+  local ws = redis.call('HGETALL', waiters_key)
+  local lapsed = {}
+  for i = 1, #ws, 2 do
+    local x = tonumber((select(5, waiter_fields(ws[i + 1]))))
+    if x == nil or x <= now then lapsed[#lapsed + 1] = ws[i] end
+  end
+  hdel_all(waiters_key, lapsed)
   redis.call('HSET', state_key, 'swept', now)
 end
 
