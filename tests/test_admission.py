@@ -2427,6 +2427,29 @@ class TestRedisHangs:
         assert holder.leases_held() == []
         assert read_redis(server, lambda client: client.zcard(PoolKeys(holder.pool).exp)) == 0
 
+    def test_a_slow_reply_counts_against_the_unconfirmed_ttl(
+        self, private: tuple[RedisProcess, Callable[..., Gate]]
+    ) -> None:
+        # The lease's TTL runs from when the script ran: a reply that took
+        # 0.8 s to arrive leaves 0.2 s of a 1 s TTL, not 1 s. Counted from the
+        # reply, the holder was told 0.8 s after another could have its slot.
+        server, make = private
+        holder = make(policy({"lease_ttl": "1s"}))  # a 0.3 s socket timeout
+        run = holder._run_admit
+
+        def slow_reply(*args: Any) -> Any:
+            reply = run(*args)
+            time.sleep(0.8)
+            return reply
+
+        holder._run_admit = slow_reply  # type: ignore[method-assign]
+        lease = holder.try_admit("batch", vram="1GiB").lease
+        assert lease is not None
+        # The beat fails 0.3 to 0.6 s on: over a TTL since the script ran.
+        with frozen(server), pytest.raises(BackendError):
+            holder.beat_now()
+        assert (lease.lost, lease.lost_reason) == (True, "unrenewed")
+
     def test_a_policy_that_lowers_the_lease_ttl_does_not_make_holders_give_up_leases(
         self, private: tuple[RedisProcess, Callable[..., Gate]]
     ) -> None:

@@ -564,6 +564,7 @@ class Gate(LeaseKeeping, Overrides):
                     device_uuid=d_uuid,
                     expires_ms=int(expires_ms),
                     ttl_s=(int(expires_ms) - int(reply[9])) / 1000,
+                    sent_mono=taken,
                 )
                 self._hold(lease)
             if precheck:

@@ -74,6 +74,7 @@ class Lease:
         expires_ms: int,
         local: bool = False,
         ttl_s: float | None = None,
+        sent_mono: float | None = None,
     ) -> None:
         self._gate = gate
         self.id = id
@@ -94,7 +95,9 @@ class Lease:
         # When Redis last confirmed it (monotonic): admitted, or renewed; and
         # for how long it did (None: the pool's lease TTL as the gate knows it).
         # A policy that lowers the TTL leaves what Redis granted as it was.
-        self._renewed_mono = time.monotonic()
+        # Counted from when the admission was sent (``sent_mono``): its TTL
+        # runs from when the script ran, which a slow reply hides.
+        self._renewed_mono = time.monotonic() if sent_mono is None else sent_mono
         self._ttl_s = ttl_s
         # A local lease (Redis unreachable, on_backend_error "open") holds a
         # slot of this process's own cap; releasing or dropping it frees that.
