@@ -1235,6 +1235,42 @@ class TestLeases:
         new_holder.beat_now()
         assert not fresh.lost
 
+    def test_a_policyless_worker_coming_back_first_does_not_leave_the_pool_uncapped(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        capped = policy(batch={"priority": 10, "max_concurrent": 1})
+        running = make_gate(capped)
+        assert running.try_admit("batch", vram=1).lease is not None
+        # Redis loses its state; a worker without a policy starts first and
+        # publishes the (uncapped) default.
+        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        worker = make_gate(None, register=False)
+        worker.sync_policy()
+        assert worker.pool_policy == Policy.default()
+        # The running gate sees the change at its next decision and puts back
+        # the policy it knew: the cap holds.
+        assert running.try_admit("batch", vram=1).lease is not None
+        assert running.pool_policy_version == capped.version
+        assert worker.try_admit("batch", vram=1).reason == "cap"
+        assert worker.pool_policy_version == capped.version
+        # So does a gate made with that policy after the worker.
+        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        make_gate(None, register=False).sync_policy()
+        assert make_gate(capped, register=False).pool_policy_version == capped.version
+
+    def test_redis_losing_its_state_restores_the_applied_policy_not_a_gates_own(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        loose = policy(batch={"priority": 10, "max_concurrent": 4})
+        strict = policy(batch={"priority": 10, "max_concurrent": 1})
+        running = make_gate(loose)
+        make_gate(strict, register=False).apply_policy()  # `gpugate policy apply`
+        assert running.try_admit("batch", vram=1).lease is not None  # follows it
+        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        assert running.try_admit("batch", vram=1).lease is not None
+        assert running.pool_policy_version == strict.version
+        assert running.try_admit("batch", vram=1).reason == "cap"
+
     def test_a_dropped_lease_object_releases_its_slot(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
         labels = {"pool": gate.pool, "class": "batch", "outcome": "dropped"}

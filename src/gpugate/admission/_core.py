@@ -9,6 +9,7 @@ idle memory (``_workers``), overrides (``_overrides``) and the decisions
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -71,6 +72,7 @@ class GateCore:
     policy: Policy | None
     pool_policy: Policy | None
     pool_policy_version: str | None
+    _pool_policy_auto: bool
     policy_mismatch: bool
     sampler: Sampler
     metrics: Metrics
@@ -177,17 +179,25 @@ class GateCore:
         still in force that the publish lifted with its class (for
         :meth:`apply_policy`, from the same script call)."""
         self._check_usable()
-        restoring = self.policy is None and self.pool_policy is not None
-        mine = self.policy or self.pool_policy or Policy.default()
-        if self.policy is None and not force:
-            current, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
-            if current is not None:
-                self._adopt(_b2s(current), _b2s(stored) if stored is not None else None)
-                return self.pool_policy_version or "", []
+        if force:
+            return self._publish(self.policy or self.pool_policy or Policy.default(), "1")
+        # Into a pool without a policy (new, or Redis lost its state): the
+        # pool's policy this gate last knew, else its own. Either replaces an
+        # automatic default, which a worker without either publishes.
+        known = None if self._pool_policy_auto else self.pool_policy
+        mine = known or self.policy
+        if mine is None:
+            return self._publish(Policy.default(), "d")
+        return self._publish(mine, "0", restoring=known is not None)
+
+    def _publish(
+        self, mine: Policy, mode: str, *, restoring: bool = False
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """Run ``publish_policy.lua`` with ``mine`` in ``mode`` (its ARGV[2])."""
         published, version, *raw_lifted = self._call(
             self._scripts.publish_policy,
             keys=[self._keys.state],
-            args=publish_args(mine, force=force, clock_ms=self._now_arg()),
+            args=publish_args(mine, mode=mode, clock_ms=self._now_arg()),
         )
         version = _b2s(version)
         lifted = [(kind, cls) for kind, cls in (_b2s(x).split(" ", 1) for x in raw_lifted)]
@@ -199,7 +209,7 @@ class GateCore:
                 lifted=[f"{kind} {cls}" for kind, cls in lifted],
                 note="the new policy has no such class",
             )
-        if published and restoring and not force:
+        if published and restoring:
             log.warning(
                 "pool_policy_restored",
                 pool=self.pool,
@@ -210,10 +220,10 @@ class GateCore:
         if published:
             log.info("policy_published", pool=self.pool, version=version)
             self.pool_policy = mine
-            self._adopt(None, version)
+            self._adopt(None, version, auto=mode == "d")
         else:
-            doc = self._call(self._client.hget, self._keys.state, "pdoc")
-            self._adopt(_b2s(doc) if doc is not None else None, version)
+            doc, auto = self._call(self._client.hmget, self._keys.state, "pdoc", "pauto")
+            self._adopt(_b2s(doc) if doc is not None else None, version, auto=auto is not None)
         self._check_mismatch()
         return self.pool_policy_version or "", lifted
 
@@ -230,18 +240,28 @@ class GateCore:
                 fix="the pool's policy is enforced; run `gpugate policy apply FILE` to change it",
             )
 
-    def _follow_pool_policy(self, version: bytes, doc: bytes | None = None) -> None:
+    def _follow_pool_policy(
+        self, version: bytes, doc: bytes | None = None, auto: bytes | None = None
+    ) -> None:
         """The pool's policy changed while this gate runs (`gpugate policy apply`):
         read it again (unless the caller read it, ``doc``), and beat at once so
         that renewals follow a new lease TTL."""
         was = self.pool_policy_version
+        prior = None if self._pool_policy_auto else self.pool_policy
         if doc is None:
             try:
-                doc = self._call(self._client.hget, self._keys.state, "pdoc")
+                doc, auto = self._call(self._client.hmget, self._keys.state, "pdoc", "pauto")
             except BackendError:
                 return  # the next decision or beat tries again
-        self._adopt(_b2s(doc) if doc is not None else None, _b2s(version))
+        self._adopt(_b2s(doc) if doc is not None else None, _b2s(version), auto=auto is not None)
         log.info("pool_policy_changed", pool=self.pool, was=was, now=self.pool_policy_version)
+        restore = prior or self.policy
+        if self._pool_policy_auto and restore is not None:
+            # A worker without a policy published the default into a pool that
+            # had lost its state (an uncapped one): put back what this gate knew.
+            # On failure the next decision or beat follows the version again.
+            with contextlib.suppress(BackendError):
+                self._publish(restore, "0", restoring=True)
         self._check_mismatch()
         if self._heartbeat is not None:
             self._heartbeat.kick()
@@ -252,21 +272,28 @@ class GateCore:
         a change is followed as a decision follows it. Without a policy in the
         pool, :attr:`effective_policy`."""
         self._check_usable()
-        doc, version = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
+        doc, version, auto = self._call(
+            self._client.hmget, self._keys.state, "pdoc", "pversion", "pauto"
+        )
         if version is not None and version != self._pool_version_b:
-            self._follow_pool_policy(version, doc)
+            self._follow_pool_policy(version, doc, auto)
         return self.effective_policy
 
     def read_pool_policy(self) -> Policy | None:
         """The policy stored in the pool (``None`` if it has none); publishes nothing."""
         self._check_usable()
-        doc, stored = self._call(self._client.hmget, self._keys.state, "pdoc", "pversion")
+        doc, stored, auto = self._call(
+            self._client.hmget, self._keys.state, "pdoc", "pversion", "pauto"
+        )
         if doc is None:
             return None
-        self._adopt(_b2s(doc), _b2s(stored) if stored is not None else None)
+        self._adopt(_b2s(doc), _b2s(stored) if stored is not None else None, auto=auto is not None)
         return self.pool_policy
 
-    def _adopt(self, doc: str | None, version: str | None = None) -> None:
+    def _adopt(self, doc: str | None, version: str | None = None, *, auto: bool = False) -> None:
+        """Take the pool's policy (``doc``, or :attr:`pool_policy` as set) and
+        version; ``auto``: a worker's automatic default (see publish_policy.lua)."""
+        self._pool_policy_auto = auto
         if doc is not None:
             try:
                 self.pool_policy = Policy.from_dict(json.loads(doc), source=f"pool {self.pool}")

@@ -192,6 +192,7 @@ class Gate(LeaseKeeping, Overrides):
         self.policy = policy
         self.pool_policy: Policy | None = None
         self.pool_policy_version: str | None = None
+        self._pool_policy_auto = False  # the pool's is a worker's automatic default
         self._pool_version_b = b""  # the same, as the scripts' replies carry it
         self.policy_mismatch = False
         self.sampler: Sampler = sampler if sampler is not None else default_sampler()

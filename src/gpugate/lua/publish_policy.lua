@@ -1,14 +1,21 @@
 -- publish_policy.lua: store the pool's policy, unless it has one already.
 --
 -- KEYS = [state]
--- ARGV = [version, force, clock_ms, policy_doc, classes, pool_record,
+-- ARGV = [version, mode, clock_ms, policy_doc, classes, pool_record,
 --         (class, class_record) * len(classes)]
+--   mode: "1" replaces the stored policy (`gpugate policy apply`); "0"
+--   publishes into a pool without one, or whose policy is an automatic
+--   default; "d" publishes an automatic default (a worker's gate with no
+--   policy to give), only into a pool without one: state pauto marks it, so
+--   that a gate that knew the pool's real policy before Redis lost its state
+--   (or was made with one) replaces it, and a pool does not stay uncapped
+--   because a policy-less worker came back first. Older gates send "0"/"1".
 --   clock_ms: 0 = Redis TIME (tests inject a clock)
 -- -> {published (1|0), the pool's policy version after the call,
 --     "<kind> <class>" for each override in force lifted with its class}
 --
 -- Key schema: state pversion, pdoc (JSON of Policy.to_dict(), for people and
--- gates), classes (space-separated names), pool (pool record), c:<class>
+-- gates), pauto (present: an automatic default, see mode), classes (space-separated names), pool (pool record), c:<class>
 -- (class records; formats in the prelude), pause:<class> ("until_ms"),
 -- cap:<class> ("n until_ms"; until 0 = no expiry) and ovr (overrides, as
 -- set_override.lua writes them), clock (read only). With force "1" the
@@ -21,14 +28,15 @@
 
 local state_key = KEYS[1]
 local version = ARGV[1]
-local force = ARGV[2] == '1'
+local mode = ARGV[2]
+local force = mode == '1'
 local clock_ms = tonumber(ARGV[3])
 local policy_doc = ARGV[4]
 local classes = ARGV[5]
 local pool_record = ARGV[6]
 
-local st = redis.call('HMGET', state_key, 'pversion', 'classes', 'ovr', 'clock')
-if st[1] and not force then return {0, st[1]} end
+local st = redis.call('HMGET', state_key, 'pversion', 'classes', 'ovr', 'clock', 'pauto')
+if st[1] and not force and (mode == 'd' or not st[5]) then return {0, st[1]} end
 local reply = {1, version}
 if st[2] then
   local now = script_now(clock_ms, tonumber(st[4]) or 0)
@@ -65,4 +73,9 @@ for i = 7, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i + 1]
 end
 redis.call('HSET', state_key, unpack(fields))
+if mode == 'd' then
+  redis.call('HSET', state_key, 'pauto', '1')
+elseif st[5] then
+  redis.call('HDEL', state_key, 'pauto')
+end
 return reply

@@ -49,12 +49,12 @@ def class_records(policy: Policy) -> dict[str, str]:
     return out
 
 
-def publish_args(policy: Policy, *, force: bool, clock_ms: int) -> list[str]:
-    """ARGV for ``publish_policy.lua`` (``clock_ms`` 0: Redis TIME)."""
+def publish_args(policy: Policy, *, mode: str, clock_ms: int) -> list[str]:
+    """ARGV for ``publish_policy.lua`` (``mode``: its ARGV[2]; ``clock_ms`` 0: Redis TIME)."""
     classes = class_records(policy)
     args = [
         policy.version,
-        "1" if force else "0",
+        mode,
         str(clock_ms),
         json.dumps(policy.to_dict(), separators=(",", ":")),
         " ".join(classes),
