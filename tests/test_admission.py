@@ -2342,6 +2342,27 @@ class TestManyThreads:
         assert len(reasons) == threads * 10
 
 
+class TestRefusals:
+    """A Redis that answers but refuses is not called unreachable: the error names the fix."""
+
+    def test_a_wrong_password_is_named_as_such(self, server: RedisProcess, pool_name: str) -> None:
+        private = RedisProcess(server.executable).start()
+        read_redis(private, lambda client: client.config_set("requirepass", "s3cret"))
+        try:
+            url = private.url.replace("redis://", "redis://:wrong@")
+            gate = Gate(url, pool=pool_name, sampler=SimulatedSampler(["80GiB"]), register=False)
+            try:
+                assert gate.try_admit("batch", vram=1).reason == "backend_unavailable"
+                with pytest.raises(BackendError, match="refused the credentials") as raised:
+                    gate.pause("batch")
+                assert "check the user and password in the URL" in str(raised.value)
+                assert "wrong" not in str(raised.value)  # the password stays masked
+            finally:
+                gate.close()
+        finally:
+            private.stop()
+
+
 class TestWakeListener:
     """The thread that wakes blocked admissions outlives any error Redis replies."""
 

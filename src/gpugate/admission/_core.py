@@ -27,7 +27,7 @@ from .._units import quote
 from ..metrics import Metrics
 from ..policy import Policy
 from ..sampling import Sampler
-from ..state._connect import REDIS_DOWN, refuses_writes
+from ..state._connect import REDIS_DOWN, down_reason, refuses_writes
 from ..state._keys import PoolKeys
 from ..state._scripts import Scripts
 from ..state._wire import publish_args
@@ -331,7 +331,7 @@ class GateCore:
             raise BackendError(f"Redis at {self.redis_url} refused a call: {exc}") from exc
 
     def _unreachable(self, exc: BaseException) -> BackendError:
-        return BackendError(f"Redis at {self.redis_url} is unreachable: {exc}")
+        return BackendError(f"Redis at {self.redis_url} {down_reason(exc)}")
 
     def _late(self, tell: Callable[[], object]) -> None:
         """What an operation in flight when the gate closed still has to tell

@@ -43,6 +43,7 @@ __all__ = [
     "REDIS_DOWN",
     "Client",
     "connect",
+    "down_reason",
     "mask_url",
     "refuses_writes",
     "resolve_redis_url",
@@ -305,3 +306,22 @@ def _without_secrets(text: str, url: str) -> str:
     if password:
         text = text.replace(password, _MASK)
     return text.replace(url, mask_url(url)).splitlines()[0] if text else "invalid URL"
+
+
+_CREDENTIAL_MARKS = ("NOAUTH", "WRONGPASS", "HELLO must be called", "invalid username-password")
+
+
+def down_reason(exc: BaseException) -> str:
+    """How to say what a Redis failure in :data:`REDIS_DOWN` (or a refused
+    write) means, after "Redis at <url> ": a server that answered is not
+    called unreachable, and the fix is named."""
+    text = str(exc)
+    if isinstance(exc, redis.AuthenticationError) or any(m in text for m in _CREDENTIAL_MARKS):
+        return f"refused the credentials: {text} (check the user and password in the URL)"
+    if "READONLY" in text:
+        return f"takes no writes: {text} (a replica: point the URL at the primary)"
+    if "OOM command not allowed" in text:
+        return f"is full: {text} (maxmemory reached; free memory or raise it)"
+    if "MISCONF" in text:
+        return f"refuses writes: {text} (it cannot save its snapshot; see its log)"
+    return f"is unreachable: {text}"

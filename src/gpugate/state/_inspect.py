@@ -39,7 +39,7 @@ import redis
 from .._exceptions import BackendError, ConfigError
 from .._units import to_ms
 from ..policy import Policy
-from ._connect import REDIS_DOWN, Client, mask_url, refuses_writes
+from ._connect import REDIS_DOWN, Client, down_reason, mask_url, refuses_writes
 from ._keys import PoolKeys, owner_parts, waiter_owner
 
 __all__ = [
@@ -557,7 +557,7 @@ def read_pool(
         registry_info = {_s(k): _s(v) for k, v in replies[-2].items()}
         idle = _idle_memory(replies[-1])
     except REDIS_DOWN as exc:
-        raise BackendError(f"Redis at {url or 'the given client'} is unreachable: {exc}") from exc
+        raise BackendError(f"Redis at {url or 'the given client'} {down_reason(exc)}") from exc
     except redis.RedisError as exc:
         raise BackendError(f"reading pool {pool!r} from {url or 'Redis'} failed: {exc}") from exc
 
