@@ -791,6 +791,37 @@ class TestOverrideCommands:
         assert run.out.strip() == "batch uncapped: the policy's cap (2) applies again"
         assert gate.try_admit("batch", vram="1GiB").admitted
 
+    @pytest.mark.parametrize(
+        ("setup", "args", "kind"),
+        [
+            (("pause", "batch"), ("resume", "batch"), "resume"),
+            (("cap", "batch", "1"), ("uncap", "batch"), "uncap"),
+        ],
+        ids=["resume", "uncap"],
+    )
+    def test_resume_and_uncap_take_a_reason_and_log_it(
+        self,
+        make_gate: Callable[..., Gate],
+        gpugate: Callable[..., Run],
+        setup: tuple[str, ...],
+        args: tuple[str, ...],
+        kind: str,
+    ) -> None:
+        make_gate()
+        assert gpugate(*setup).code == 0
+        run = gpugate("-v", "--log-format", "json", *args, "--reason", "fixed", "--who", "bob")
+        assert run.code == 0, run.err
+        events = [json.loads(line) for line in run.err.splitlines() if line.startswith("{")]
+        lifted = [e for e in events if e["event"] == "override_set" and e["kind"] == kind]
+        assert [(e["cls"], e["who"], e["reason"]) for e in lifted] == [("batch", "bob", "fixed")]
+
+    def test_an_unknown_option_of_a_command_points_at_that_commands_help(
+        self, gpugate: Callable[..., Run]
+    ) -> None:
+        line = one_line_error(gpugate("status", "--nosuch"))
+        assert "unrecognized arguments: --nosuch" in line
+        assert line.endswith("(see `gpugate status --help`)")
+
     def test_a_policy_that_drops_a_class_lifts_its_overrides(
         self,
         make_gate: Callable[..., Gate],

@@ -33,9 +33,9 @@ class Overrides(GateCore):
         """
         return self._override("pause", cls, 0, duration, reason, who)
 
-    def resume(self, cls: str, *, who: str | None = None) -> dict[str, Any]:
-        """Lift a pause of ``cls``."""
-        return self._override("resume", cls, 0, None, "", who)
+    def resume(self, cls: str, *, reason: str = "", who: str | None = None) -> dict[str, Any]:
+        """Lift a pause of ``cls``; ``reason`` and ``who`` are logged (``override_set``)."""
+        return self._override("resume", cls, 0, None, reason, who)
 
     def cap(
         self,
@@ -65,9 +65,9 @@ class Overrides(GateCore):
             )
         return reply
 
-    def uncap(self, cls: str, *, who: str | None = None) -> dict[str, Any]:
-        """Remove a runtime cap of ``cls``."""
-        return self._override("uncap", cls, 0, None, "", who)
+    def uncap(self, cls: str, *, reason: str = "", who: str | None = None) -> dict[str, Any]:
+        """Remove a runtime cap of ``cls``; ``reason`` and ``who`` are logged (``override_set``)."""
+        return self._override("uncap", cls, 0, None, reason, who)
 
     def drain(
         self,

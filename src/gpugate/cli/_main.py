@@ -59,16 +59,37 @@ def _configure_logging(verbose: bool, *, level: int = logging.ERROR, fmt: str = 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line: ``gpugate: error: …``."""
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse, noting this parser and its arguments as the innermost command so far."""
+        _COMMAND.set((self, tuple(args or ())))
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
         """Print one line naming the command and exit 2."""
         if message.endswith("expected one argument"):
             message += _dash_value_hint(_PARSING.get())
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # argparse reports a command's unknown options from the top parser:
+        # name the command's own help when they all followed the command.
+        prog = self.prog
+        command, given = _COMMAND.get() or (self, ())
+        if message.startswith("unrecognized arguments: "):
+            unknown = message.removeprefix("unrecognized arguments: ").split(" ")
+            if all(arg in given for arg in unknown):
+                prog = command.prog
+        self.exit(2, f"{prog}: error: {message} (see `{prog} --help`)\n")
 
 
 # The command line being parsed, for _Parser.error's hint.
 _PARSING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "gpugate_argv", default=()
+)
+
+
+# The innermost (sub)command parser that parsing reached, for _Parser.error.
+_COMMAND: contextvars.ContextVar[tuple[_Parser, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "gpugate_command", default=None
 )
 
 
@@ -133,6 +154,8 @@ def _override_options(p: argparse.ArgumentParser, *, duration: bool = True) -> N
             help='revert by itself after this long ("30m", "2h"); without it, until undone',
         )
         p.add_argument("--reason", default="", help="why (shown in status and logs)")
+    else:
+        p.add_argument("--reason", default="", help="why (logged)")
     p.add_argument("--who", help="who sets it (default: user@host)")
 
 
@@ -325,9 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gpugate``; returns the exit status."""
     given = tuple(sys.argv[1:] if argv is None else argv)
     token = _PARSING.set(given)
+    command = _COMMAND.set(None)
     try:
         args = _parser().parse_args(given)
     finally:
+        _COMMAND.reset(command)
         _PARSING.reset(token)
     # The metrics command is the pool's long-running watcher: its events are its point.
     level = logging.INFO if args.command == "metrics" else logging.ERROR

@@ -193,7 +193,7 @@ def run_resume(args: argparse.Namespace) -> int:
                 return 2 if failed else 0
             who = who_am_i(args.who)
             for cls in classes:
-                reply = gate.resume(cls, who=who)
+                reply = gate.resume(cls, reason=args.reason, who=who)
                 state = "resumed" if cls in paused else "was not paused"
                 out(f"{cls} {state}")
                 cp = policy.classes.get(cls)  # None: a pause left from a dropped class
@@ -252,7 +252,7 @@ def run_uncap(args: argparse.Namespace) -> int:
     with open_gate(args.redis_url, args.pool) as gate:
         cp = gate.effective_policy.class_policy(args.cls)
         had = args.cls in overrides_from_reply_classes(gate.overrides(), "cap")
-        gate.uncap(args.cls, who=who_am_i(args.who))
+        gate.uncap(args.cls, reason=args.reason, who=who_am_i(args.who))
         policy_cap = "none" if cp.max_concurrent is None else str(cp.max_concurrent)
         if had:
             out(f"{args.cls} uncapped: the policy's cap ({policy_cap}) applies again")
