@@ -60,7 +60,7 @@ def pool_settings() -> st.SearchStrategy[PoolSettings]:
         sample_max_age_s=durations(),
         waiter_ttl_s=durations().filter(lambda s: s >= 0.2),
         priority_aging=st.one_of(st.just(0.0), rates()),
-        retry_max_s=durations(),
+        retry_max_s=durations().filter(lambda s: s >= 0.1),
         max_per_device=st.none() | st.integers(min_value=1, max_value=64),
     )
 

@@ -187,6 +187,7 @@ class TestValidation:
             (with_pool(max_per_device=0), "pool.max_per_device", "0"),
             (with_pool(lease_ttl="500ms"), "pool.lease_ttl", '"500ms"'),
             (with_pool(waiter_ttl="100ms"), "pool.waiter_ttl", '"100ms"'),
+            (with_pool(retry_max="50ms"), "pool.retry_max", '"50ms" is too short'),
             (with_pool(safety_margin=2**63), "pool.safety_margin", str(2**63)),
             (with_class(max_concurrent=10**7), "classes.batch.max_concurrent", str(10**7)),
             (with_class(rate="1/s", burst=2**40), "classes.batch.burst", str(2**40)),

@@ -56,6 +56,9 @@ _SHORTEST_LEASE_TTL_S = 1.0
 # A deferred poller is told to come back after at least 100 ms, +50 % jitter:
 # it must be back within 3/4 of the waiter TTL to keep counting as a waiter.
 _SHORTEST_WAITER_TTL_S = 0.2
+# The floor of an estimated retry_after (admit_job.lua): a cap below it
+# would break the floor the docs and the waiter TTL's minimum rest on.
+_SHORTEST_RETRY_S = 0.1
 # (attribute, its least value, why and the fix): one check serves each.
 _LEAST_DURATIONS = (
     (
@@ -67,6 +70,11 @@ _LEAST_DURATIONS = (
         "waiter_ttl_s",
         _SHORTEST_WAITER_TTL_S,
         'a deferred request is told to retry after 100ms or more; use at least "200ms", like "5s"',
+    ),
+    (
+        "retry_max_s",
+        _SHORTEST_RETRY_S,
+        'an estimated retry_after is 100ms or more; use at least "100ms", like "30s"',
     ),
 )
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -132,7 +140,7 @@ class PoolSettings:
         Priority points a waiting request gains per second of waiting
         (``priority_aging``, a rate such as ``"6/min"``; 0 turns aging off).
     ``retry_max_s``
-        The cap on an estimated ``retry_after`` (``retry_max``).
+        The cap on an estimated ``retry_after`` (``retry_max``, at least 100ms).
     ``max_per_device``
         Leases of all classes together on one device, at least 1; ``None``
         for no cap.
