@@ -1174,9 +1174,11 @@ class TestLeases:
         d.lease.on_lost(lambda lease: lost.append(True))  # type: ignore[union-attr]
         clock.advance(5.001)
         assert gate.try_admit("notebook", vram=1).outcome is Outcome.ADMIT
-        # Its end reaches the holder too: lost, and no longer held by the gate.
+        # Its end reaches the holder too: lost, by max_duration as the pool counts
+        # it (not "expired"), and no longer held by the gate.
         gate.beat_now()
         assert d.lease.lost  # type: ignore[union-attr]
+        assert d.lease.lost_reason == "max_duration"  # type: ignore[union-attr]
         assert lost == [True]
         assert d.lease not in gate.leases_held()
 
@@ -1210,6 +1212,7 @@ class TestLeases:
         clock.advance(5)
         gate.beat_now()
         assert nb.lease.lost  # type: ignore[union-attr]
+        assert nb.lease.lost_reason == "max_duration"  # type: ignore[union-attr]
         view = gate.client.hgetall(gate._keys.state)
         assert view.get(b"out:notebook:max_duration") == b"1"
         assert b"expired:notebook" not in view

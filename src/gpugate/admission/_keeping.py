@@ -260,7 +260,10 @@ class LeaseKeeping(WorkerRecord):
             else:
                 self._leases.discard(lease)
                 # The background heartbeat and beat_now() may both see it gone.
-                if lease._mark_lost("expired", later=self._told):
+                # One whose renewal max_duration stopped ended as the pool counts
+                # it (outcome max_duration), not as one its holder let expire.
+                reason = "max_duration" if lease.max_duration_reached else "expired"
+                if lease._mark_lost(reason, later=self._told):
                     self.stats["leases_lost"] += 1
                     self.metrics.leases_lost.labels(lease.cls).inc()
 

@@ -30,10 +30,14 @@ class Lease:
 
     The lease id is a fencing token: once the lease is gone (released,
     expired, reaped) renewing it never brings it back. ``lost`` turns true
-    when the heartbeat finds it gone while still held; ``max_duration_reached``
-    when its class's max duration stopped its renewal (it then ends within one
-    TTL). Callbacks given as ``on_lost`` / ``on_max_duration`` run on the
-    heartbeat thread and must not block.
+    when the heartbeat finds it gone while still held, ``lost_reason`` saying
+    why: ``"expired"`` (its TTL ran out, or an operator ended it),
+    ``"unrenewed"`` (Redis has not confirmed it for a whole TTL) or
+    ``"max_duration"``. ``max_duration_reached`` turns true when its class's
+    max duration stopped its renewal; it then ends within one TTL, and the
+    heartbeat that finds it gone marks it lost with ``"max_duration"`` (the
+    ``on_lost`` callbacks run then too). Callbacks given as ``on_lost`` /
+    ``on_max_duration`` run on the heartbeat thread and must not block.
 
     Dropping the last reference to an unreleased lease releases it (outcome
     ``dropped``).
