@@ -1075,6 +1075,23 @@ class TestOperations:
             wait_until(lambda: worker.stats["done"] == 1)
         assert asynq.lrange("asynq:{ocr:realtime}:pending", 0, -1) == [b"no-such-task"]
 
+    def test_the_fix_for_an_unmapped_queue_names_a_class_the_policy_has(
+        self, redis_url: str, pool_name: str, asynq_url: str
+    ) -> None:
+        # Given a policy without a class "batch", and no queues of its classes
+        policy = Policy.from_dict(
+            {"classes": {"gold": {"priority": 10}, "bronze": {"priority": 1}}}
+        )
+        with Gate(redis_url, pool=pool_name, policy=policy, register=False) as gate:
+            # When a worker is given a queue no class has, or none at all
+            with pytest.raises(ConfigError) as unmapped:
+                AsynqWorker(gate, queues=["nosuch"], asynq_redis=asynq_url)
+            with pytest.raises(ConfigError) as unnamed:
+                AsynqWorker(gate, asynq_redis=asynq_url)
+        # Then each fix maps it to a class of the policy (its lowest), not "batch"
+        assert "queues={'nosuch': 'bronze'}" in str(unmapped.value)
+        assert "queues={'ocr:bulk': 'bronze'}" in str(unnamed.value)
+
     def test_bad_configuration_is_refused_with_the_fix(self, gate: Gate, asynq_url: str) -> None:
         with pytest.raises(ConfigError, match="belongs to no class"):
             AsynqWorker(gate, queues=["nope"], asynq_redis=asynq_url)

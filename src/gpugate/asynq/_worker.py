@@ -315,12 +315,16 @@ class AsynqWorker:
                 ) from exc
         policy = self.gate.effective_policy
         known = policy.queue_classes()
+        # The fixes below name a class the policy has: its lowest, most often
+        # the one that takes queued work.
+        example = min(policy.classes.values(), key=lambda cp: cp.priority).name
         if queues is None:
             wanted = dict(known)
             if not wanted:
                 raise ConfigError(
                     f"pool {self.gate.pool!r}'s policy maps no Asynq queue to a class; give "
-                    "queues={'ocr:bulk': 'batch'} or add queues = [...] to a class of the policy",
+                    f"queues={{'ocr:bulk': {example!r}}} or add queues = [...] to a class of "
+                    "the policy",
                     key="queues",
                 )
         elif isinstance(queues, Mapping):
@@ -334,7 +338,7 @@ class AsynqWorker:
                 if q not in known:
                     raise ConfigError(
                         f"queue {q!r} belongs to no class of pool {self.gate.pool!r}'s policy; "
-                        f"map it: queues={{{q!r}: 'batch'}}, or add it to a class's queues",
+                        f"map it: queues={{{q!r}: {example!r}}}, or add it to a class's queues",
                         key="queues",
                         value=q,
                     )
