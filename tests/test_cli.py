@@ -260,3 +260,25 @@ class TestArguments:
         assert result.returncode == 2
         assert "expected one argument" in result.stderr
         assert "write" not in result.stderr
+
+    def test_a_bad_log_format_in_the_environment_is_one_line_naming_the_choices(
+        self, tmp_path: Path
+    ) -> None:
+        f = tmp_path / "gpugate.toml"
+        f.write_text("[classes.batch]\npriority = 10\n")
+        result = gpugate("config", "check", str(f), env={**os.environ, "GPUGATE_LOG_FORMAT": "xml"})
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            'gpugate: error: GPUGATE_LOG_FORMAT: "xml" is not a log format; '
+            'use "json", "console" or "auto" (or unset it)'
+        ]
+        # The option given on the command line wins over the variable.
+        given = gpugate(
+            "--log-format",
+            "json",
+            "config",
+            "check",
+            str(f),
+            env={**os.environ, "GPUGATE_LOG_FORMAT": "xml"},
+        )
+        assert given.returncode == 0, given.stderr

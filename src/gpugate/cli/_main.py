@@ -28,6 +28,7 @@ from .._exceptions import ConfigError, GpugateError, UsageError
 from .._units import lifetime_ms, parse_duration
 
 LOG_FORMAT_ENV = "GPUGATE_LOG_FORMAT"
+_LOG_FORMATS = ("auto", "json", "console")
 
 
 def _configure_logging(verbose: bool, *, level: int = logging.ERROR, fmt: str = "auto") -> None:
@@ -35,14 +36,22 @@ def _configure_logging(verbose: bool, *, level: int = logging.ERROR, fmt: str = 
 
     JSON lines (UTC timestamps) unless stderr is a terminal, where events are
     pretty-printed; ``fmt`` (``--log-format`` or ``$GPUGATE_LOG_FORMAT``)
-    forces ``json`` or ``console``.
+    forces ``json`` or ``console``. A variable set to anything else is a
+    :class:`ConfigError`, as the option's bad value is an argument error.
     """
     # Errors reach the user as one line from main(); log events only with -v
     # (or at the level a long-running command asks for).
     if verbose:
         level = logging.DEBUG
     if fmt == "auto":
-        fmt = os.environ.get(LOG_FORMAT_ENV, "auto").strip().lower() or "auto"
+        raw = os.environ.get(LOG_FORMAT_ENV, "")
+        fmt = raw.strip().lower() or "auto"
+        if fmt not in _LOG_FORMATS:
+            raise ConfigError(
+                f'"{raw}" is not a log format; use "json", "console" or "auto" (or unset it)',
+                key=LOG_FORMAT_ENV,
+                value=raw,
+            )
     console = sys.stderr.isatty() if fmt not in ("json", "console") else fmt == "console"
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -198,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events to stderr")
     p.add_argument(
         "--log-format",
-        choices=("auto", "json", "console"),
+        choices=_LOG_FORMATS,
         default="auto",
         help=f"log lines as JSON or for people (default: ${LOG_FORMAT_ENV}, else by terminal)",
     )
@@ -356,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _PARSING.reset(token)
     # The metrics command is the pool's long-running watcher: its events are its point.
     level = logging.INFO if args.command == "metrics" else logging.ERROR
-    _configure_logging(args.verbose, level=level, fmt=args.log_format)
     try:
+        _configure_logging(args.verbose, level=level, fmt=args.log_format)
         return _dispatch(args)
     except GpugateError as exc:
         print(f"gpugate: error: {exc}", file=sys.stderr)
