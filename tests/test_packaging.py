@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import subprocess
@@ -254,3 +255,44 @@ class TestPackageData:
         assert shipped, "the installed package holds no gpugate/lua/*.lua"
         if SOURCE_PACKAGE.is_dir():
             assert shipped == in_source
+
+
+# Levels an operator sees; debug events are for developers and need no docs.
+_OPERATOR_LEVELS = {"info", "warning", "error", "exception", "critical"}
+
+
+def _logged_events(source: str) -> set[str]:
+    """The literal event names of ``log.<level>(...)`` calls at info or above
+    (both branches of ``a if cond else b``) and of ``self._warn(...)``, the
+    asynq worker's throttled warning."""
+    events: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        target, method = node.func.value, node.func.attr
+        is_log = isinstance(target, ast.Name) and target.id == "log"
+        is_warn = isinstance(target, ast.Name) and target.id == "self" and method == "_warn"
+        if not ((is_log and method in _OPERATOR_LEVELS) or is_warn) or not node.args:
+            continue
+        first = node.args[0]
+        names = [first.body, first.orelse] if isinstance(first, ast.IfExp) else [first]
+        events |= {
+            n.value for n in names if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
+    return events
+
+
+class TestDocumentedLogEvents:
+    """Every log event an operator can see is in docs/operations.md's table."""
+
+    def test_every_event_at_info_or_above_is_documented(self) -> None:
+        if not SOURCE_PACKAGE.is_dir():
+            pytest.skip(f"not run from a source checkout ({SOURCE_PACKAGE} is missing)")
+        events: dict[str, str] = {}
+        for path in sorted(SOURCE_PACKAGE.rglob("*.py")):
+            for event in _logged_events(path.read_text()):
+                events.setdefault(event, path.relative_to(REPO_ROOT).as_posix())
+        assert len(events) > 50, "the scan found too few events: has the logging idiom changed?"
+        table = (REPO_ROOT / "docs" / "operations.md").read_text().split("## Logs", 1)[1]
+        missing = sorted(f"{e} ({where})" for e, where in events.items() if f"`{e}`" not in table)
+        assert not missing, f"log events missing from docs/operations.md#logs: {missing}"
