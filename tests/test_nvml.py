@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from gpugate import Gate, NoGpuSampler, Outcome, Policy, _fastpath_py, _speedups
-from gpugate.metrics import Metrics
+from gpugate.metrics import Metrics, PoolCollector
 from gpugate.sampling import (
     GpuProcess,
     NvmlError,
@@ -42,7 +42,11 @@ from gpugate.sampling import (
     _nvml,
     default_sampler,
 )
+from gpugate.sampling._sample import hostname
+from gpugate.state._connect import connect
+from gpugate.state._inspect import read_pool
 from gpugate.state._server import RedisProcess
+from gpugate.state._verdict import assess
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -526,20 +530,81 @@ class TestQuarantine:
         snap = s.refresh()
         assert (snap.quarantined, [d.uuid for d in snap.devices]) == (set(), ["GPU-a", "GPU-b"])
 
-    def test_a_gpu_lost_before_discovery_is_quarantined_by_index(
+    def test_a_gpu_lost_before_discovery_is_quarantined_under_an_id_from_its_index(
         self, fake: FakeNvml, make_sampler: Callable[..., NvmlSampler]
     ) -> None:
+        # Given a GPU whose handle and uuid answer GPU_IS_LOST from the start,
         fake.set(gpu("GPU-a", lost=1), gpu("GPU-b"))
-        snap = make_sampler().sample()
+        with capture_logs() as logs:
+            s = make_sampler()
+            s.refresh()
+            snap = s.refresh()
+        # then it is quarantined under the stand-in id of its host and index,
+        stand_in = f"LOST-gpu0@{hostname()}"
         assert [d.uuid for d in snap.devices] == ["GPU-b"]
         (fault,) = snap.faults
         assert (fault.uuid, fault.index, fault.error, fault.quarantined) == (
-            "",
+            stand_in,
             0,
             "GPU_IS_LOST",
             True,
         )
         assert fault.total is None  # never seen: its size is unknown
+        assert snap.quarantined == {stand_in}
+        assert s.describe()["quarantined"] == [stand_in]
+        # and logged once, like a GPU lost later.
+        quarantined = [e for e in logs if e["event"] == "gpu_quarantined"]
+        assert [(e["uuid"], e["index"]) for e in quarantined] == [(stand_in, 0)]
+
+    def test_a_gpu_lost_before_discovery_stays_quarantined_once_it_answers(
+        self, fake: FakeNvml, clock: Clock, make_sampler: Callable[..., NvmlSampler]
+    ) -> None:
+        fake.set(gpu("GPU-a", lost=1), gpu("GPU-b"))
+        s = make_sampler(quarantine_s=30.0, rediscover_s=1.0)
+        s.refresh()
+        # When it answers again with its uuid, its quarantine carries over to it
+        fake.set(gpu("GPU-a"), gpu("GPU-b"))
+        clock.advance(1.0)
+        snap = s.refresh()
+        assert snap.quarantined == {"GPU-a"}
+        assert [d.uuid for d in snap.devices] == ["GPU-b"]
+        # and lifts once it has answered for quarantine_s.
+        clock.advance(29.0)
+        assert s.refresh().quarantined == set()
+
+    def test_a_gpu_lost_before_discovery_shows_in_status_and_metrics(
+        self,
+        fake: FakeNvml,
+        redis_server: RedisProcess,
+        pool_name: str,
+        make_sampler: Callable[..., NvmlSampler],
+    ) -> None:
+        fake.set(gpu("GPU-a", lost=1), gpu("GPU-b"))
+        sampler = make_sampler(background=True)
+        stand_in = f"LOST-gpu0@{hostname()}"
+        policy = Policy.from_dict({"classes": {"batch": {"priority": 10}}})
+        with Gate(redis_server.url, pool=pool_name, policy=policy, sampler=sampler) as gate:
+            pinned = gate.try_admit("batch", vram=1 * GiB, device=stand_in)
+            gate.beat_now()  # publishes the host's snapshot
+            client = connect(redis_server.url)
+            try:
+                view = read_pool(client, pool_name)
+                registry = CollectorRegistry()
+                registry.register(PoolCollector(client, pool_name))
+                quarantined = {
+                    s.labels["device"]: s.value
+                    for family in registry.collect()
+                    if family.name == "gpugate_gpu_quarantined"
+                    for s in family.samples
+                }
+            finally:
+                client.close()
+        assert (pinned.outcome, pinned.reason) == (Outcome.DEFER, "gpu_lost")
+        assert {d.uuid: d.quarantined for d in view.devices} == {"GPU-b": False, stand_in: True}
+        verdict = assess(view)
+        assert verdict.level == "DEGRADED"
+        assert f"GPU {stand_in} lost (quarantined)" in verdict.line
+        assert quarantined == {"GPU-b": 0, stand_in: 1}
 
     def test_a_gpu_lost_between_discoveries_keeps_its_uuid(
         self, fake: FakeNvml, clock: Clock, make_sampler: Callable[..., NvmlSampler]

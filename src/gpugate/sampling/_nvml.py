@@ -10,7 +10,8 @@ for admission (docs/sampling.md):
 
 * GPU_IS_LOST / RESET_REQUIRED: that device is quarantined (nothing is
   admitted there) until it has answered normally for ``quarantine_s``; the
-  other devices carry on.
+  other devices carry on. One lost before its uuid could ever be read is
+  quarantined under :func:`lost_device_id` (``LOST-gpu<index>@<host>``).
 * NOT_SUPPORTED (utilisation under MIG, processes on some boards): unknown,
   ``None``, never 0.
 * Library or driver missing: :class:`NvmlUnavailable`; :func:`default_sampler`
@@ -38,7 +39,15 @@ from .. import _fastpath_py, _speedups
 from .._exceptions import ConfigError, NvmlError, NvmlUnavailable, UsageError
 from .._logging import Throttle
 from ._nogpu import NoGpuSampler
-from ._sample import DeviceFault, DeviceSample, GpuProcess, Sampler, Snapshot, hostname
+from ._sample import (
+    DeviceFault,
+    DeviceSample,
+    GpuProcess,
+    Sampler,
+    Snapshot,
+    hostname,
+    lost_device_id,
+)
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -296,11 +305,19 @@ class NvmlSampler:
             if code == _SUCCESS:
                 self._info[uuid] = (index, mig_index, name, parent)
                 self._uuid_at[(index, mig_index)] = uuid
+                # Lost under its stand-in id: its quarantine carries over.
+                stand_in = self._lost.pop(lost_device_id(self._host, index, mig_index), None)
+                if stand_in is not None and uuid not in self._lost:
+                    self._lost[uuid] = stand_in
                 continue
-            # A device that cannot say who it is may be one seen before.
+            # A device that cannot say who it is may be one seen before; a lost
+            # one never seen gets an id from where it is, so that it shows as
+            # quarantined (status, metrics, alerts) and not only in admission.
             uuid = uuid or self._uuid_at.get((index, mig_index), "")
+            if not uuid and code in _LOST:
+                uuid = lost_device_id(self._host, index, mig_index)
             self._count_error("nvmlDeviceGetHandleByIndex_v2")
-            if code in _LOST and uuid:
+            if code in _LOST:
                 self._mark_lost(uuid, index, code, now)
             self._discovery_faults.append(
                 DeviceFault(

@@ -64,8 +64,10 @@ class DeviceFault:
     ``code`` is the driver's error code (NVML's ``nvmlReturn_t``) and
     ``error`` its name. A ``quarantined`` device (lost, or waiting for a
     reset) admits nothing until it has answered normally for the sampler's
-    quarantine time; any other fault is transient. ``uuid`` is empty when the
-    device could not even say who it is and was never seen before. ``total``
+    quarantine time; any other fault is transient. A device that could not
+    even say who it is and was never seen before has, when lost, the
+    stand-in id :func:`lost_device_id` gives (``LOST-gpu<index>@<host>``),
+    else an empty ``uuid``. ``total``
     is its memory when it last answered (``None``: never seen), so that a
     request only it could hold waits for it instead of being refused.
     """
@@ -134,6 +136,22 @@ class Sampler(Protocol):
     def sample(self) -> Snapshot:
         """A fresh snapshot of every device."""
         ...
+
+
+LOST_PREFIX = "LOST-"
+
+
+def lost_device_id(host: str, index: int, mig_index: int | None = None) -> str:
+    """The id of a lost device whose uuid could not be read, from where it is.
+
+    ``LOST-gpu<index>@<host>`` (``LOST-gpu<index>-mig<slot>@<host>`` for a
+    MIG instance): stable while the device stays lost, unique in a pool of
+    hosts with distinct names, and never a real uuid (those start ``GPU-``,
+    ``MIG-`` or ``SIM-``), so it can be quarantined, published and exported
+    like any lost device; nothing is ever admitted there.
+    """
+    mig = "" if mig_index is None else f"-mig{mig_index}"
+    return f"{LOST_PREFIX}gpu{index}{mig}@{host}"
 
 
 def hostname() -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .._units import format_duration
+from ..sampling._sample import LOST_PREFIX
 from ._inspect import DECISION_MINUTES, PoolView
 
 __all__ = ["Verdict", "assess"]
@@ -182,4 +183,7 @@ def _short(seconds: float) -> str:
 
 
 def _short_uuid(uuid: str) -> str:
-    return uuid if len(uuid) <= 20 else uuid[:20] + "…"
+    # A lost device's stand-in id (LOST-gpu<index>@<host>) is whole or useless.
+    if len(uuid) <= 20 or uuid.startswith(LOST_PREFIX):
+        return uuid
+    return uuid[:20] + "…"
