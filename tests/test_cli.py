@@ -227,7 +227,10 @@ class TestPolicyCommands:
         doc = json.loads(shown.stdout)
         assert doc["policy"]["classes"]["batch"]["max_concurrent"] == 2
 
-    @pytest.mark.parametrize("url", ["redis://:s3cret@127.0.0.1:1/0", "nope://x"])
+    @pytest.mark.parametrize(
+        "url",
+        ["redis://:s3cret@127.0.0.1:1/0", "redis://:s3cret@127.0.0.1:1/0?cluster=1", "nope://x"],
+    )
     def test_an_unreachable_or_bad_redis_is_one_line_without_the_password(self, url: str) -> None:
         result = gpugate("--redis-url", url, "policy", "show", timeout=60)
         assert result.returncode == 2

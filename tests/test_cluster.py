@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import redis
 from redis.cluster import RedisCluster
+from structlog.testing import capture_logs
 
 from conftest import FakeClock
 from gpugate import AdmissionTimeout, BackendError, Gate, Outcome, Policy, SimulatedSampler
-from gpugate.state._connect import connect
+from gpugate.state._connect import REDIS_DOWN, connect
 from gpugate.state._keys import PoolKeys
 from gpugate.state._server import LocalCluster, free_port, redis_server_candidates, server_version
 
@@ -208,15 +209,30 @@ class TestConnect:
         with pytest.raises(BackendError, match=r"cluster='maybe'.*\?cluster=1"):
             connect(node_urls[0] + "?cluster=maybe")
 
-    def test_an_unreachable_cluster_is_one_line_with_the_password_masked(self) -> None:
+    def test_an_unreachable_cluster_gives_a_pending_client_logged_with_the_password_masked(
+        self,
+    ) -> None:
         url = f"redis://:s3cr3t@127.0.0.1:{free_port()}/0?cluster=1"
-        with pytest.raises(BackendError) as caught:
-            connect(url, socket_timeout_s=0.5)
-        message = str(caught.value)
-        assert "s3cr3t" not in message
-        assert "redis://:***@127.0.0.1:" in message
-        assert "Redis Cluster" in message
-        assert "\n" not in message
+        with capture_logs() as logs:
+            client = connect(url, socket_timeout_s=0.5)
+        try:
+            assert isinstance(client, RedisCluster)
+            # Each use tries again, and fails as Redis down does meanwhile.
+            with pytest.raises(REDIS_DOWN):
+                client.ping()
+        finally:
+            client.close()
+        (event,) = [e for e in logs if e["event"] == "redis_cluster_unreachable"]
+        assert event["url"].startswith("redis://:***@127.0.0.1:")
+        assert "s3cr3t" not in str(event)
+        assert "cannot be connected" in event["error"]
+
+    def test_a_plain_redis_named_as_a_cluster_is_a_backend_error_at_once(
+        self, redis_url: str
+    ) -> None:
+        with pytest.raises(BackendError, match=r"not enabled.*drop \?cluster=1") as caught:
+            connect(redis_url + "?cluster=1")
+        assert "\n" not in str(caught.value)
         assert caught.value.__cause__ is None
 
     def test_a_node_unreachable_for_the_probe_is_taken_for_a_plain_redis(self) -> None:
@@ -225,6 +241,48 @@ class TestConnect:
             assert type(client) is redis.Redis
         finally:
             client.close()
+
+
+class TestClusterStartedLater:
+    """A gate made before its cluster starts DEFERs backend_unavailable, then admits."""
+
+    def test_a_gate_made_before_its_cluster_admits_once_the_cluster_is_up(
+        self, pool_name: str
+    ) -> None:
+        # Given a gate on a cluster URL where nothing listens yet,
+        port = free_port(10000)
+        gate = Gate(
+            f"redis://127.0.0.1:{port}/0?cluster=1",
+            pool=pool_name,
+            policy=policy(),
+            sampler=SimulatedSampler(["80GiB"]),
+        )
+        try:
+            # when it decides, it DEFERs as with a plain Redis down;
+            early = gate.try_admit("batch", vram="10GiB")
+            assert (early.outcome, early.reason) == (Outcome.DEFER, "backend_unavailable")
+            # a blocking admit times out (its wake-up listener keeps trying);
+            with pytest.raises(AdmissionTimeout):
+                gate.admit("batch", vram="10GiB", timeout=0.3)
+            executable = max(redis_server_candidates(), key=_version_key)
+            with LocalCluster(1, executable, ports=[port]) as later_cluster:
+                # once the cluster is up, the listener subscribes and the next call reaches it.
+                node = redis.Redis.from_url(later_cluster.url)
+                try:
+                    wait_until(lambda: wake_subscribers([node], pool_name) == 1, "subscribing")
+                finally:
+                    node.close()
+                later = gate.try_admit("batch", vram="10GiB")
+                assert (later.outcome, later.device_uuid) == (
+                    Outcome.ADMIT,
+                    gate.sampler.sample().devices[0].uuid,
+                )
+                assert later.lease is not None
+                assert later.lease.release() is True
+                gate.beat_now()
+                gate.close()
+        finally:
+            gate.close()
 
 
 class TestOneSlotPerPool:

@@ -283,8 +283,13 @@ class TestPoolCollector:
         assert value("gpugate_override_set_timestamp_seconds") == 1_700_000_000 + 30 * 60
         assert value("gpugate_override_expiry_timestamp_seconds") == 1_700_000_000 + 90 * 60
 
-    def test_an_unreachable_redis_scrapes_as_pool_up_0_and_nothing_else(self) -> None:
-        client = connect("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
+    @pytest.mark.parametrize(
+        "url",
+        ["redis://127.0.0.1:1/0", "redis://127.0.0.1:1/0?cluster=1"],
+        ids=["plain", "cluster"],
+    )
+    def test_an_unreachable_redis_scrapes_as_pool_up_0_and_nothing_else(self, url: str) -> None:
+        client = connect(url, socket_timeout_s=0.5)
         registry = CollectorRegistry()
         registry.register(PoolCollector(client, "p"))  # registering reads nothing
         families = list(text_string_to_metric_families(generate_latest(registry).decode()))

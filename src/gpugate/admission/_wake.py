@@ -58,10 +58,13 @@ class WakeListener:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(  # type: ignore[no-untyped-call]
-                ignore_subscribe_messages=True
-            )
+            pubsub = None
             try:
+                # On a cluster client still waiting for its cluster, this
+                # reads the cluster's layout, and fails as Redis down does.
+                pubsub = self._client.pubsub(  # type: ignore[no-untyped-call]
+                    ignore_subscribe_messages=True
+                )
                 pubsub.subscribe(self._channel)
                 failures = 0
                 while not self._stop.is_set():
@@ -80,5 +83,6 @@ class WakeListener:
                 self._stop.wait(min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0))
             finally:
                 # Closing a broken connection may fail again.
-                with contextlib.suppress(Exception):
-                    pubsub.close()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()

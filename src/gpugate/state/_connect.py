@@ -19,13 +19,23 @@ over TCP only). When the node cannot be reached for the probe, the URL is
 taken for a plain Redis (as before, the client connects lazily and reports
 the outage on its first command): name a cluster with ``?cluster=1`` where
 the client may start before its cluster.
+
+A cluster client made while its cluster cannot be reached (no node answers,
+or its slots are not all served yet) is *pending*, as a plain client is
+before its first command: :func:`connect` returns it (logging
+``redis_cluster_unreachable``) and each use of it tries again to read the
+cluster's layout, raising the cluster's error (one of :data:`REDIS_DOWN`:
+the gate DEFERs ``backend_unavailable``) until that succeeds. Only a node
+that answers but is not in cluster mode fails at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Any, TypeAlias
+import threading
+from typing import Any, TypeAlias, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
@@ -167,9 +177,10 @@ def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
     Redis client connects lazily, on its first command, except that a
     ``redis://``/``rediss://`` URL without ``?cluster=`` is asked once
     whether it is a cluster node; a :class:`~redis.cluster.RedisCluster` reads
-    the cluster's layout when made (see the module docstring). Raises
+    the cluster's layout when made, or at its first use when the cluster
+    cannot be reached then (see the module docstring). Raises
     :class:`~gpugate.BackendError` (password masked) when the URL is unusable
-    or a cluster named by it cannot be reached.
+    or names a server that answers but is not a cluster node.
     """
     target, cluster = _cluster_hint(url)
     options: dict[str, Any] = {
@@ -201,24 +212,52 @@ def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
             client.close()
         # redis-py's cluster client counts the retries itself (connections to
         # the nodes get none) and ignores the options that do not apply to it.
-        return _RedisCluster.from_url(
-            target, connection_pool_class=redis.BlockingConnectionPool, **options
+        cluster_client = cast(
+            _RedisCluster,
+            _RedisCluster.from_url(
+                target, connection_pool_class=redis.BlockingConnectionPool, **options
+            ),
         )
     except (ValueError, TypeError) as exc:
         raise BackendError(
             f"cannot use Redis URL {mask_url(url)}: {_without_secrets(str(exc), url)}; "
             f"expected {_URL_FORMS}"
         ) from None
-    except (RedisClusterException, RedisError) as exc:
-        raise BackendError(
-            f"cannot connect to the Redis Cluster at {mask_url(url)}: "
-            f"{_without_secrets(str(exc), url)}; check that a node of the cluster listens "
-            "there (or drop ?cluster=1 for a plain Redis)"
-        ) from None
+    failed = cluster_client._gpugate_failed
+    if failed is not None:
+        if _NOT_A_CLUSTER in str(failed):
+            cluster_client.close()
+            raise BackendError(
+                f"cannot use the Redis at {mask_url(url)} as a Redis Cluster: "
+                f"{_without_secrets(str(failed), url)}; drop ?cluster=1 for a plain Redis, "
+                "or give the URL of a node of the cluster"
+            )
+        log.warning(
+            "redis_cluster_unreachable",
+            url=mask_url(url),
+            error=_without_secrets(str(failed), url),
+            note="each use tries again; meanwhile calls fail as with Redis down",
+            fix="check that a node of the cluster listens there and the cluster is ok "
+            "(redis-cli cluster info)",
+        )
+    return cluster_client
+
+
+# What redis-py says when the node named as a cluster is a plain Redis.
+_NOT_A_CLUSTER = "Cluster mode is not enabled"
 
 
 class _RedisCluster(RedisCluster):
-    """A :class:`~redis.cluster.RedisCluster` whose :meth:`close` closes its sockets.
+    """A :class:`~redis.cluster.RedisCluster` that may be made before its
+    cluster is up, and whose :meth:`close` closes its sockets.
+
+    redis-py reads the cluster's layout in the constructor and raises when no
+    node answers. Here a failed read leaves the client *pending*: its
+    instance holds only what it was made with (what the failed attempt set
+    is dropped), so every use reaches :meth:`__getattr__`, which runs the
+    constructor again (one thread at a time) and raises its error while the
+    cluster is still unreachable. ``_gpugate_failed`` is the error of the
+    attempt made by the constructor (``None``: connected).
 
     ``RedisCluster.from_url`` hands each node a connection pool that the
     node's client does not own, so ``RedisCluster.close()`` leaves those
@@ -226,8 +265,58 @@ class _RedisCluster(RedisCluster):
     sockets held by a closed gate). Closing the pools here fixes that.
     """
 
+    _gpugate_failed: BaseException | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        state = self.__dict__
+        state["_gpugate_lock"] = threading.RLock()
+        state["_gpugate_pending"] = (args, kwargs)
+        state["_gpugate_failed"] = None
+        try:
+            self._gpugate_connect()
+        except (RedisClusterException, RedisError) as exc:
+            state["_gpugate_failed"] = exc
+
+    def _gpugate_connect(self) -> None:
+        """Read the cluster's layout now if still pending; raise redis-py's error if it fails."""
+        state = self.__dict__
+        with state["_gpugate_lock"]:
+            pending = state.get("_gpugate_pending")
+            if pending is None:
+                return
+            if state.get("_gpugate_busy"):
+                # The constructor itself asks for what it has not set yet.
+                raise AttributeError("_gpugate_busy")
+            state["_gpugate_busy"] = True
+            try:
+                super().__init__(*pending[0], **pending[1])
+            except BaseException:
+                # Release what the attempt opened, then forget it: the next use starts afresh.
+                with contextlib.suppress(Exception):
+                    super().close()
+                kept = {k: state[k] for k in ("_gpugate_lock", "_gpugate_pending")}
+                state.clear()
+                state.update(kept, _gpugate_failed=None)
+                raise
+            finally:
+                state.pop("_gpugate_busy", None)
+            del state["_gpugate_pending"]
+            state["_gpugate_failed"] = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for what the instance lacks: everything while pending.
+        if name.startswith("_gpugate_") or "_gpugate_pending" not in self.__dict__:
+            raise AttributeError(name)
+        try:
+            self._gpugate_connect()
+        except AttributeError:
+            raise AttributeError(name) from None
+        return getattr(self, name)
+
     def close(self) -> None:
         """Close the client and every connection it holds to the nodes."""
+        if "_gpugate_pending" in self.__dict__:
+            return  # nothing was opened, or the failed attempt closed it
         nodes = self.get_nodes()  # type: ignore[no-untyped-call]
         super().close()
         for node in nodes:

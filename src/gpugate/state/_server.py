@@ -378,6 +378,8 @@ class LocalCluster:
     node), for ``redis.RedisCluster.from_url``. The nodes are joined with
     ``redis-cli --cluster create`` when a ``redis-cli`` is found, else with
     ``CLUSTER ADDSLOTSRANGE``/``ADDSLOTS`` and ``CLUSTER MEET`` sent by redis-py.
+    ``ports``: the ports of the first nodes (the others pick free ones), for
+    a client made before the cluster starts.
     """
 
     def __init__(
@@ -387,11 +389,15 @@ class LocalCluster:
         *,
         use_redis_cli: bool | None = None,
         timeout_s: float = 30.0,
+        ports: Sequence[int] = (),
     ) -> None:
         if masters < 1:
             raise UsageError(f"LocalCluster needs at least one master, got masters={masters}")
         if use_redis_cli and masters < 3:
             raise UsageError("redis-cli --cluster create needs at least 3 masters")
+        if len(ports) > masters:
+            raise UsageError(f"LocalCluster got {len(ports)} ports for {masters} masters")
+        self.ports = tuple(ports)
         self.masters = masters
         self.executable = executable
         self.use_redis_cli = use_redis_cli
@@ -410,9 +416,10 @@ class LocalCluster:
         if self.nodes:
             raise UsageError("LocalCluster.start() called on a cluster that is running")
         try:
-            for _ in range(self.masters):
+            for i in range(self.masters):
                 node = RedisProcess(self.executable)
-                node.start(extra_args=_CLUSTER_NODE_ARGS)
+                port = self.ports[i] if i < len(self.ports) else None
+                node.start(port=port, extra_args=_CLUSTER_NODE_ARGS)
                 self.nodes.append(node)
             cli = find_redis_cli() if self.use_redis_cli is not False else None
             if self.use_redis_cli and cli is None:
