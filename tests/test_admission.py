@@ -35,7 +35,7 @@ from gpugate import (
 from gpugate.admission._ticket import is_cuda_oom
 from gpugate.state._inspect import read_pool
 from gpugate.state._keys import PoolKeys
-from gpugate.state._server import RedisProcess
+from gpugate.state._server import RedisProcess, free_port
 
 GiB = 1 << 30
 
@@ -2141,6 +2141,92 @@ class TestRedisUnreachable:
         finally:
             server.stop()
             gate.close()
+
+
+class TestOpenMode:
+    """on_backend_error = "open" admits within what this process alone can know:
+    its own local leases' estimates and counts, the safety margin, the
+    reserves of the classes above, and the class and pool caps."""
+
+    @pytest.fixture
+    def down_gate(self, pool_name: str) -> Iterator[Callable[..., Gate]]:
+        """Gates on a Redis that is not there (every decision goes the open-mode way)."""
+        gates: list[Gate] = []
+
+        def make(pol: Policy, totals: list[str]) -> Gate:
+            gate = Gate(
+                f"redis://127.0.0.1:{free_port()}/0?cluster=0",
+                pool=pool_name,
+                policy=pol,
+                sampler=SimulatedSampler(totals),
+                register=False,
+                socket_timeout_s=0.5,
+            )
+            gates.append(gate)
+            return gate
+
+        yield make
+        for gate in gates:
+            gate.close()
+
+    def test_local_leases_the_margin_and_the_reserves_above_bound_the_room(
+        self, down_gate: Callable[..., Gate]
+    ) -> None:
+        # Given 80 GiB, a 10 GiB margin and 20 GiB reserved for interactive:
+        # 50 GiB for batch, whatever this process already holds there.
+        gate = down_gate(
+            policy(
+                {"safety_margin": "10GiB"},
+                interactive={"priority": 100, "reserve": "20GiB", "on_backend_error": "open"},
+                batch={"priority": 10, "max_concurrent": 3, "on_backend_error": "open"},
+            ),
+            ["80GiB"],
+        )
+        assert gate.try_admit("batch", vram="60GiB").reason == "backend_unavailable"
+        first = gate.try_admit("batch", vram="30GiB")
+        assert (first.reason, first.available) == ("backend_open", 50 * GiB)
+        assert gate.try_admit("batch", vram="30GiB").reason == "backend_unavailable"
+        second = gate.try_admit("batch", vram="20GiB")
+        assert second.reason == "backend_open"
+        # The class's own reserve holds nothing back from it: 70 GiB less 50 held.
+        assert gate.try_admit("interactive", vram="20GiB").reason == "backend_open"
+        assert gate.try_admit("interactive", vram="1GiB").reason == "backend_unavailable"
+        assert gate.try_admit("batch", vram="10GiB").reason == "backend_unavailable"
+        # A released local lease gives its room back: 50 GiB less the 40 still held.
+        assert first.lease is not None
+        assert first.lease.release()
+        again = gate.try_admit("batch", vram="10GiB")
+        assert (again.reason, again.available) == ("backend_open", 10 * GiB)
+
+    def test_the_class_and_pool_caps_per_device_spread_local_leases(
+        self, down_gate: Callable[..., Gate]
+    ) -> None:
+        gate = down_gate(
+            policy(
+                {"max_per_device": 2},
+                a={"priority": 10, "max_per_device": 1, "on_backend_error": "open"},
+                b={"priority": 10, "on_backend_error": "open"},
+            ),
+            ["80GiB", "80GiB"],
+        )
+        a1, a2 = gate.try_admit("a", vram="1GiB"), gate.try_admit("a", vram="1GiB")
+        assert (a1.reason, a2.reason) == ("backend_open", "backend_open")
+        assert {a1.device_uuid, a2.device_uuid} == {d.uuid for d in gate.sampler.sample().devices}
+        assert gate.try_admit("a", vram="1GiB").reason == "backend_unavailable"
+        b1, b2 = gate.try_admit("b", vram="1GiB"), gate.try_admit("b", vram="1GiB")
+        assert {b1.device_uuid, b2.device_uuid} == {a1.device_uuid, a2.device_uuid}
+        assert gate.try_admit("b", vram="1GiB").reason == "backend_unavailable"
+
+    def test_a_request_pinned_to_a_device_is_admitted_there_or_not_at_all(
+        self, down_gate: Callable[..., Gate]
+    ) -> None:
+        gate = down_gate(
+            policy(batch={"priority": 10, "on_backend_error": "open"}), ["80GiB", "40GiB"]
+        )
+        small = gate.sampler.sample().devices[1].uuid
+        d = gate.try_admit("batch", vram="30GiB", device=small)
+        assert (d.reason, d.device_uuid) == ("backend_open", small)
+        assert gate.try_admit("batch", vram="30GiB", device=small).reason == "backend_unavailable"
 
 
 class TestRedisRefuses:

@@ -227,10 +227,12 @@ class Gate(LeaseKeeping, Overrides):
         self._polling: dict[str, float] = {}
         # The sample arguments last packed, and the devices tuple they describe.
         self._packed: tuple[object, list[Any], list[int]] = ((), [], [])
-        self._local_open: dict[str, int] = {}
+        # Local leases held (Redis unreachable, on_backend_error "open"), by
+        # id: (class, device uuid, estimate in bytes).
+        self._local_held: dict[str, tuple[str, str, int]] = {}
         # Local leases ended (released, or dropped: their finalizer may run in
-        # garbage collection, in a thread holding _lock): counted off under
-        # _lock by the next local admission.
+        # garbage collection, in a thread holding _lock): their ids, counted
+        # off under _lock by the next local admission.
         self._local_ended: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._local_seq = 0
         self._log_throttle = Throttle(10.0)
@@ -524,7 +526,7 @@ class Gate(LeaseKeeping, Overrides):
             # Redis Cluster slot migrating). Not when it was never reached.
             if not isinstance(exc.__cause__, redis.ConnectionError):
                 self._maybe_orphans = True
-            return self._backend_down(cls, vram, snap, exc)
+            return self._backend_down(cls, vram, snap, exc, device)
         except BaseException:
             # Interrupted mid-call (Ctrl-C, sys.exit from a signal handler):
             # Redis may have admitted it, and nobody holds that lease.
@@ -692,7 +694,9 @@ class Gate(LeaseKeeping, Overrides):
         low = min(low, high)
         return low + (high - low) * random.random()
 
-    def _backend_down(self, cls: str, vram: int, snap: Snapshot, exc: BackendError) -> Decision:
+    def _backend_down(
+        self, cls: str, vram: int, snap: Snapshot, exc: BackendError, device: str | None = None
+    ) -> Decision:
         try:
             cp = self.effective_policy.class_policy(cls)
         except UsageError:
@@ -706,49 +710,99 @@ class Gate(LeaseKeeping, Overrides):
                 mode=cp.on_backend_error,
                 similar_events_suppressed=dropped,
             )
+        detail = str(exc)
         if cp.on_backend_error == "open":
-            with self._lock:
-                while not self._local_ended.empty():
-                    ended = self._local_ended.get_nowait()
-                    self._local_open[ended] = max(0, self._local_open.get(ended, 0) - 1)
-                running = self._local_open.get(cls, 0)
-                if cp.max_concurrent is None or running < cp.max_concurrent:
-                    fits = [d for d in snap.devices if d.free >= vram]
-                    best = max(fits, key=lambda d: d.free, default=None)
-                    if best is not None or not snap.devices:
-                        self._local_open[cls] = running + 1
-                        self._local_seq += 1
-                        lease = Lease(
-                            self,
-                            id=f"local-{self._local_seq}",
-                            cls=cls,
-                            vram=vram,
-                            device=best.index if best else None,
-                            device_uuid=best.uuid if best else "",
-                            expires_ms=0,
-                            local=True,
-                        )
-                        return Decision(
-                            Outcome.ADMIT,
-                            Reason.BACKEND_OPEN,
-                            device=best.index if best else None,
-                            device_uuid=best.uuid if best else None,
-                            lease=lease,
-                            detail="Redis unreachable; admitted within this process's caps",
-                            cls=cls,
-                            vram=vram,
-                        )
+            admitted = self._admit_open(cls, vram, snap, device)
+            if isinstance(admitted, Decision):
+                return admitted
+            detail = f"{detail}; open mode: {admitted}"
         return Decision(
             Outcome.DEFER,
             Reason.BACKEND_UNAVAILABLE,
             retry_after=self._jitter(min(1.0, self._estimate_s())),
-            detail=str(exc),
+            detail=detail,
             cls=cls,
             vram=vram,
         )
 
-    def _local_done(self, cls: str) -> None:
-        self._local_ended.put(cls)  # no lock: see _local_ended
+    def _admit_open(
+        self, cls: str, vram: int, snap: Snapshot, device: str | None
+    ) -> Decision | str:
+        """An ADMIT by this process alone (Redis unreachable, ``on_backend_error
+        = "open"``), or why not when its own caps or room say no.
+
+        What admit_job.lua checks, as far as this process can know it: the
+        class's ``max_concurrent`` and ``max_per_device`` and the pool's
+        ``max_per_device`` over its own local leases; on each device, the
+        sampler's free memory less the estimates of its local leases there
+        (counted again once their jobs allocate: it errs towards deferring),
+        the pool's safety margin and the reserves of the classes above
+        (:meth:`Policy.reserve_above`); the pool's placement. Leases of other
+        processes, and this one's leases in Redis, are unknown here.
+        """
+        policy = self.effective_policy
+        pool, cp = policy.pool, policy.class_policy(cls)
+        kept_off = pool.safety_margin + policy.reserve_above(cls)
+        with self._lock:
+            while not self._local_ended.empty():
+                self._local_held.pop(self._local_ended.get_nowait(), None)
+            held = list(self._local_held.values())
+            mine = sum(1 for c, _, _ in held if c == cls)
+            if cp.max_concurrent is not None and mine >= cp.max_concurrent:
+                return f"this process holds max_concurrent = {cp.max_concurrent} local leases"
+            best, best_avail = None, 0
+            for d in snap.devices:
+                if device is not None and d.uuid != device:
+                    continue
+                here = [(c, v) for c, uuid, v in held if uuid == d.uuid]
+                if pool.max_per_device is not None and len(here) >= pool.max_per_device:
+                    continue
+                mine_here = sum(1 for c, _ in here if c == cls)
+                if cp.max_per_device is not None and mine_here >= cp.max_per_device:
+                    continue
+                avail = d.free - sum(v for _, v in here) - kept_off
+                if avail < vram:
+                    continue
+                if (
+                    best is None
+                    or (pool.placement == "spread" and avail > best_avail)
+                    or (pool.placement != "spread" and avail < best_avail)
+                ):
+                    best, best_avail = d, avail
+            if best is None and snap.devices:
+                return (
+                    "no device has room in this process's own count (its local leases, "
+                    f"safety margin {format_size(pool.safety_margin)}, reserves above "
+                    f"{format_size(kept_off - pool.safety_margin)}) or a per-device slot left"
+                )
+            self._local_seq += 1
+            lease_id = f"local-{self._local_seq}"
+            uuid = best.uuid if best else ""
+            self._local_held[lease_id] = (cls, uuid, vram)
+            lease = Lease(
+                self,
+                id=lease_id,
+                cls=cls,
+                vram=vram,
+                device=best.index if best else None,
+                device_uuid=uuid,
+                expires_ms=0,
+                local=True,
+            )
+        return Decision(
+            Outcome.ADMIT,
+            Reason.BACKEND_OPEN,
+            device=best.index if best else None,
+            device_uuid=best.uuid if best else None,
+            lease=lease,
+            detail="Redis unreachable; admitted within this process's own caps and room",
+            cls=cls,
+            vram=vram,
+            available=best_avail if best else None,
+        )
+
+    def _local_done(self, lease_id: str) -> None:
+        self._local_ended.put(lease_id)  # no lock: see _local_ended
 
     # -- waiters and closing ----------------------------------------------------
 

@@ -105,7 +105,7 @@ class Lease:
         self._ttl_s = ttl_s
         # A local lease (Redis unreachable, on_backend_error "open") holds a
         # slot of this process's own cap; releasing or dropping it frees that.
-        self._local_done: Any = weakref.finalize(self, gate._local_done, cls) if local else None
+        self._local_done: Any = weakref.finalize(self, gate._local_done, id) if local else None
 
     @property
     def local(self) -> bool:

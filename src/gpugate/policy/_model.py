@@ -209,7 +209,8 @@ class ClassPolicy:
         run on the CPU).
     ``on_backend_error``
         With Redis unreachable: ``"closed"`` defers, ``"open"`` admits within
-        local per-process caps.
+        this process's own caps and room (its local leases, the safety margin,
+        the reserves above; docs/admission.md).
     ``queues``
         The Asynq queues whose tasks this class's workers run (TOML a list,
         like ``["ocr:bulk"]``; any text but blank, as Asynq names queues).
