@@ -2198,6 +2198,36 @@ class TestOpenMode:
         again = gate.try_admit("batch", vram="10GiB")
         assert (again.reason, again.available) == ("backend_open", 10 * GiB)
 
+    def test_the_leases_this_process_holds_from_redis_count_too(
+        self, server: RedisProcess, pool_name: str
+    ) -> None:
+        # Jobs admitted by Redis before the outage still run: open mode may not
+        # add a third to a class of 2, nor 60 GiB to a GPU where one holds 30.
+        private = RedisProcess(server.executable).start()
+        gate = Gate(
+            private.url,
+            pool=pool_name,
+            policy=policy(batch={"priority": 10, "max_concurrent": 2, "on_backend_error": "open"}),
+            sampler=SimulatedSampler(["80GiB"]),
+            register=False,
+            socket_timeout_s=0.5,
+        )
+        try:
+            held = [gate.try_admit("batch", vram="30GiB") for _ in range(2)]
+            assert [d.reason for d in held] == ["ok", "ok"]
+            private.stop()
+            d = gate.try_admit("batch", vram="1GiB")
+            assert d.reason == "backend_unavailable"
+            assert "max_concurrent = 2" in d.detail
+            assert held[0].lease is not None
+            assert held[0].lease.release() is False  # Redis is away: queued
+            d = gate.try_admit("batch", vram="60GiB")
+            assert d.reason == "backend_unavailable"
+            assert gate.try_admit("batch", vram="20GiB").reason == "backend_open"
+        finally:
+            gate.close()
+            private.stop()
+
     def test_the_class_and_pool_caps_per_device_spread_local_leases(
         self, down_gate: Callable[..., Gate]
     ) -> None:

@@ -737,19 +737,21 @@ class Gate(LeaseKeeping, Overrides):
         sampler's free memory less the estimates of its local leases there
         (counted again once their jobs allocate: it errs towards deferring),
         the pool's safety margin and the reserves of the classes above
-        (:meth:`Policy.reserve_above`); the pool's placement. Leases of other
-        processes, and this one's leases in Redis, are unknown here.
+        (:meth:`Policy.reserve_above`); the pool's placement. This process's
+        leases from Redis still held count as its local ones do (their jobs
+        run on); other processes' leases are unknown here.
         """
         policy = self.effective_policy
         pool, cp = policy.pool, policy.class_policy(cls)
         kept_off = pool.safety_margin + policy.reserve_above(cls)
+        from_redis = [(lease.cls, lease.device_uuid, lease.vram) for lease in self._leases.live()]
         with self._lock:
             while not self._local_ended.empty():
                 self._local_held.pop(self._local_ended.get_nowait(), None)
-            held = list(self._local_held.values())
+            held = list(self._local_held.values()) + from_redis
             mine = sum(1 for c, _, _ in held if c == cls)
             if cp.max_concurrent is not None and mine >= cp.max_concurrent:
-                return f"this process holds max_concurrent = {cp.max_concurrent} local leases"
+                return f"this process holds max_concurrent = {cp.max_concurrent} leases"
             best, best_avail = None, 0
             for d in snap.devices:
                 if device is not None and d.uuid != device:
@@ -771,7 +773,7 @@ class Gate(LeaseKeeping, Overrides):
                     best, best_avail = d, avail
             if best is None and snap.devices:
                 return (
-                    "no device has room in this process's own count (its local leases, "
+                    "no device has room in this process's own count (its leases, "
                     f"safety margin {format_size(pool.safety_margin)}, reserves above "
                     f"{format_size(kept_off - pool.safety_margin)}) or a per-device slot left"
                 )
