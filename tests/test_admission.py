@@ -793,6 +793,21 @@ class TestPriority:
         assert gate.try_admit("batch", vram="60GiB").reason == "priority"
         assert gate.try_admit("interactive", vram="30GiB", device="SIM-sim-0").admitted
 
+    def test_a_waiter_waits_for_a_device_that_could_hold_it_not_the_one_with_most_room(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # Given 35 GiB free on an 80 GiB GPU and 40 GiB on an idle 40 GiB one,
+        sampler = SimulatedSampler(["80GiB", "40GiB"])
+        gate = make_gate(policy(), sampler)
+        sampler.set_used(0, "45GiB")
+        # when interactive asks for 60 GiB, which only the 80 GiB GPU can ever hold,
+        assert gate.try_admit("interactive", vram="60GiB").reason == "vram"
+        # then it waits for that GPU,
+        (record,) = read_redis(server, lambda c: c.hvals(PoolKeys(pool_name).waiters))
+        assert record.split()[5] == "SIM-sim-0"
+        # and batch goes to the one it cannot use.
+        assert gate.try_admit("batch", vram="10GiB").device_uuid == "SIM-sim-1"
+
     def test_another_hosts_waiter_does_not_hold_back_this_hosts_devices(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -452,6 +452,7 @@ class Model:
 
         best = closest = None
         best_avail = closest_avail = 0
+        closest_holds = False  # the device a DEFER waits for could ever hold the request
         held_back = False
         for i, total, use, ts in slotted:
             reserved = measured = 0
@@ -478,8 +479,13 @@ class Model:
                     or (self.placement != "spread" and avail < best_avail)
                 ):
                     best, best_avail = i, avail
-            if closest is None or avail > closest_avail:
-                closest, closest_avail = i, avail
+            holds = total - self.margin - row.reserve_above >= vram
+            if (
+                closest is None
+                or (holds and not closest_holds)
+                or (holds == closest_holds and avail > closest_avail)
+            ):
+                closest, closest_avail, closest_holds = i, avail, holds
         if best is None:
             return defer("priority" if held_back else "vram", None, closest, "vram", closest_avail)
 

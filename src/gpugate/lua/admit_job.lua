@@ -398,8 +398,12 @@ if #newer > 0 then redis.call('HSET', samples_key, unpack(newer)) end
 -- VRAM per device: reserved = sum max(est, actual) over leases and ghosts;
 -- unmanaged = used - sum of actuals measured no later than the sample. Both
 -- sums are kept per device; only a sample older than the latest reported
--- actual needs the leases one by one.
-local best, best_avail, closest, closest_avail = nil, nil, nil, nil
+-- actual needs the leases one by one. The closest to fitting (the device a
+-- DEFER waits for, which lower classes are then kept off) is the one with the
+-- most room among those whose capacity could ever hold the request: waiting
+-- for room on one that never could would send lower classes onto the device
+-- it needs. Only when no slotted device could is it the one with most room.
+local best, best_avail, closest, closest_avail, closest_holds = nil, nil, nil, nil, false
 local held_back, fragmented = false, false
 for _, d in ipairs(slotted) do
   local reserved, measured = d.m_res, d.m_act
@@ -432,7 +436,10 @@ for _, d in ipairs(slotted) do
       best, best_avail = d, avail
     end
   end
-  if closest == nil or avail > closest_avail then closest, closest_avail = d, avail end
+  local holds = d.total - margin - reserve_above >= vram
+  if closest == nil or (holds and not closest_holds) or (holds == closest_holds and avail > closest_avail) then
+    closest, closest_avail, closest_holds = d, avail, holds
+  end
 end
 -- Memory sums changed above (ghosts ended, latest_at moved) are written
 -- back: with the lease's own state write on an ADMIT, else before the DEFER.
