@@ -775,6 +775,48 @@ class TestPriority:
         assert gate.try_admit("batch", vram="40GiB").device_uuid == "SIM-sim-1"
         assert gate.try_admit("interactive", vram="30GiB").device_uuid == "SIM-sim-1"
 
+    def test_a_waiter_is_held_to_its_own_class_reserve_where_it_fits_now(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Given 8 GiB reserved for interactive, above notebook and batch,
+        clock = FakeClock()
+        pol = policy(
+            interactive={"priority": 100, "reserve": "8GiB"},
+            notebook={"priority": 50},
+            batch={"priority": 10},
+        )
+        sampler = SimulatedSampler(["40GiB", "40GiB"])
+        gate = make_gate(pol, sampler, _clock_ms=clock)
+        sampler.set_used(0, "20GiB")
+        sampler.set_used(1, "25GiB")
+        # and a notebook waiting for 30 GiB (20 and 15 GiB free, less the reserve),
+        assert gate.try_admit("notebook", vram="30GiB").reason == "vram"
+        # when sim-1 frees, and the notebook fits there (40 - 8 GiB),
+        sampler.set_used(1, 0)
+        clock.advance(0.1)
+        # then batch may not take 5 GiB of it: 27 GiB would be left for the notebook,
+        d = gate.try_admit("batch", vram="5GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+        # which is admitted there.
+        assert gate.try_admit("notebook", vram="30GiB").device_uuid == "SIM-sim-1"
+
+    def test_a_waiter_recorded_by_an_older_gate_holds_back_as_one_without_reserve_or_pin(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # Gates of the previous release write eight fields (no class reserve,
+        # no pin) during a rolling upgrade: given one waiting for 30 GiB on sim-0,
+        clock = FakeClock()
+        gate = make_gate(policy(), SimulatedSampler(["80GiB", "80GiB"]), _clock_ms=clock)
+        full = gate.try_admit("batch", vram="70GiB", device="SIM-sim-0")
+        assert full.lease is not None
+        record = f"100 {clock.ms} {30 * GiB} vram {clock.ms + 5000} SIM-sim-0 interactive vram"
+        read_redis(server, lambda c: c.hset(PoolKeys(pool_name).waiters, "old|w", record))
+        # then it holds back the room it fits in on its host's other device,
+        d = gate.try_admit("batch", vram="60GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+        # as one whose request named no device and has no class reserve.
+        assert gate.try_admit("batch", vram="50GiB").device_uuid == "SIM-sim-1"
+
     def test_a_pinned_waiter_holds_back_its_device_only(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -207,7 +207,8 @@ class LeaseRec:
 @dataclass(frozen=True)
 class Waiter:
     """A waiter record (see the prelude): priority, since, vram, what it waits
-    for, expiry, device, class, reason."""
+    for, expiry, device, class, reason, the class's reserve_above; never pinned
+    here."""
 
     p: int
     s: int
@@ -217,9 +218,10 @@ class Waiter:
     d: str
     c: str
     r: str
+    a: int
 
     def encode(self) -> str:
-        return f"{self.p} {self.s} {self.v} {self.w} {self.x} {self.d} {self.c} {self.r}"
+        return f"{self.p} {self.s} {self.v} {self.w} {self.x} {self.d} {self.c} {self.r} {self.a} -"
 
 
 @dataclass(frozen=True)
@@ -370,7 +372,15 @@ class Model:
         ) -> Prediction:
             d = self.uuids[device] if device is not None else "-"
             self.waiters[waiter_id] = Waiter(
-                row.prio, since(), vram, wants, now + self.waiter_ttl, d, cls, reason
+                row.prio,
+                since(),
+                vram,
+                wants,
+                now + self.waiter_ttl,
+                d,
+                cls,
+                reason,
+                row.reserve_above,
             )
             self.recent[gate].add((cls, vram, ""))
             return Prediction("defer", reason, retry, available=available)
@@ -423,7 +433,8 @@ class Model:
             return defer("cap", None, None, "-")
 
         waiting_on: dict[str, list[tuple[int, int]]] = {}
-        wanted: list[tuple[float, int]] = []  # waiters for memory: (effective priority, vram)
+        # waiters for memory: (effective priority, vram, their class's reserve_above)
+        wanted: list[tuple[float, int, int]] = []
         for wid, w in list(self.waiters.items()):
             if wid == waiter_id:
                 continue
@@ -432,7 +443,7 @@ class Model:
             elif w.w != "-" and w.d != "-":
                 waiting_on.setdefault(w.d, []).append((w.p, w.s))
                 if w.w == "vram" and w.d in self.uuids:  # a waiter of this host
-                    wanted.append((w.p + self.aging * (now - w.s), w.v))
+                    wanted.append((w.p + self.aging * (now - w.s), w.v, w.a))
         my_eff = row.prio + self.aging * (now - since())
         # A device is held back by the highest of the live waiters for it.
         blocked = {
@@ -440,8 +451,9 @@ class Model:
             for i, dev_uuid in enumerate(self.uuids)
         }
         # ... and by a waiter for memory above this request that fits there
-        # now, and would not once this request took its share.
-        needs = [v for eff, v in wanted if eff > my_eff]
+        # now, and would not once this request took its share (with its own
+        # class's reserve left free, both times).
+        needs = [(v, a) for eff, v, a in wanted if eff > my_eff]
 
         # Ghosts on the other devices that no decision can need any more: any
         # decision that looks at their device has a sample taken after them.
@@ -471,7 +483,7 @@ class Model:
             avail = total - unmanaged - reserved - self.margin - row.reserve_above
             free = total - unmanaged - reserved - self.margin
             if avail >= vram:
-                if blocked.get(i, False) or any(free >= n and free - vram < n for n in needs):
+                if blocked.get(i, False) or any(0 <= free - a - n < vram for n, a in needs):
                     held_back = True
                 elif (
                     best is None

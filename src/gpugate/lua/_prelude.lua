@@ -8,10 +8,14 @@
 --           max deadline (ms, 0 = none), owner, allocator-idle bytes (held by
 --           the job's allocator but not in use: its fragmentation), tenant
 --           ("-" = none)
---   waiter  "p s v w x d c r"      priority, since (ms), vram, what it waits
+--   waiter  "p s v w x d c r a k"  priority, since (ms), vram, what it waits
 --           for ("vram" | "slot" | "-"), expiry (ms), device ("-" = none),
---           class, reason; " pinned" follows when the request named its
---           device (it can use no other)
+--           class, reason, the class's reserve_above (bytes: the reserves of
+--           the classes above it, which it must leave free), and "pinned"
+--           when the request named its device (it can use no other), else
+--           "-". Gates of the previous release write the first eight fields
+--           only (and read the first six): such a record reads as reserve 0,
+--           not pinned
 --   sample  "total used taken_ms"
 --   memory  "reserved actual latest_at idle"   per device, state field
 --           m:<uuid>: the sums over its leases and ghosts of max(estimate,
@@ -27,6 +31,8 @@
 --
 -- pool_fields(raw), class_fields(raw) -> the record's fields in order
 --   (strings); waiter_fields(raw) -> its first six (p s v w x d);
+--   waiter_hold(raw) -> reserve_above (number), pinned (boolean): its last
+--   two, parsed only for the waiters that may hold a request back;
 --   bucket_fields(raw) -> tokens, updated (numbers); format_bucket(tokens,
 --   updated) -> string. Every script reads these records through them.
 -- script_now(clock_ms, last) -> ms: max(TIME or clock_ms when > 0, last).
@@ -77,6 +83,12 @@ end
 
 local function waiter_fields(raw)
   return string.match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)')
+end
+
+local function waiter_hold(raw)
+  local a, k = string.match(raw, '^%S+ %S+ %S+ %S+ %S+ %S+ %S+ %S+ (%d+) (%S+)$')
+  if not a then return 0, false end
+  return tonumber(a), k == 'pinned'
 end
 
 local function bucket_fields(raw)

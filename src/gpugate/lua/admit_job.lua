@@ -124,9 +124,9 @@ local function my_since()
 end
 
 local function defer(reason, retry, device, wants, detail)
-  local rec = string.format('%d %d %d %s %d %s %s %s', my_prio, my_since(), vram, wants,
-                            now + waiter_ttl, device ~= '' and device or '-', cls, reason)
-  if want_device ~= '' then rec = rec .. ' pinned' end
+  local rec = string.format('%d %d %d %s %d %s %s %s %d %s', my_prio, my_since(), vram, wants,
+                            now + waiter_ttl, device ~= '' and device or '-', cls, reason, reserve_above,
+                            want_device ~= '' and 'pinned' or '-')
   redis.call('HSET', waiters_key, waiter_id, rec)
   return {'defer', reason, retry, device, '', 0, detail, -1}
 end
@@ -266,7 +266,7 @@ end
 -- took its share (see room_taken below); another host's waiter cannot use
 -- this host's devices.
 local blocked = {}
-local wanted = {}  -- {effective priority, vram} of the waiters for memory
+local wanted = {}  -- the waiters for memory of this host: {eff, v, pin, reserve}
 local waiting = false
 local waiters = redis.call('HGETALL', waiters_key)
 for i = 1, #waiters, 2 do
@@ -281,9 +281,9 @@ for i = 1, #waiters, 2 do
     local eff = tonumber(p) + aging * (now - tonumber(s))
     if blocked[d] == nil or eff > blocked[d] then blocked[d] = eff end
     if w == 'vram' and listed_uuids[d] then
-      -- A pinned waiter (its record ends " pinned") can use only its device.
-      local pin = string.sub(waiters[i + 1], -7) == ' pinned' and d or nil
-      wanted[#wanted + 1] = {eff, tonumber(v), pin}
+      local reserve, pinned = waiter_hold(waiters[i + 1])
+      -- A pinned waiter can use only its device.
+      wanted[#wanted + 1] = {eff = eff, v = tonumber(v), pin = pinned and d or nil, reserve = reserve}
     end
   end
 end
@@ -291,18 +291,18 @@ local my_eff = my_prio + aging * (now - my_since())
 for d, eff in pairs(blocked) do
   if eff <= my_eff then blocked[d] = nil end
 end
-local needs = {}  -- {vram, pinned device or nil} of each waiter for memory above this request
+local needs = {}  -- the waiters for memory above this request
 for _, e in ipairs(wanted) do
-  if e[1] > my_eff then needs[#needs + 1] = {e[2], e[3]} end
+  if e.eff > my_eff then needs[#needs + 1] = e end
 end
 
 -- Whether this request would take room a waiter above it fits in now, on
--- device `uuid` with `free` bytes (before class reserves: the waiter's own
--- are smaller than this request's).
+-- device `uuid` with `free` bytes before class reserves: the waiter fits
+-- where its VRAM and its own class's reserve do, now and after this request.
 local function room_taken(uuid, free)
   for _, need in ipairs(needs) do
-    local v = need[1]
-    if (need[2] == nil or need[2] == uuid) and free >= v and free - vram < v then return true end
+    local left = free - need.reserve - need.v
+    if (need.pin == nil or need.pin == uuid) and left >= 0 and left < vram then return true end
   end
   return false
 end
