@@ -817,6 +817,62 @@ class TestPriority:
         # as one whose request named no device and has no class reserve.
         assert gate.try_admit("batch", vram="50GiB").device_uuid == "SIM-sim-1"
 
+    def test_a_slot_waiter_holds_back_a_slot_freed_on_any_device_of_its_host(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Given one job per GPU, both GPUs busy, and interactive waiting for a slot
+        # (its record names the first full GPU, sim-0),
+        clock = FakeClock()
+        gate = make_gate(policy({"max_per_device": 1}), _clock_ms=clock)
+        gate.try_admit("batch", vram="1GiB", device="SIM-sim-0")
+        on_1 = gate.try_admit("batch", vram="1GiB", device="SIM-sim-1")
+        assert on_1.lease is not None
+        waiting = gate.try_admit("interactive", vram="1GiB")
+        assert (waiting.reason, waiting.device) == ("cap", None)
+        # when the slot of sim-1 frees,
+        on_1.lease.release()
+        clock.advance(0.1)
+        # then batch may not take it,
+        d = gate.try_admit("batch", vram="1GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+        # interactive gets it.
+        assert gate.try_admit("interactive", vram="1GiB").device_uuid == "SIM-sim-1"
+
+    def test_a_waiter_holds_back_the_last_free_slot_only_where_its_vram_fits(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Given two jobs per GPU, one on each, and interactive waiting for
+        # 50 GiB (40 GiB free on sim-0, which it records, 35 GiB on sim-1),
+        clock = FakeClock()
+        gate = make_gate(policy({"max_per_device": 2}), _clock_ms=clock)
+        assert gate.try_admit("batch", vram="40GiB", device="SIM-sim-0").admitted
+        big = gate.try_admit("batch", vram="45GiB", device="SIM-sim-1")
+        assert big.lease is not None
+        assert gate.try_admit("interactive", vram="50GiB").reason == "vram"
+        # sim-1's last slot goes to batch while interactive does not fit there;
+        assert gate.try_admit("batch", vram="1GiB", device="SIM-sim-1").admitted
+        # when 45 GiB free there, interactive fits, and the slot freed with
+        # them is held back, even for a job that would leave it room.
+        big.lease.release()
+        clock.advance(0.1)
+        d = gate.try_admit("batch", vram="1GiB", device="SIM-sim-1")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+        assert gate.try_admit("interactive", vram="50GiB").device_uuid == "SIM-sim-1"
+
+    def test_a_pinned_slot_waiter_holds_back_its_device_only(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy({"max_per_device": 1}), _clock_ms=clock)
+        gate.try_admit("batch", vram="1GiB", device="SIM-sim-0")
+        on_1 = gate.try_admit("batch", vram="1GiB", device="SIM-sim-1")
+        assert on_1.lease is not None
+        assert gate.try_admit("interactive", vram="1GiB", device="SIM-sim-0").reason == "cap"
+        on_1.lease.release()
+        clock.advance(0.1)
+        # sim-1's slot is of no use to it: batch takes it.
+        assert gate.try_admit("batch", vram="1GiB").device_uuid == "SIM-sim-1"
+
     def test_a_pinned_waiter_holds_back_its_device_only(
         self, make_gate: Callable[..., Gate]
     ) -> None:

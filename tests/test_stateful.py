@@ -433,7 +433,7 @@ class Model:
             return defer("cap", None, None, "-")
 
         waiting_on: dict[str, list[tuple[int, int]]] = {}
-        # waiters for memory: (effective priority, vram, their class's reserve_above)
+        # waiters for memory or a slot: (effective priority, vram, their class's reserve_above)
         wanted: list[tuple[float, int, int]] = []
         for wid, w in list(self.waiters.items()):
             if wid == waiter_id:
@@ -442,7 +442,7 @@ class Model:
                 del self.waiters[wid]
             elif w.w != "-" and w.d != "-":
                 waiting_on.setdefault(w.d, []).append((w.p, w.s))
-                if w.w == "vram" and w.d in self.uuids:  # a waiter of this host
+                if w.d in self.uuids:  # a waiter of this host
                     wanted.append((w.p + self.aging * (now - w.s), w.v, w.a))
         my_eff = row.prio + self.aging * (now - since())
         # A device is held back by the highest of the live waiters for it.
@@ -450,9 +450,9 @@ class Model:
             i: any(p + self.aging * (now - s) > my_eff for p, s in waiting_on.get(dev_uuid, []))
             for i, dev_uuid in enumerate(self.uuids)
         }
-        # ... and by a waiter for memory above this request that fits there
-        # now, and would not once this request took its share (with its own
-        # class's reserve left free, both times).
+        # ... and by a waiter above this request that could go there now (its
+        # VRAM fits with its own class's reserve left free), and could not
+        # once this request took its share of memory or the last free slot.
         needs = [(v, a) for eff, v, a in wanted if eff > my_eff]
 
         # Ghosts on the other devices that no decision can need any more: any
@@ -483,7 +483,10 @@ class Model:
             avail = total - unmanaged - reserved - self.margin - row.reserve_above
             free = total - unmanaged - reserved - self.margin
             if avail >= vram:
-                if blocked.get(i, False) or any(0 <= free - a - n < vram for n, a in needs):
+                last_slot = self.shared_cap >= 0 and self.count(None, i) + 1 >= self.shared_cap
+                if blocked.get(i, False) or any(
+                    free - a - n >= 0 and (last_slot or free - a - n < vram) for n, a in needs
+                ):
                     held_back = True
                 elif (
                     best is None

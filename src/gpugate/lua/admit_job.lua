@@ -260,13 +260,13 @@ end
 
 -- Devices that a live waiter of higher effective priority waits for (the
 -- one closest to fitting it, or whose slot it waits for). Waiting ages
--- priority, so batch is not starved forever. A waiter for memory of this
--- request's host (the device it waits for is one of the listed ones) also
--- holds back any device where it fits now and would not once this request
--- took its share (see room_taken below); another host's waiter cannot use
--- this host's devices.
+-- priority, so batch is not starved forever. A waiter for memory or for a
+-- shared slot of this request's host (the device it waits for is one of the
+-- listed ones) also holds back any device where it could go now and could
+-- not once this request took its share (see place_taken below); another
+-- host's waiter cannot use this host's devices.
 local blocked = {}
-local wanted = {}  -- the waiters for memory of this host: {eff, v, pin, reserve}
+local wanted = {}  -- the waiters of this host: {eff, v, pin, reserve}
 local waiting = false
 local waiters = redis.call('HGETALL', waiters_key)
 for i = 1, #waiters, 2 do
@@ -280,7 +280,7 @@ for i = 1, #waiters, 2 do
   elseif w ~= '-' and d ~= '-' then
     local eff = tonumber(p) + aging * (now - tonumber(s))
     if blocked[d] == nil or eff > blocked[d] then blocked[d] = eff end
-    if w == 'vram' and listed_uuids[d] then
+    if listed_uuids[d] then
       local reserve, pinned = waiter_hold(waiters[i + 1])
       -- A pinned waiter can use only its device.
       wanted[#wanted + 1] = {eff = eff, v = tonumber(v), pin = pinned and d or nil, reserve = reserve}
@@ -291,18 +291,24 @@ local my_eff = my_prio + aging * (now - my_since())
 for d, eff in pairs(blocked) do
   if eff <= my_eff then blocked[d] = nil end
 end
-local needs = {}  -- the waiters for memory above this request
+local needs = {}  -- the waiters of this host above this request
 for _, e in ipairs(wanted) do
   if e.eff > my_eff then needs[#needs + 1] = e end
 end
 
--- Whether this request would take room a waiter above it fits in now, on
--- device `uuid` with `free` bytes before class reserves: the waiter fits
--- where its VRAM and its own class's reserve do, now and after this request.
-local function room_taken(uuid, free)
+-- Whether this request would take the place of a waiter above it on device
+-- d, with `free` bytes before class reserves: the waiter could go there now
+-- (its VRAM and its own class's reserve fit; d has a free shared slot, or it
+-- would not be a candidate), and could not after this request, which takes
+-- that room or d's last free shared slot. The waiter's own class caps are
+-- not known here: it counts as if they let it go.
+local function place_taken(d, free)
+  local last_slot = shared_cap >= 0 and d.n_all + 1 >= shared_cap
   for _, need in ipairs(needs) do
     local left = free - need.reserve - need.v
-    if (need.pin == nil or need.pin == uuid) and left >= 0 and left < vram then return true end
+    if (need.pin == nil or need.pin == d.uuid) and left >= 0 and (last_slot or left < vram) then
+      return true
+    end
   end
   return false
 end
@@ -428,7 +434,7 @@ for _, d in ipairs(slotted) do
   if avail >= vram then
     if max_frag >= 0 and d.m_idle > max_frag * d.total then
       fragmented = true
-    elseif blocked[d.uuid] or (#needs > 0 and room_taken(d.uuid, d.total - unmanaged - reserved - margin)) then
+    elseif blocked[d.uuid] or (#needs > 0 and place_taken(d, d.total - unmanaged - reserved - margin)) then
       held_back = true
     elseif best == nil
         or (placement == 'spread' and avail > best_avail)
