@@ -3076,6 +3076,32 @@ class TestFragmentation:
         clock.advance(1)
         assert gate.try_admit("batch", vram="10GiB", device="SIM-sim-0").outcome is Outcome.ADMIT
 
+    def test_a_request_kept_off_fragmented_devices_waits_for_memory_like_any_other(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Given sim-0 with room but fragmented for interactive, sim-1 full,
+        clock = FakeClock()
+        pol = policy(
+            interactive={"priority": 100, "max_fragmentation": 0.1}, batch={"priority": 10}
+        )
+        sampler = SimulatedSampler(["40GiB", "40GiB"])
+        gate = make_gate(pol, sampler, _clock_ms=clock)
+        job = gate.try_admit("batch", vram="10GiB", device="SIM-sim-0")
+        assert job.lease is not None
+        job.lease.report_vram("10GiB", idle="9GiB")
+        gate.beat_now()
+        sampler.set_used(0, "10GiB")
+        sampler.set_used(1, "35GiB")
+        clock.advance(1)
+        assert gate.try_admit("interactive", vram="20GiB").reason == Reason.FRAGMENTED
+        # when sim-1 frees, batch may not take the room interactive needs there,
+        sampler.set_used(1, 0)
+        clock.advance(0.1)
+        d = gate.try_admit("batch", vram="35GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+        # which interactive gets.
+        assert gate.try_admit("interactive", vram="20GiB").device_uuid == "SIM-sim-1"
+
     def test_without_pytorch_there_is_nothing_to_report(self) -> None:
         import sys
 

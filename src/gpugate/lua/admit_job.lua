@@ -476,8 +476,10 @@ if best == nil then
     r[8] = closest_avail
     return r
   end
+  -- Kept off the devices with room, it waits for memory elsewhere (or for
+  -- their fragmentation to fall), and holds back like any waiter for memory.
   if fragmented then
-    local r = defer('fragmented', estimate, closest.uuid, '-',
+    local r = defer('fragmented', estimate, closest.uuid, 'vram',
                     'the devices with room are too fragmented for this class')
     r[8] = closest_avail
     return r
