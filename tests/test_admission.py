@@ -1330,6 +1330,31 @@ class TestLeases:
         assert view.get(b"out:notebook:max_duration") == b"1"
         assert b"expired:notebook" not in view
 
+    def test_only_a_waiter_above_the_lease_class_contends_for_its_device(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Given a notebook holding most of the GPU and batch waiting for memory there,
+        clock = FakeClock()
+        pol = policy(
+            {"lease_ttl": "5s", "waiter_ttl": "1h", "priority_aging": "1/s"},
+            notebook={"priority": 50, "max_duration": "8h", "max_duration_contended": "10s"},
+            batch={"priority": 10},
+        )
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]), _clock_ms=clock)
+        nb = gate.try_admit("notebook", vram="70GiB")
+        assert nb.lease is not None
+        assert gate.try_admit("batch", vram="30GiB").reason == "vram"
+        # when the notebook is past its contended bound, batch does not cut it short
+        # while it stays below the notebook's priority (10 + 1/s waited),
+        for _ in range(13):
+            clock.advance(3)
+            gate.beat_now()
+            assert not nb.lease.max_duration_reached
+        # and does once it has waited past it.
+        clock.advance(3)  # 42 s waited: 52 above 50
+        gate.beat_now()
+        assert nb.lease.max_duration_reached
+
     def test_lease_ids_are_never_reused_after_redis_loses_its_state(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:

@@ -46,9 +46,10 @@
 --
 -- Key schema and record formats: see admit_job.lua and the prelude. The max
 -- duration is the class's max_ms, or max_contended_ms while a live waiter
--- wants memory on the lease's device (once reached, it becomes the lease's
--- own deadline, record field m); whatever memory the holder keeps after its
--- lease ends counts as unmanaged through the samples.
+-- of higher effective priority than the lease's class (priority + aging x
+-- time waited) wants memory on the lease's device (once reached, it becomes
+-- the lease's own deadline, record field m); whatever memory the holder
+-- keeps after its lease ends counts as unmanaged through the samples.
 --
 -- Idle excess (P idlemem hash: owner -> "<uuid> <bytes> ..."; P idleseen
 -- zset: owner -> last beat ms, for owners with an entry) is part of each
@@ -95,11 +96,11 @@ local now = script_now(clock_ms, last)
 
 -- The sample sweep's reads (see samples above): the samples nobody refreshed
 -- for 10 TTLs, and what their devices still hold.
-local ttl, max_age
+local ttl, max_age, aging
 if st[2] then
   local _
-  ttl, _, max_age = select(2, pool_fields(st[2]))
-  ttl, max_age = tonumber(ttl), tonumber(max_age)
+  ttl, _, max_age, _, aging = select(2, pool_fields(st[2]))
+  ttl, max_age, aging = tonumber(ttl), tonumber(max_age), tonumber(aging)
 end
 local sweep = ttl ~= nil and now - (tonumber(st[5]) or 0) >= ttl
 local unseen = {}  -- {uuid, dev key's rows, memory record, device count}
@@ -127,26 +128,39 @@ if now > last then redis.call('HSET', state_key, 'clock', now) end
 if not st[2] then return redis.error_reply('nopolicy') end
 reap_expired(prefix, state_key, exp_key, now, tonumber(st[3]))
 
-local contended = nil
-local function device_contended(uuid)
+-- Whether a live waiter for memory on device `uuid` is above `prio`: its
+-- effective priority, aged as admit_job.lua ages it, above the lease class's
+-- priority. A waiter of a lower class (batch behind a notebook) waits its
+-- turn and shortens nothing.
+local contended = nil  -- uuid -> the highest effective priority waiting there
+local function device_contended(uuid, prio)
   if contended == nil then
     contended = {}
     local waiters = redis.call('HGETALL', waiters_key)
     for i = 2, #waiters, 2 do
-      local _, _, _, w, x, d = waiter_fields(waiters[i])
-      if w == 'vram' and tonumber(x) > now then contended[d] = true end
+      local p, s, _, w, x, d = waiter_fields(waiters[i])
+      if w == 'vram' and tonumber(x) > now then
+        local eff = tonumber(p) + aging * (now - tonumber(s))
+        if contended[d] == nil or eff > contended[d] then contended[d] = eff end
+      end
     end
   end
-  return contended[uuid]
+  return contended[uuid] ~= nil and contended[uuid] > prio
 end
 
-local contended_ms = {}
-local function class_contended_ms(cls)
-  if contended_ms[cls] == nil then
+-- A class's max_contended_ms (-1: none) and priority.
+local bounds = {}
+local function class_bounds(cls)
+  if bounds[cls] == nil then
     local raw = redis.call('HGET', state_key, 'c:' .. cls)
-    contended_ms[cls] = raw and tonumber((select(8, class_fields(raw)))) or -1
+    if raw then
+      local prio, _, _, _, _, _, _, short = class_fields(raw)
+      bounds[cls] = {tonumber(short), tonumber(prio)}
+    else
+      bounds[cls] = {-1, 0}
+    end
   end
-  return contended_ms[cls]
+  return bounds[cls][1], bounds[cls][2]
 end
 
 -- The devices' memory sums change with each reported actual and idle
@@ -311,8 +325,8 @@ for i = 0, n - 1 do
       redis.call('HSET', dkey, id, format_lease(rec))
     end
     local deadline = rec.m
-    local short = class_contended_ms(rec.c)
-    if short >= 0 and device_contended(uuid) and (deadline == 0 or rec.s + short < deadline) then
+    local short, prio = class_bounds(rec.c)
+    if short >= 0 and device_contended(uuid, prio) and (deadline == 0 or rec.s + short < deadline) then
       deadline = rec.s + short
     end
     if deadline > 0 and now >= deadline then

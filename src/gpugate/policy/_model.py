@@ -199,8 +199,9 @@ class ClassPolicy:
         Lease renewal stops after this long (``max_duration``); ``None`` for
         no bound.
     ``max_duration_contended_s``
-        A shorter bound that applies while others wait for the device
-        (``max_duration_contended``); no longer than ``max_duration_s``.
+        A shorter bound that applies while a request of higher effective
+        priority waits for memory on the device (``max_duration_contended``);
+        no longer than ``max_duration_s``.
     ``max_fragmentation``
         The fraction of a device's memory, from 0 to 1, that may be held but
         unused by allocators before this class stops being placed there.
