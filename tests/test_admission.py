@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -2541,6 +2542,178 @@ class TestManyWaiters:
         assert "large" in results
         gate.try_admit("batch", vram=0)  # the gate still answers
         assert gate.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+
+
+# Timers far away (a retry estimate of 20 s, jittered to at least 10 s): a
+# blocked admission goes to Redis again only when a wake-up sends it.
+_FAR_TIMERS = {"lease_ttl": "60s", "waiter_ttl": "60s", "retry_max": "60s"}
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)
+
+
+def _asleep(gate: Gate) -> int:
+    """How many blocked admissions of ``gate`` have their answer and sleep on it
+    (-1 while one is deciding or sent)."""
+    herd = gate._herd
+    with herd._lock:
+        members = [m for ms in herd._shapes.values() for m in ms]
+        if any(m.busy or m.settled != herd.generation for m in members):
+            return -1
+        return len(members)
+
+
+def _blocked(gate: Gate, *tenants: str | None, vram: str = "20GiB") -> list[threading.Thread]:
+    """One blocked ``batch`` admission per tenant, oldest first, each asleep
+    before the next starts; they end when the gate closes."""
+
+    def admit(tenant: str | None) -> None:
+        with (
+            contextlib.suppress(AdmissionTimeout, UsageError),
+            gate.admit("batch", vram=vram, timeout=30, tenant=tenant),
+        ):
+            pass
+
+    threads = []
+    for n, tenant in enumerate(tenants, 1):
+        threads.append(threading.Thread(target=admit, args=(tenant,), daemon=True))
+        threads[-1].start()
+        _until(lambda n=n: _asleep(gate) == n, "the request blocked and asleep")  # type: ignore[misc]
+    return threads
+
+
+def _watched(make_gate: Callable[..., Gate], pol: Policy, host: str) -> tuple[Gate, Any]:
+    """A gate of one simulated 80 GiB GPU on ``host``, and its metrics' registry."""
+    from prometheus_client import CollectorRegistry
+
+    from gpugate.metrics import Metrics
+
+    registry = CollectorRegistry()
+    gate = make_gate(pol, SimulatedSampler(["80GiB"], name=host), metrics=Metrics(registry))
+    return gate, registry
+
+
+def _decided_on(
+    gate: Gate, registry: Any, server: RedisProcess, pool: str, publish: Callable[[], object]
+) -> float:
+    """The decisions ``gate``'s blocked admissions (all asleep) ask Redis for
+    on the wake message that ``publish`` sends on the pool's wake channel."""
+    channel = PoolKeys(pool).wake
+    _until(
+        lambda: read_redis(server, lambda r: r.pubsub_numsub(channel)[0][1]) >= 1,
+        "the gate listening for wake-ups",
+    )
+    herd = gate._herd
+    before, decided = herd.generation, _decisions(registry)
+    publish()
+    # Those it sends are marked in the same step: once it is taken, they are
+    # deciding, then asleep again or admitted (gone), their decisions counted.
+    _until(lambda: herd.generation > before, "the gate taking the wake-up")
+    _until(lambda: _asleep(gate) >= 0, "the requests it sent answered")
+    return _decisions(registry) - decided
+
+
+class TestWakeUpsThatConcernAWaiter:
+    """A lease end sends a gate's blocked admissions to Redis only when what it
+    freed may change their answer (the herd's rules: test_herd.py)."""
+
+    def test_a_lease_end_on_another_hosts_device_leaves_a_memory_waiter_asleep(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        pol = policy(_FAR_TIMERS, batch={"priority": 10})
+        gate, registry = _watched(make_gate, pol, "a")
+        other_host = make_gate(pol, SimulatedSampler(["80GiB"], name="b"))
+        full = gate.try_admit("batch", vram="70GiB")
+        assert full.lease is not None
+        (thread,) = _blocked(gate, None)
+
+        def release_on_the_other_host() -> None:
+            d = other_host.try_admit("batch", vram="1GiB")
+            assert d.lease is not None
+            d.lease.release()
+
+        assert _decided_on(gate, registry, server, pool_name, release_on_the_other_host) == 0
+        # A lease end on its own host's device sends it, and admits it.
+        assert _decided_on(gate, registry, server, pool_name, full.lease.release) >= 1
+        thread.join(30)
+        assert not thread.is_alive()
+
+    def test_a_cap_waiter_wakes_on_a_release_of_its_class_on_any_host_only(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        pol = policy(
+            _FAR_TIMERS, batch={"priority": 10, "max_concurrent": 1}, inter={"priority": 50}
+        )
+        gate, registry = _watched(make_gate, pol, "a")
+        other_host = make_gate(pol, SimulatedSampler(["80GiB"], name="b"))
+        at_cap = other_host.try_admit("batch", vram="1GiB")
+        assert at_cap.lease is not None
+        (thread,) = _blocked(gate, None, vram="1GiB")
+
+        def release_another_class() -> None:
+            d = other_host.try_admit("inter", vram="1GiB")
+            assert d.lease is not None
+            d.lease.release()
+
+        assert _decided_on(gate, registry, server, pool_name, release_another_class) == 0
+        assert _decided_on(gate, registry, server, pool_name, at_cap.lease.release) == 1
+        thread.join(30)
+        assert not thread.is_alive()
+
+    def test_a_paused_request_sleeps_through_releases_until_the_pause_is_lifted(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        pol = policy(_FAR_TIMERS, batch={"priority": 10})
+        gate, registry = _watched(make_gate, pol, "a")
+        held = gate.try_admit("batch", vram="1GiB")
+        assert held.lease is not None
+        gate.pause("batch")
+        (thread,) = _blocked(gate, None, vram="1GiB")
+        assert _decided_on(gate, registry, server, pool_name, held.lease.release) == 0
+        resume = lambda: gate.resume("batch")  # noqa: E731
+        assert _decided_on(gate, registry, server, pool_name, resume) == 1
+        thread.join(30)
+        assert not thread.is_alive()
+
+    def test_a_wake_message_of_the_previous_release_wakes_everyone(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # Its gates published only the uuid of the device a lease ended on.
+        pol = policy(_FAR_TIMERS, batch={"priority": 10})
+        gate, registry = _watched(make_gate, pol, "a")
+        full = gate.try_admit("batch", vram="70GiB")
+        assert full.lease is not None
+        _blocked(gate, None)
+        channel = PoolKeys(pool_name).wake
+
+        def publish(message: str) -> Callable[[], object]:
+            return lambda: read_redis(server, lambda r: r.publish(channel, message))
+
+        assert _decided_on(gate, registry, server, pool_name, publish("SIM-b-0 batch")) == 0
+        # Woken for memory, it decides again once its sampler has read the
+        # devices after the wake-up (nothing was freed: it still waits).
+        assert _decided_on(gate, registry, server, pool_name, publish("SIM-b-0")) == 2
+
+    def test_requests_of_different_tenants_wait_as_one_shape(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # A tenant changes no decision: the oldest request answers for the others.
+        pol = policy(_FAR_TIMERS, batch={"priority": 10})
+        gate, registry = _watched(make_gate, pol, "a")
+        full = gate.try_admit("batch", vram="70GiB")
+        assert full.lease is not None
+        _blocked(gate, "team-a", "team-b", "team-c", None)
+        channel = PoolKeys(pool_name).wake
+
+        def on_its_device() -> None:
+            read_redis(server, lambda r: r.publish(channel, "SIM-a-0 batch"))
+
+        # The oldest's two decisions (see above), not each one's.
+        assert _decided_on(gate, registry, server, pool_name, on_its_device) == 2
 
 
 class TestHeartbeatSampler:

@@ -10,9 +10,11 @@ import contextlib
 import threading
 
 from gpugate.admission._decision import Reason
-from gpugate.admission._herd import Herd, Member
+from gpugate.admission._herd import Freed, Herd, Member
+from gpugate.admission._wake import freed_by
 
-BATCH = ("batch", None, None)
+BATCH = ("batch", None)
+HOST_A = frozenset({"GPU-A0", "GPU-A1"})  # the devices of the gate's host
 
 
 def waiting(herd: Herd, *members: Member, reason: str = Reason.CAP) -> None:
@@ -95,16 +97,15 @@ class TestHerd:
 
     def test_shapes_are_apart(self) -> None:
         herd = Herd()
-        shapes = [BATCH, ("batch", "team-a", None), ("batch", None, "GPU-1"), ("inter", None, None)]
+        shapes = [BATCH, ("batch", "GPU-1"), ("inter", None)]
         with (
             herd.joined(shapes[0], 10) as a,
             herd.joined(shapes[1], 10) as b,
             herd.joined(shapes[2], 10) as c,
-            herd.joined(shapes[3], 10) as d,
         ):
-            waiting(herd, a, b, c, d)
+            waiting(herd, a, b, c)
             herd.wake()
-            assert all(sent(m) for m in (a, b, c, d))
+            assert all(sent(m) for m in (a, b, c))
 
     def test_closing_sends_everyone(self) -> None:
         herd = Herd()
@@ -134,3 +135,117 @@ class TestHerd:
                 return first, second
 
         assert asyncio.run(main()) == (True, False)
+
+
+def woken_by(
+    reason: str, *freed: Freed | None, shape: tuple[str, str | None] = BATCH
+) -> list[bool]:
+    """For each of ``freed`` in turn: whether a request of ``shape`` on a gate
+    of host A, waiting after a DEFER for ``reason``, is sent to Redis."""
+    herd = Herd(lambda: HOST_A)
+    woken = []
+    with herd.joined(shape, 10) as m:
+        waiting(herd, m, reason=reason)
+        for f in freed:
+            herd.wake(f)
+            woken.append(sent(m))
+            if sent(m):
+                herd.wait(m, 0)
+                herd.settle(m, herd.generation, reason)
+    return woken
+
+
+class TestWhatALeaseEndConcerns:
+    """A lease end sends only the requests whose last DEFER what it freed may change."""
+
+    def test_memory_and_slots_on_its_own_hosts_devices_only(self) -> None:
+        for reason in (Reason.VRAM, Reason.FRAGMENTED, Reason.PRIORITY):
+            woken = woken_by(reason, Freed("GPU-B0", "batch"), Freed("GPU-A1", "inter"))
+            assert woken == [False, True], reason
+
+    def test_a_pinned_request_on_its_device_only(self) -> None:
+        assert woken_by(
+            Reason.VRAM,
+            Freed("GPU-A1", "batch"),
+            Freed("GPU-A0", "batch"),
+            shape=("batch", "GPU-A0"),
+        ) == [False, True]
+
+    def test_a_cap_on_a_release_of_its_class_anywhere_or_on_its_own_devices(self) -> None:
+        # The class's pool-wide cap, or a per-device slot: a DEFER cap does not say which.
+        assert woken_by(
+            Reason.CAP,
+            Freed("GPU-B0", "inter"),
+            Freed("GPU-B0", "batch"),
+            Freed("GPU-A0", "inter"),
+        ) == [False, True, True]
+
+    def test_a_token_bucket_on_a_release_of_its_class_only(self) -> None:
+        # A release may refund its class's token; it frees no other class's.
+        assert woken_by(Reason.RATE, Freed("GPU-A0", "inter"), Freed("GPU-B0", "batch")) == [
+            False,
+            True,
+        ]
+
+    def test_a_pause_on_no_release(self) -> None:
+        assert woken_by(Reason.PAUSED, Freed("GPU-A0", "batch"), None) == [False, True]
+
+    def test_any_other_wake_up_sends_every_reason(self) -> None:
+        for reason in (Reason.PAUSED, Reason.RATE, Reason.CAP, Reason.VRAM, Reason.NO_GPU):
+            assert woken_by(reason, None) == [True], reason
+
+    def test_a_reason_without_a_rule_on_any_release(self) -> None:
+        assert woken_by(Reason.BACKEND_UNAVAILABLE, Freed("GPU-B0", "inter")) == [True]
+
+    def test_a_gate_that_cannot_tell_its_devices_wakes_on_any(self) -> None:
+        herd = Herd()
+        with herd.joined(BATCH, 10) as m:
+            waiting(herd, m, reason=Reason.VRAM)
+            herd.wake(Freed("GPU-B0", "inter"))
+            assert sent(m)
+
+    def test_an_answer_a_release_leaves_standing_still_answers_for_the_larger(self) -> None:
+        herd = Herd(lambda: HOST_A)
+        with herd.joined(BATCH, 10) as old, herd.joined(BATCH, 20) as larger:
+            waiting(herd, old, larger, reason=Reason.VRAM)
+            herd.wake(Freed("GPU-B0", "batch"))
+            assert not sent(old)
+            assert not sent(larger)
+            herd.wake(Freed("GPU-A0", "batch"))
+            assert sent(old)
+            assert not sent(larger)
+
+    def test_a_request_answered_for_takes_the_older_ones_reason(self) -> None:
+        herd = Herd(lambda: HOST_A)
+        with contextlib.ExitStack() as stack:
+            first = herd.joined(BATCH, 10)
+            old = first.__enter__()
+            larger = stack.enter_context(herd.joined(BATCH, 20))
+            waiting(herd, old, larger, reason=Reason.VRAM)
+            herd.wake(Freed("GPU-A0", "batch"))
+            herd.wait(old, 0)
+            herd.settle(old, herd.generation, Reason.CAP)  # answers for ``larger``
+            assert larger.reason == Reason.CAP
+            # Its class's cap on another host: ``old`` goes; ``larger`` waits
+            # for it, and goes once it is admitted (it leaves). Keeping its own
+            # (stale) vram, it would have slept on.
+            herd.wake(Freed("GPU-B0", "batch"))
+            assert sent(old)
+            assert not sent(larger)
+            herd.wait(old, 0)
+            first.__exit__(None, None, None)
+            assert sent(larger)
+
+
+class TestWakeMessages:
+    """What a message on the wake channel says was freed."""
+
+    def test_a_lease_end_names_its_device_and_class(self) -> None:
+        assert freed_by(b"GPU-A0 batch") == Freed("GPU-A0", "batch")
+        assert freed_by("SIM host 0 batch") == Freed("SIM host 0", "batch")
+
+    def test_anything_else_may_concern_everyone(self) -> None:
+        # An override changed, a policy replaced, a bare uuid from a gate of
+        # the previous release.
+        for data in (b"override", b"policy", b"GPU-A0", b"", None, 1):
+            assert freed_by(data) is None, data

@@ -213,7 +213,9 @@ class Gate(LeaseKeeping, Overrides):
         self._leases = LeaseRegistry(self._idle.touch)
         self._heartbeat: Heartbeat | None = None
         self._wake: WakeListener | None = None
-        self._herd = Herd()  # its blocked admissions, which wake-ups go to
+        # Its blocked admissions, which wake-ups go to; a lease end concerns
+        # those deferred for memory only when on a device of this gate's.
+        self._herd = Herd(lambda: self._packed[3])
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()
         # Held by close() throughout; what an operation in flight at close
@@ -225,8 +227,14 @@ class Gate(LeaseKeeping, Overrides):
         # try_admit's waiter entries Redis holds (id -> when, monotonic): close()
         # deletes them, as a closed gate polls no more.
         self._polling: dict[str, float] = {}
-        # The sample arguments last packed, and the devices tuple they describe.
-        self._packed: tuple[object, list[Any], list[int]] = ((), [], [])
+        # The sample arguments last packed, the devices tuple they describe,
+        # and those devices' uuids.
+        self._packed: tuple[object, list[Any], list[int], frozenset[str]] = (
+            (),
+            [],
+            [],
+            frozenset(),
+        )
         # Local leases held (Redis unreachable, on_backend_error "open"), by
         # id: (class, device uuid, estimate in bytes).
         self._local_held: dict[str, tuple[str, str, int]] = {}
@@ -322,7 +330,7 @@ class Gate(LeaseKeeping, Overrides):
         woke_at = None
         with (
             self._waiting_as(request.waiter),
-            herd.joined((cls, tenant, device), request.vram) as member,
+            herd.joined((cls, device), request.vram) as member,
         ):
             while True:
                 generation = herd.generation
@@ -379,7 +387,7 @@ class Gate(LeaseKeeping, Overrides):
         # The waiter entry goes on any exit.
         with (
             self._waiting_as(waiter, forget),
-            herd.joined((cls, tenant, device), request.vram, loop) as member,
+            herd.joined((cls, device), request.vram, loop) as member,
         ):
             while True:
                 generation = herd.generation
@@ -472,7 +480,7 @@ class Gate(LeaseKeeping, Overrides):
                 local=True,
             )
         devices = snap.devices
-        packed_for, packed, frees = self._packed
+        packed_for, packed, frees, _ = self._packed
         if packed_for is not devices:
             # A sampler hands out the same devices tuple until they change.
             packed = _speedups.pack_samples(
@@ -482,7 +490,7 @@ class Gate(LeaseKeeping, Overrides):
                 [0] * len(devices),
             )
             frees = [d.free for d in devices]
-            self._packed = (devices, packed, frees)
+            self._packed = (devices, packed, frees, frozenset(d.uuid for d in devices))
         last = self._recent_defer.get(waiter) if precheck else None
         local_retry = (
             self._local_defer_retry(last, vram, device, snap, frees)

@@ -1,13 +1,28 @@
 """The blocked admissions of one gate, and which of them a wake-up sends to Redis.
 
-Every release in the pool wakes the gate. Were every blocked admission to ask
-Redis again, N of them would cost N decisions per release, N x N for N jobs.
-But when an older request of the same shape (class, tenant, device pin)
-asking for no more memory deferred since the wake-up, for a reason that holds
-for any request of that shape at least as large (the class at its cap,
+Every lease end in the pool wakes every gate. Were every blocked admission to
+ask Redis again, N of them would cost N decisions per release, N x N for N
+jobs, and every gate of the pool would pay for a release on any host. Two
+rules keep a wake-up to the decisions that may go differently.
+
+What was freed. A lease end frees a slot (and, at a later sample, memory) on
+its device, one lease of its class's pool-wide count, and at most one token
+of its class (a refund). A request whose last answer was a DEFER that none of
+these could change keeps that answer (see :func:`_concerns`): ``vram`` on
+devices of another host, ``rate`` or the class cap of another class. Every
+other wake-up (an override set or lifted, a policy replaced, a message of an
+older gate that names only the device, the listener reconnecting) concerns
+everyone. A request that keeps its answer still goes to Redis at its own
+retry_after (its timer), so no wake-up it misses strands it.
+
+Who answers for whom. When an older request of the same shape (class, device
+pin) asking for no more memory deferred since the wake-up, for a reason that
+holds for any request of that shape at least as large (the class at its cap,
 paused or out of tokens, no device with room, a higher waiter first), Redis
 would tell a younger one the same: it has no better claim by priority, aging
-or size. So a wake-up goes, per shape, in age order:
+or size. A tenant changes no decision (admit_job.lua only writes it into the
+lease), so requests of different tenants share a shape. So a wake-up goes,
+per shape, in age order:
 
 * the oldest request that no older one answers for is sent to Redis;
 * a younger one no smaller waits until every older one no larger has
@@ -25,7 +40,8 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
+from typing import NamedTuple
 
 from ._decision import Reason
 
@@ -45,13 +61,72 @@ _HOLDS_FOR_LARGER = frozenset(
     }
 )
 
-Shape = tuple[str, str | None, str | None]  # class, tenant, device
+# Deferring for one of these, a request can be admitted after a lease end
+# only if that lease was on a device it can use: room and slots are per
+# device. (A lost GPU, a stale sample or none visible are the gate's own:
+# a release changes none of them, but waking for one on its own devices is
+# what every wake-up did before, and cheap.)
+_ON_ITS_DEVICES = frozenset(
+    {
+        Reason.VRAM,
+        Reason.FRAGMENTED,
+        Reason.PRIORITY,
+        Reason.STALE_SAMPLE,
+        Reason.NO_GPU,
+        Reason.GPU_LOST,
+    }
+)
+
+Shape = tuple[str, str | None]  # class, device
+
+
+class Freed(NamedTuple):
+    """What a lease end gave back (its wake message, written by end_lease in
+    _prelude.lua): a slot on ``device`` (and its memory, at a sample taken
+    after it), one lease of ``cls``'s pool-wide count, and one token of
+    ``cls`` when the release refunded it."""
+
+    device: str
+    cls: str
+
+
+def _concerns(
+    reason: str | None, shape: Shape, freed: Freed, devices: Collection[str] | None
+) -> bool:
+    """Whether a lease end that freed ``freed`` may change the answer a
+    request of ``shape`` last had (a DEFER for ``reason``; ``None``: none yet),
+    on a gate that can use ``devices`` (``None``: unknown, any)."""
+    cls, pinned = shape
+    if pinned is not None:
+        on_its_devices = freed.device == pinned
+    else:
+        on_its_devices = devices is None or freed.device in devices
+    if reason in _ON_ITS_DEVICES:
+        return on_its_devices
+    if reason == Reason.CAP:
+        # The class's pool-wide cap, or a per-device one (the class's, or the
+        # slots all classes share): the DEFER does not say which.
+        return freed.cls == cls or on_its_devices
+    if reason == Reason.RATE:
+        return freed.cls == cls  # a refund (release_lease.lua)
+    # A pause is lifted by an override, which wakes everyone, or at its end
+    # (its retry_after); any other reason: when unsure, wake.
+    return reason != Reason.PAUSED
 
 
 class Member:
     """One blocked admission of a :class:`Herd`."""
 
-    __slots__ = ("busy", "event", "loop", "settled", "shape", "speaks_for_larger", "vram")
+    __slots__ = (
+        "busy",
+        "event",
+        "loop",
+        "reason",
+        "settled",
+        "shape",
+        "speaks_for_larger",
+        "vram",
+    )
 
     def __init__(self, shape: Shape, vram: int, loop: asyncio.AbstractEventLoop | None) -> None:
         self.shape = shape
@@ -60,6 +135,10 @@ class Member:
         # whether that answer holds for larger requests of its shape too.
         self.settled = -1
         self.speaks_for_larger = False
+        # The reason of that answer: its own last DEFER's, or that of the older
+        # member that answered for it. Which lease ends may change the answer
+        # follows from it (_concerns).
+        self.reason: str | None = None
         # Deciding, or sent to: not to be sent again until it settles.
         self.busy = True
         self.loop = loop
@@ -81,7 +160,10 @@ class Member:
 class Herd:
     """The blocked admissions of one gate, in age order per shape."""
 
-    def __init__(self) -> None:
+    def __init__(self, devices: Callable[[], Collection[str]] | None = None) -> None:
+        """``devices``: the uuids of the devices its gate's requests can run on
+        (its sampler's); without it, a lease end on any device concerns them."""
+        self._devices = devices
         # Re-entrant: the gate's close() (send_everyone) may run in a signal
         # handler that interrupted a blocked admission's thread in here.
         self._lock = threading.RLock()
@@ -116,10 +198,24 @@ class Herd:
             for m in to_send:
                 m.send()
 
-    def wake(self) -> None:
-        """A wake-up: send each shape's front to Redis."""
+    def wake(self, freed: Freed | None = None) -> None:
+        """A wake-up: send each shape's front to Redis. ``freed``: what the lease
+        end that woke it gave back; ``None``: anything may have changed."""
+        devices = self._devices() if freed is not None and self._devices is not None else None
         with self._lock:
+            answered = self._generation
             self._generation += 1
+            if freed is not None:
+                # An answer this lease end cannot change holds in the new
+                # wake-up too (and for the larger ones it held for).
+                for members in self._shapes.values():
+                    for m in members:
+                        if (
+                            m.settled == answered
+                            and not m.busy
+                            and not _concerns(m.reason, m.shape, freed, devices)
+                        ):
+                            m.settled = self._generation
             to_send = [m for members in self._shapes.values() for m in self._front(members)]
         for m in to_send:
             m.send()
@@ -139,6 +235,7 @@ class Herd:
         with self._lock:
             member.settled = generation
             member.speaks_for_larger = reason in _HOLDS_FOR_LARGER
+            member.reason = reason
             member.busy = False
             to_send = self._front(self._shapes[member.shape])
         for m in to_send:
@@ -175,15 +272,17 @@ class Herd:
         Called with the lock held."""
         generation = self._generation
         answered = math.inf  # the least memory an older member's answer holds for
+        answered_for = None  # that member's reason
         to_answer = math.inf  # the least memory of an older member still to answer
         to_send = []
         for m in members:
             if m.settled == generation:
-                if m.speaks_for_larger:
-                    answered = min(answered, m.vram)
+                if m.speaks_for_larger and m.vram < answered:
+                    answered, answered_for = m.vram, m.reason
             elif m.vram >= answered:
                 m.settled = generation
                 m.speaks_for_larger = True
+                m.reason = answered_for
             elif m.vram < to_answer:
                 if not m.busy:
                     m.busy = True

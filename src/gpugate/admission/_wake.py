@@ -2,8 +2,9 @@
 
 One pub/sub connection per gate, read by a daemon thread, tells the gate's
 blocked admissions (its :class:`~gpugate.admission._herd.Herd`) at each
-message. Waiters also have their own timer, so a lost message only costs
-them one timer period, never their turn.
+message, with what a lease end freed when the message says (the herd wakes
+only those it may concern). Waiters also have their own timer, so a lost
+message only costs them one timer period, never their turn.
 """
 
 from __future__ import annotations
@@ -16,11 +17,27 @@ from collections.abc import Callable
 import redis
 import structlog
 
+from ._herd import Freed
+
 log = structlog.get_logger(__name__)
 
 
 # The connection lost: the listener reconnects (logged at debug level).
 _LOST = (redis.ConnectionError, redis.TimeoutError, OSError, redis.RedisClusterException)
+
+
+def freed_by(data: object) -> Freed | None:
+    """What a wake message says was freed: ``"<uuid> <class>"`` from a lease
+    end (end_lease in _prelude.lua; class names have no spaces). ``None`` for
+    any other: an override set or lifted (``"override"``), a policy replaced
+    (``"policy"``), a bare uuid from a gate of an older release; those may
+    concern every waiter."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    if not isinstance(data, str):
+        return None
+    device, space, cls = data.rpartition(" ")
+    return Freed(device, cls) if space and device and cls else None
 
 
 class WakeListener:
@@ -30,7 +47,7 @@ class WakeListener:
         self,
         client: redis.Redis | redis.RedisCluster,
         channel: str,
-        on_wake: Callable[[], object],
+        on_wake: Callable[[Freed | None], object],
     ) -> None:
         self._client = client
         self._channel = channel
@@ -52,8 +69,8 @@ class WakeListener:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
 
-    def _bump(self) -> None:
-        self._on_wake()
+    def _bump(self, freed: Freed | None = None) -> None:
+        self._on_wake(freed)
 
     def _run(self) -> None:
         failures = 0
@@ -68,8 +85,9 @@ class WakeListener:
                 pubsub.subscribe(self._channel)
                 failures = 0
                 while not self._stop.is_set():
-                    if pubsub.get_message(timeout=0.5) is not None:
-                        self._bump()
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is not None:
+                        self._bump(freed_by(message.get("data")))
             except Exception as exc:
                 # Redis gone (reconnect), or an error reply (an ACL without
                 # pub/sub, say): the thread lives on and tries again.

@@ -40,7 +40,11 @@
 -- end_lease(prefix, state_key, uuid, id, rec, now, counter): make a live
 --   lease a ghost released at `now` (its memory keeps counting until a later
 --   sample; P ghosts lists ghosts by release time), drop its counts, count
---   `counter`, wake waiters.
+--   `counter`, wake waiters: P wake gets "<uuid> <class>", what the end
+--   freed (a slot on the device, one of the class's count; a gate wakes
+--   only the waiters that may use them, admission/_herd.py). Other
+--   publishers send a single word ("override"): that wakes every waiter, as
+--   does the bare uuid that gates of the previous release published.
 -- parse_memory(raw) -> reserved, actual, latest_at, idle (0s when absent);
 --   format_memory(reserved, actual, latest_at, idle) -> string.
 -- reap_expired(prefix, state_key, exp_key, now, next_exp): end up to 64
@@ -133,7 +137,7 @@ local function end_lease(prefix, state_key, uuid, id, rec, now, counter)
   redis.call('HINCRBY', state_key, 'd:' .. rec.c .. ':' .. uuid, -1)
   redis.call('HINCRBY', state_key, 'd::' .. uuid, -1)
   redis.call('HINCRBY', state_key, counter, 1)
-  redis.call('PUBLISH', prefix .. 'wake', uuid)
+  redis.call('PUBLISH', prefix .. 'wake', uuid .. ' ' .. rec.c)
 end
 
 local NO_EXPIRY = 99999999999999

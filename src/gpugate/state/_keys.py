@@ -51,7 +51,9 @@ key                 type     meaning
                              see different devices). The previous version
                              keyed it by host: such an entry is read, and a
                              gate of that host removes it 10 TTLs stale
-``P wake``          channel  published on release, expiry and override change
+``P wake``          channel  published on release and expiry (``<uuid>
+                             <class>``: what the lease end freed) and on
+                             override change (``override``)
 ==================  =======  ==================================================
 """
 
