@@ -2679,6 +2679,23 @@ class TestWakeUpsThatConcernAWaiter:
         thread.join(30)
         assert not thread.is_alive()
 
+    def test_a_policy_stored_wakes_everyone(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        pol = policy(_FAR_TIMERS, batch={"priority": 10, "max_concurrent": 1})
+        gate, registry = _watched(make_gate, pol, "a")
+        held = gate.try_admit("batch", vram="1GiB")
+        assert held.lease is not None
+        (thread,) = _blocked(gate, None, vram="1GiB")
+        raised = policy(_FAR_TIMERS, batch={"priority": 10, "max_concurrent": 2})
+
+        def apply_raised_cap() -> None:
+            make_gate(raised, register=False).apply_policy()
+
+        assert _decided_on(gate, registry, server, pool_name, apply_raised_cap) == 1
+        thread.join(30)
+        assert not thread.is_alive()
+
     def test_a_wake_message_of_the_previous_release_wakes_everyone(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:

@@ -1,4 +1,4 @@
-"""Wake-ups for blocked waiters: released leases, expiries, override changes.
+"""Wake-ups for blocked waiters: released leases, expiries, override and policy changes.
 
 One pub/sub connection per gate, read by a daemon thread, tells the gate's
 blocked admissions (its :class:`~gpugate.admission._herd.Herd`) at each

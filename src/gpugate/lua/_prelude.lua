@@ -36,6 +36,7 @@
 --   bucket_fields(raw) -> tokens, updated (numbers); format_bucket(tokens,
 --   updated) -> string. Every script reads these records through them.
 -- script_now(clock_ms, last) -> ms: max(TIME or clock_ms when > 0, last).
+-- wake(prefix, message): PUBLISH on P wake, never failing the script.
 -- parse_lease(raw) -> table; format_lease(rec) -> string.
 -- end_lease(prefix, state_key, uuid, id, rec, now, counter): make a live
 --   lease a ghost released at `now` (its memory keeps counting until a later
@@ -126,6 +127,15 @@ local function format_lease(rec)
                        rec.o, rec.f, rec.t)
 end
 
+-- Wake the gates' blocked admissions (P wake; message as in state/_keys.py).
+-- A wake-up only saves a wait until the next retry, and a script's writes
+-- stand once made: with an ACL user refused PUBLISH, the call must not fail
+-- after them (the caller would report a change that took effect as failed,
+-- and send it again).
+local function wake(prefix, message)
+  redis.pcall('PUBLISH', prefix .. 'wake', message)
+end
+
 local function end_lease(prefix, state_key, uuid, id, rec, now, counter)
   rec.r = now
   -- A ghost keeps its memory counted until a sample taken after `now`. Its
@@ -137,7 +147,7 @@ local function end_lease(prefix, state_key, uuid, id, rec, now, counter)
   redis.call('HINCRBY', state_key, 'd:' .. rec.c .. ':' .. uuid, -1)
   redis.call('HINCRBY', state_key, 'd::' .. uuid, -1)
   redis.call('HINCRBY', state_key, counter, 1)
-  redis.call('PUBLISH', prefix .. 'wake', uuid .. ' ' .. rec.c)
+  wake(prefix, uuid .. ' ' .. rec.c)
 end
 
 local NO_EXPIRY = 99999999999999

@@ -1,7 +1,7 @@
 -- publish_policy.lua: store the pool's policy, unless it has one already.
 --
 -- KEYS = [state]
--- ARGV = [version, mode, clock_ms, policy_doc, classes, pool_record,
+-- ARGV = [prefix, version, mode, clock_ms, policy_doc, classes, pool_record,
 --         (class, class_record) * len(classes)]
 --   mode: "1" replaces the stored policy (`gpugate policy apply`); "0"
 --   publishes into a pool without one, or whose policy is an automatic
@@ -24,16 +24,19 @@
 -- overrides: none is left that nobody could lift, or that would come back
 -- with a class of the same name. Only those still in force at the script's
 -- now are replied as lifted: one past its expiry had ended already (it stays
--- stored until the next override write), and admit_job.lua ignored it.
+-- stored until the next override write), and admit_job.lua ignored it. A
+-- policy stored publishes "policy" on P wake: caps, pauses and classes may
+-- have changed for any waiter, so every gate wakes all of its own.
 
 local state_key = KEYS[1]
-local version = ARGV[1]
-local mode = ARGV[2]
+local prefix = ARGV[1]
+local version = ARGV[2]
+local mode = ARGV[3]
 local force = mode == '1'
-local clock_ms = tonumber(ARGV[3])
-local policy_doc = ARGV[4]
-local classes = ARGV[5]
-local pool_record = ARGV[6]
+local clock_ms = tonumber(ARGV[4])
+local policy_doc = ARGV[5]
+local classes = ARGV[6]
+local pool_record = ARGV[7]
 
 local st = redis.call('HMGET', state_key, 'pversion', 'classes', 'ovr', 'clock', 'pauto')
 if st[1] and not force and (mode == 'd' or not st[5]) then return {0, st[1]} end
@@ -68,7 +71,7 @@ if st[2] then
   if lifted then redis.call('HSET', state_key, 'ovr', cjson.encode(ovr)) end
 end
 local fields = {'pversion', version, 'pdoc', policy_doc, 'classes', classes, 'pool', pool_record}
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   fields[#fields + 1] = 'c:' .. ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
 end
@@ -78,4 +81,5 @@ if mode == 'd' then
 elseif st[5] then
   redis.call('HDEL', state_key, 'pauto')
 end
+wake(prefix, 'policy')
 return reply

@@ -83,5 +83,5 @@ else
 end
 local encoded = cjson.encode(ovr)
 redis.call('HSET', state_key, 'ovr', encoded)
-redis.call('PUBLISH', prefix .. 'wake', 'override')
+wake(prefix, 'override')
 return encoded

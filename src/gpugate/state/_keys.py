@@ -52,8 +52,9 @@ key                 type     meaning
                              keyed it by host: such an entry is read, and a
                              gate of that host removes it 10 TTLs stale
 ``P wake``          channel  published on release and expiry (``<uuid>
-                             <class>``: what the lease end freed) and on
-                             override change (``override``)
+                             <class>``: what the lease end freed), on
+                             override change (``override``) and on policy
+                             change (``policy``)
 ==================  =======  ==================================================
 """
 

@@ -49,10 +49,12 @@ def class_records(policy: Policy) -> dict[str, str]:
     return out
 
 
-def publish_args(policy: Policy, *, mode: str, clock_ms: int) -> list[str]:
-    """ARGV for ``publish_policy.lua`` (``mode``: its ARGV[2]; ``clock_ms`` 0: Redis TIME)."""
+def publish_args(policy: Policy, *, prefix: str, mode: str, clock_ms: int) -> list[str]:
+    """ARGV for ``publish_policy.lua`` (``prefix``: the pool's key prefix;
+    ``mode``: its ARGV[3]; ``clock_ms`` 0: Redis TIME)."""
     classes = class_records(policy)
     args = [
+        prefix,
         policy.version,
         mode,
         str(clock_ms),
