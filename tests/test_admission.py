@@ -2809,6 +2809,41 @@ class TestRefusals:
         finally:
             private.stop()
 
+    def test_a_user_refused_pubsub_still_has_its_changes_reported_as_made(
+        self, server: RedisProcess, pool_name: str
+    ) -> None:
+        # Scripts publish wake-ups after their writes: refused PUBLISH, they
+        # failed after the change took effect (a pause reported as failed, a
+        # release sent again).
+        private = RedisProcess(server.executable).start()
+        read_redis(
+            private,
+            lambda client: client.execute_command(
+                "ACL", "SETUSER", "nopub", "on", ">pw", "~*", "resetchannels", "+@all"
+            ),
+        )
+        try:
+            url = private.url.replace("redis://", "redis://nopub:pw@")
+            gate = Gate(
+                url,
+                pool=pool_name,
+                policy=policy(),
+                sampler=SimulatedSampler(["80GiB"]),
+                register=False,
+            )
+            try:
+                d = gate.try_admit("batch", vram=1)
+                assert d.lease is not None
+                assert d.lease.release() is True
+                gate.pause("batch", duration="5m")
+                assert gate.try_admit("batch", vram=1).reason == "paused"
+                gate.resume("batch")
+                assert gate.try_admit("batch", vram=1).outcome is Outcome.ADMIT
+            finally:
+                gate.close()
+        finally:
+            private.stop()
+
 
 class TestWakeListener:
     """The thread that wakes blocked admissions outlives any error Redis replies."""

@@ -197,9 +197,7 @@ class GateCore:
         published, version, *raw_lifted = self._call(
             self._scripts.publish_policy,
             keys=[self._keys.state],
-            args=publish_args(
-                mine, prefix=self._keys.prefix, mode=mode, clock_ms=self._now_arg()
-            ),
+            args=publish_args(mine, prefix=self._keys.prefix, mode=mode, clock_ms=self._now_arg()),
         )
         version = _b2s(version)
         lifted = [(kind, cls) for kind, cls in (_b2s(x).split(" ", 1) for x in raw_lifted)]
