@@ -1359,14 +1359,21 @@ class TestLeases:
     def test_lease_ids_are_never_reused_after_redis_loses_its_state(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
-        pol = policy(batch={"priority": 10, "max_concurrent": 1})
-        old_holder, new_holder = make_gate(pol), make_gate(pol)
+        pol = policy({"lease_ttl": "1s"}, batch={"priority": 10, "max_concurrent": 1})
+        old_holder = make_gate(pol, register=False)
+        new_holder = make_gate(pol, register=False)
         held = old_holder.try_admit("batch", vram="1GiB").lease
         assert held is not None
-        # Redis comes back empty (or from a snapshot taken before the lease).
+        # Redis comes back empty: the gate that knew the pool restores its
+        # policy, and nothing is admitted until the holders have renewed.
         read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
         time.sleep(0.002)  # a restart takes longer than a millisecond
         new_holder.sync_policy()
+        assert new_holder.try_admit("batch", vram="1GiB").reason == "recovering"
+        old_holder.beat_now()  # its lease comes back, as it was
+        assert not held.lost
+        assert held.release() is True
+        time.sleep(0.6)  # the window: half a TTL
         fresh = new_holder.try_admit("batch", vram="1GiB").lease
         assert fresh is not None
         assert int(fresh.id) > int(held.id)
@@ -1377,24 +1384,88 @@ class TestLeases:
         new_holder.beat_now()
         assert not fresh.lost
 
+    def test_a_lease_redis_lost_counts_its_memory_again(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # 60 GiB held on 80 GiB, its job not yet allocated; Redis restarts
+        # empty. The 60 GiB must not be given away (was: 120 GiB committed).
+        pol = policy({"lease_ttl": "1s"})
+        holder = make_gate(pol, SimulatedSampler(["80GiB"]), register=False)
+        other = make_gate(pol, SimulatedSampler(["80GiB"]), register=False)
+        held = holder.try_admit("batch", vram="60GiB").lease
+        assert held is not None
+        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        assert other.try_admit("batch", vram="60GiB").reason == "recovering"
+        holder.beat_now()
+        time.sleep(0.6)
+        d = other.try_admit("batch", vram="60GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "vram")
+        assert other.try_admit("batch", vram="20GiB").outcome is Outcome.ADMIT
+
+    def test_a_lease_redis_lost_to_an_older_snapshot_comes_back_with_its_renewal(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        pol = policy(batch={"priority": 10, "max_concurrent": 1})
+        holder = make_gate(pol, register=False)
+        other = make_gate(pol, register=False)
+        pattern = f"gpugate:{{{pool_name}}}:*"
+        snapshot = read_redis(
+            server, lambda client: {k: client.dump(k) for k in client.keys(pattern)}
+        )
+        held = holder.try_admit("batch", vram="1GiB").lease
+        assert held is not None
+
+        def restore(client: redis.Redis) -> None:  # Redis restarts from the snapshot
+            client.delete(*client.keys(pattern))
+            for key, value in snapshot.items():
+                client.restore(key, 0, value)
+
+        read_redis(server, restore)
+        holder.beat_now()  # its id is above the last the snapshot issued
+        assert not held.lost
+        assert other.try_admit("batch", vram="1GiB").reason == "cap"
+        assert held.release() is True
+        assert other.try_admit("batch", vram="1GiB").outcome is Outcome.ADMIT
+
+    def test_a_lease_that_expired_is_not_brought_back_by_its_renewal(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        clock = FakeClock()
+        gate = make_gate(policy({"lease_ttl": "1s"}), register=False, _clock_ms=clock)
+        held = gate.try_admit("batch", vram="1GiB").lease
+        assert held is not None
+        clock.advance(1.5)
+        other = gate.try_admit("interactive", vram="1GiB")  # reaps it; its ghost ends later
+        assert other.lease is not None
+        clock.advance(5)
+        assert gate.try_admit("interactive", vram="1GiB").lease is not None  # the ghost goes
+        gate.beat_now()
+        assert (held.lost, held.lost_reason) == (True, "expired")
+
     def test_a_policyless_worker_coming_back_first_does_not_leave_the_pool_uncapped(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
-        capped = policy(batch={"priority": 10, "max_concurrent": 1})
-        running = make_gate(capped)
-        assert running.try_admit("batch", vram=1).lease is not None
+        capped = policy({"lease_ttl": "1s"}, batch={"priority": 10, "max_concurrent": 2})
+        running = make_gate(capped, register=False)  # beats when told
+        held = running.try_admit("batch", vram=1).lease
+        assert held is not None
         # Redis loses its state; a worker without a policy starts first and
         # publishes the (uncapped) default.
         read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
         worker = make_gate(None, register=False)
         worker.sync_policy()
         assert worker.pool_policy == Policy.default()
-        # The running gate sees the change at its next decision and puts back
-        # the policy it knew: the cap holds.
-        assert running.try_admit("batch", vram=1).lease is not None
+        # The running gate sees the change at its next decision (made by the
+        # default) and puts back the policy it knew, with a recovery window.
+        second = running.try_admit("batch", vram=1).lease
+        assert second is not None
         assert running.pool_policy_version == capped.version
-        assert worker.try_admit("batch", vram=1).reason == "cap"
+        assert worker.try_admit("batch", vram=1).reason == "recovering"
         assert worker.pool_policy_version == capped.version
+        running.beat_now()  # its lease from before comes back
+        assert not held.lost
+        time.sleep(0.6)  # half a TTL
+        assert worker.try_admit("batch", vram=1).reason == "cap"
         # So does a gate made with that policy after the worker.
         read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
         make_gate(None, register=False).sync_policy()
@@ -1403,15 +1474,20 @@ class TestLeases:
     def test_redis_losing_its_state_restores_the_applied_policy_not_a_gates_own(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
-        loose = policy(batch={"priority": 10, "max_concurrent": 4})
-        strict = policy(batch={"priority": 10, "max_concurrent": 1})
-        running = make_gate(loose)
+        loose = policy({"lease_ttl": "1s"}, batch={"priority": 10, "max_concurrent": 4})
+        strict = policy({"lease_ttl": "1s"}, batch={"priority": 10, "max_concurrent": 1})
+        running = make_gate(loose, register=False)
         make_gate(strict, register=False).apply_policy()  # `gpugate policy apply`
-        assert running.try_admit("batch", vram=1).lease is not None  # follows it
+        held = running.try_admit("batch", vram=1).lease  # follows it
+        assert held is not None
         read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
-        assert running.try_admit("batch", vram=1).lease is not None
+        assert running.try_admit("batch", vram=1).reason == "recovering"
         assert running.pool_policy_version == strict.version
+        running.beat_now()  # its lease comes back
+        time.sleep(0.6)  # the window: half a TTL
         assert running.try_admit("batch", vram=1).reason == "cap"
+        assert held.release() is True
+        assert running.try_admit("batch", vram=1).outcome is Outcome.ADMIT
 
     def test_a_dropped_lease_object_releases_its_slot(self, make_gate: Callable[..., Gate]) -> None:
         gate = make_gate(policy(batch={"priority": 10, "max_concurrent": 1}))
@@ -1577,7 +1653,7 @@ class TestLeases:
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:
         applied = policy(
-            {"lease_ttl": "3s"},
+            {"lease_ttl": "1s"},
             interactive={"priority": 100},
             batch={"priority": 10, "max_concurrent": 1},
         )
@@ -1589,6 +1665,9 @@ class TestLeases:
             worker.beat_now()
         assert state(server, pool_name).get("pversion") == applied.version
         assert [e["log_level"] for e in logs if e["event"] == "pool_policy_restored"] == ["warning"]
+        # Half a TTL for the holders' leases to come back (this worker has none).
+        assert worker.try_admit("batch", vram=1).reason == "recovering"
+        time.sleep(0.6)
         assert worker.try_admit("batch", vram=1).outcome is Outcome.ADMIT
         assert worker.try_admit("batch", vram=1).reason == "cap"
 

@@ -188,7 +188,7 @@ class GateCore:
         mine = known or self.policy
         if mine is None:
             return self._publish(Policy.default(), "d")
-        return self._publish(mine, "0", restoring=known is not None)
+        return self._publish(mine, "r" if known is not None else "0", restoring=known is not None)
 
     def _publish(
         self, mine: Policy, mode: str, *, restoring: bool = False
@@ -261,7 +261,7 @@ class GateCore:
             # had lost its state (an uncapped one): put back what this gate knew.
             # On failure the next decision or beat follows the version again.
             with contextlib.suppress(BackendError):
-                self._publish(restore, "0", restoring=True)
+                self._publish(restore, "r", restoring=True)
         self._check_mismatch()
         if self._heartbeat is not None:
             self._heartbeat.kick()

@@ -28,6 +28,7 @@ class Reason:
     OK = "ok"
     CPU = "cpu"
     PAUSED = "paused"
+    RECOVERING = "recovering"
     NO_GPU = "no_gpu"
     STALE_SAMPLE = "stale_sample"
     GPU_LOST = "gpu_lost"

@@ -52,7 +52,7 @@ from ._heartbeat import Heartbeat
 from ._herd import Herd
 from ._idle import idle_memory
 from ._keeping import LeaseKeeping
-from ._lease import Lease, LeaseRegistry
+from ._lease import Granted, Lease, LeaseRegistry
 from ._overrides import Overrides
 from ._ticket import Ticket
 from ._wake import WakeListener
@@ -545,9 +545,19 @@ class Gate(LeaseKeeping, Overrides):
                 self._late(functools.partial(self._give_back_orphans, settle_ms=0))
             raise
         self._note_redis_clock(reply[9], time.monotonic())
-        outcome, reason_b, retry_ms, dev_uuid, lease_id, expires_ms, detail_b, available, v, _ = (
-            reply
-        )
+        (
+            outcome,
+            reason_b,
+            retry_ms,
+            dev_uuid,
+            lease_id,
+            expires_ms,
+            detail_b,
+            available,
+            v,
+            _,
+            _,
+        ) = reply
         if v != self._pool_version_b:
             self._follow_pool_policy(v)
         d_uuid = _b2s(dev_uuid) or None
@@ -576,6 +586,9 @@ class Gate(LeaseKeeping, Overrides):
                     expires_ms=int(expires_ms),
                     ttl_s=(int(expires_ms) - int(reply[9])) / 1000,
                     sent_mono=taken,
+                    granted=Granted(
+                        reply[10], int(reply[9]), self._deadline_ms(cls, int(reply[9])), tenant
+                    ),
                 )
                 self._hold(lease)
             if precheck:
@@ -701,6 +714,12 @@ class Gate(LeaseKeeping, Overrides):
         high = min(1.5 * seconds, max(low, self.effective_policy.pool.retry_max_s), limit_s)
         low = min(low, high)
         return low + (high - low) * random.random()
+
+    def _deadline_ms(self, cls: str, start_ms: int) -> int:
+        """The max-duration deadline admit_job.lua wrote for a lease of ``cls``
+        started at ``start_ms`` (0: none), by the pool's policy as known here."""
+        bound = self.effective_policy.class_policy(cls).max_duration_s
+        return 0 if bound is None else start_ms + round(bound * 1000)
 
     def _backend_down(
         self, cls: str, vram: int, snap: Snapshot, exc: BackendError, device: str | None = None

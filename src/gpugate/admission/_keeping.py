@@ -209,6 +209,12 @@ class LeaseKeeping(WorkerRecord):
             else:
                 actual, idle, measured = report
                 args += [lease.device_uuid, lease.id, actual, int((now - measured) * 1000), idle]
+            g = lease._granted
+            if g is None:  # not from a decision of this gate (tests): never put back
+                args += [b"", lease.cls, 0, 0, 0, "-", ""]
+            else:
+                args += [g.epoch, lease.cls, lease.vram, g.start_ms, g.deadline_ms, g.tenant or "-"]
+                args.append(self.owner)
         keys = [
             self._keys.state,
             self._keys.exp,
@@ -246,12 +252,19 @@ class LeaseKeeping(WorkerRecord):
         if self._maybe_orphans:
             self._give_back_orphans()
         redis_now = int(reply[0])
+        epoch = reply[2 + 2 * len(leases)]
         for i, lease in enumerate(leases):
             status, expires = int(reply[2 + 2 * i]), int(reply[3 + 2 * i])
+            if status == 3:
+                # Redis had lost it with its state and put it back (renew_leases.lua).
+                log.warning("lease_restored", lease_id=lease.id, cls=lease.cls, pool=self.pool)
+                status = 1
             if status == 1:
                 lease.expires_ms = expires
                 lease._renewed_mono = beat_started
                 lease._ttl_s = (expires - redis_now) / 1000
+                if lease._granted is not None and lease._granted.epoch != epoch:
+                    lease._granted = lease._granted._replace(epoch=epoch)
             elif status == 2:
                 lease.expires_ms = expires
                 lease._renewed_mono = beat_started

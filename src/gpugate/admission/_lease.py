@@ -25,11 +25,23 @@ log = structlog.get_logger(__name__)
 LeaseCallback = Callable[["Lease"], None]
 
 
+class Granted(NamedTuple):
+    """What a lease's admission wrote that its holder sends with each renewal,
+    so that Redis can put back a lease it lost (see renew_leases.lua)."""
+
+    epoch: bytes  # the pool's epoch when admitted (b"" before epochs)
+    start_ms: int  # the script clock at admission
+    deadline_ms: int  # its class's max_duration deadline (0: none)
+    tenant: str | None
+
+
 class Lease:
     """A slot on one device, held while the gate's heartbeat renews it.
 
     The lease id is a fencing token: once the lease is gone (released,
-    expired, reaped) renewing it never brings it back. ``lost`` turns true
+    expired, reaped) renewing it never brings it back. Only a lease Redis
+    itself lost (it restarted empty, or from an older snapshot) comes back
+    with its holder's next renewal. ``lost`` turns true
     when the heartbeat finds it gone while still held, ``lost_reason`` saying
     why: ``"expired"`` (its TTL ran out, or an operator ended it),
     ``"unrenewed"`` (Redis has not confirmed it for a whole TTL) or
@@ -47,6 +59,7 @@ class Lease:
         "__weakref__",
         "_actual",
         "_gate",
+        "_granted",
         "_local_done",
         "_lock",
         "_on_lost",
@@ -79,6 +92,7 @@ class Lease:
         local: bool = False,
         ttl_s: float | None = None,
         sent_mono: float | None = None,
+        granted: Granted | None = None,
     ) -> None:
         self._gate = gate
         self.id = id
@@ -102,6 +116,9 @@ class Lease:
         # Counted from when the admission was sent (``sent_mono``): its TTL
         # runs from when the script ran, which a slow reply hides.
         self._renewed_mono = time.monotonic() if sent_mono is None else sent_mono
+        # What its admission wrote, sent with each renewal: Redis puts a lease
+        # it lost back from this (renew_leases.lua).
+        self._granted = granted
         self._ttl_s = ttl_s
         # A local lease (Redis unreachable, on_backend_error "open") holds a
         # slot of this process's own cap; releasing or dropping it frees that.

@@ -10,10 +10,12 @@
 --   an old sample pass for a newer one, which could end a ghost released after
 --   it was taken, or take an actual measured after it off its used memory.
 -- -> {outcome, reason, retry_ms, device_uuid, lease_id, expires_ms, detail,
---     available, policy_version, now}: available is the bytes free for this
+--     available, policy_version, now, epoch}: available is the bytes free for this
 --     request on its best device (the chosen one, or the closest to fitting),
 --     -1 when not reached; policy_version is the pool's (a gate that sees it
---     change reads the policy again); now is the script clock (ms)
+--     change reads the policy again); now is the script clock (ms); epoch is
+--     the pool's (publish_policy.lua; "" for a pool made before epochs): an
+--     admitted lease's, sent back with its renewals
 --    outcome "admit" | "defer" | "reject". Error replies: "nopolicy" (the
 --    pool has no policy yet), "unknown_class <name>".
 --
@@ -27,7 +29,8 @@
 --                      next_exp (a lower bound of the earliest lease expiry),
 --                      m:<uuid> (memory sums of the device's leases;
 --                      idle includes idle workers' excess), swept (when a
---                      heartbeat last removed stale samples)
+--                      heartbeat last removed stale samples), epoch and
+--                      recover (publish_policy.lua)
 --   P exp        zset  "<uuid>\t<id>" -> expiry ms, live leases only
 --   P waiters    hash  waiter id -> waiter record
 --   P samples    hash  uuid -> sample record (the freshest one seen; the
@@ -39,7 +42,8 @@
 --   P ghosts     zset  "<uuid>\t<id>" -> release ms, ghosts not yet ended
 --
 -- Order: reap expired leases (at most 64 per call, see reap_expired; with
--- expired leases left, every estimated retry below is 20 ms); pause; GPU
+-- expired leases left, every estimated retry below is 20 ms); a recovery
+-- window (publish_policy.lua); pause; GPU
 -- presence (a device the caller listed but without a fresh sample: DEFER
 -- stale_sample; none listed: the class's no_gpu); never fits (REJECT, judged
 -- on the capacity of every listed device: when only stale ones could hold it,
@@ -66,6 +70,7 @@ local sent_ms = tonumber(ARGV[10])
 
 local now
 local version
+local epoch
 -- Deletions (an expired waiter, an ended ghost) wait for the end of the
 -- script: past maxmemory Redis refuses a script's writes only until its first
 -- one, and these free memory, so one of them first would let a lease be
@@ -74,9 +79,10 @@ local frees = {}
 
 local function decide()
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'c:' .. cls, 'pause:' .. cls, 'cap:' .. cls, 'n:' .. cls,
-                     'seq', 'next_exp', 'pversion')
+                     'seq', 'next_exp', 'pversion', 'recover', 'epoch')
 now = script_now(clock_ms, tonumber(st[1]) or 0)
 version = st[9] or ''
+epoch = st[11] or ''
 if not st[2] then return redis.error_reply('nopolicy') end
 if not st[3] then return redis.error_reply('unknown_class ' .. cls) end
 
@@ -129,6 +135,15 @@ local function defer(reason, retry, device, wants, detail)
                             want_device ~= '' and 'pinned' or '-')
   redis.call('HSET', waiters_key, waiter_id, rec)
   return {'defer', reason, retry, device, '', 0, detail, -1}
+end
+
+-- Redis lost its state and a gate that knew the pool restored its policy:
+-- the leases held then are unknown until their holders' heartbeats put
+-- them back (renew_leases.lua); nothing is admitted meanwhile.
+local recover = tonumber(st[10])
+if recover and recover > now then
+  return defer('recovering', recover - now, '', '-',
+               'Redis lost its state: the leases held before come back first')
 end
 
 -- Overrides: a pause (drain pauses several classes) and a runtime cap.
@@ -544,6 +559,7 @@ for _, f in ipairs(frees) do redis.call(f[1], f[2], f[3]) end
 if reply[1] then
   reply[9] = version
   reply[10] = now
+  reply[11] = epoch
   local key = prefix .. 'dec:' .. math.floor(now / 60000)
   if redis.call('HINCRBY', key, cls .. ' ' .. reply[1] .. ' ' .. reply[2], 1) == 1 then
     redis.call('PEXPIRE', key, 16 * 60000)

@@ -9,13 +9,23 @@
 --   policy to give), only into a pool without one: state pauto marks it, so
 --   that a gate that knew the pool's real policy before Redis lost its state
 --   (or was made with one) replaces it, and a pool does not stay uncapped
---   because a policy-less worker came back first. Older gates send "0"/"1".
+--   because a policy-less worker came back first. "r" is "0" from a gate
+--   that knew the pool's policy before (it restores it): when the pool has
+--   none, or only an automatic default, Redis lost its state while leases
+--   may be held, and decisions wait out a recovery window (state recover:
+--   the script clock until which admit_job.lua DEFERs `recovering`, half a
+--   lease TTL) in which the holders' heartbeats put their leases back
+--   (renew_leases.lua). Older gates send "0"/"1".
+--   A policy stored into a pool without one also starts a new epoch (state
+--   epoch, unique per start): leases carry the epoch they were granted in,
+--   so a renewal can tell a lease Redis lost from one it ended.
 --   clock_ms: 0 = Redis TIME (tests inject a clock)
 -- -> {published (1|0), the pool's policy version after the call,
 --     "<kind> <class>" for each override in force lifted with its class}
 --
 -- Key schema: state pversion, pdoc (JSON of Policy.to_dict(), for people and
--- gates), pauto (present: an automatic default, see mode), classes (space-separated names), pool (pool record), c:<class>
+-- gates), pauto (present: an automatic default, see mode), epoch, recover
+-- (see mode), classes (space-separated names), pool (pool record), c:<class>
 -- (class records; formats in the prelude), pause:<class> ("until_ms"),
 -- cap:<class> ("n until_ms"; until 0 = no expiry) and ovr (overrides, as
 -- set_override.lua writes them), clock (read only). With force "1" the
@@ -33,6 +43,7 @@ local prefix = ARGV[1]
 local version = ARGV[2]
 local mode = ARGV[3]
 local force = mode == '1'
+local restore = mode == 'r'
 local clock_ms = tonumber(ARGV[4])
 local policy_doc = ARGV[5]
 local classes = ARGV[6]
@@ -41,8 +52,8 @@ local pool_record = ARGV[7]
 local st = redis.call('HMGET', state_key, 'pversion', 'classes', 'ovr', 'clock', 'pauto')
 if st[1] and not force and (mode == 'd' or not st[5]) then return {0, st[1]} end
 local reply = {1, version}
+local now = script_now(clock_ms, tonumber(st[4]) or 0)
 if st[2] then
-  local now = script_now(clock_ms, tonumber(st[4]) or 0)
   local keeps = {}
   for name in string.gmatch(classes, '%S+') do keeps[name] = true end
   local ovr = st[3] and cjson.decode(st[3]) or nil
@@ -80,6 +91,14 @@ if mode == 'd' then
   redis.call('HSET', state_key, 'pauto', '1')
 elseif st[5] then
   redis.call('HDEL', state_key, 'pauto')
+end
+if not st[1] then
+  local t = redis.call('TIME')
+  redis.call('HSET', state_key, 'epoch', t[1] .. '.' .. t[2])
+end
+if restore and (not st[1] or st[5]) then
+  local ttl = tonumber((select(2, pool_fields(pool_record))))
+  redis.call('HSET', state_key, 'recover', now + math.floor(ttl / 2))
 end
 wake(prefix, 'policy')
 return reply

@@ -3,9 +3,18 @@
 -- KEYS = [state, exp, waiters, workers, workerinfo, idlemem, idleseen, samples]
 --   (and P gpus, built from the prefix)
 -- ARGV = [prefix, clock_ms, owner, info, host, gpus, excess, n,
---         (uuid, id, actual, actual_age_ms, idle) * n]
+--         (uuid, id, actual, actual_age_ms, idle,
+--          epoch, class, estimate, start_ms, deadline_ms, tenant, holder) * n]
 --   actual < 0 leaves the reported actual VRAM (and idle, the bytes its
---   allocator holds unused) as they were. owner "" renews
+--   allocator holds unused) as they were. The rest of each lease's entry is
+--   what its admission wrote (epoch: the pool's then, admit_job.lua), for a
+--   lease Redis lost: one neither live nor a ghost here, granted in another
+--   epoch of the pool or with an id above the last one issued (Redis lost
+--   its state, or came back from an older snapshot) is put back as it was,
+--   counted again, status 3 (its job runs on; while the pool recovers,
+--   admit_job.lua admits nothing, so its slot and memory are still free).
+--   A lease this state ended (expired, reaped, released) is never put back:
+--   its id is at most the last issued and its epoch the pool's. owner "" renews
 --   without registering; otherwise the call is also the worker's heartbeat:
 --   workers (zset) owner -> last beat ms, workerinfo (hash) owner -> info
 --   (JSON from the gate). Workers silent for 10 TTLs are pruned here, with
@@ -38,11 +47,12 @@
 --   (what NVML shows for its pid on each device above its warm baseline
 --   while it holds no lease); "" none; "-" leaves it as it was. Ignored
 --   without an owner.
--- -> {now, policy version ("" without), (status, expires_ms) * n}: the
+-- -> {now, policy version ("" without), (status, expires_ms) * n, epoch}: the
 --    version lets a gate follow a policy applied while it runs (a changed
 --    lease TTL changes how often it must renew); status 1 renewed; 0 gone (expired,
 --    reaped or released: never recreated, the id is a fencing token); 2 past
---    its class's max duration (not renewed: it ends at expires_ms).
+--    its class's max duration (not renewed: it ends at expires_ms); 3 put
+--    back (see above). epoch: the pool's, "" for a pool made before epochs.
 --
 -- Key schema and record formats: see admit_job.lua and the prelude. The max
 -- duration is the class's max_ms, or max_contended_ms while a live waiter
@@ -77,9 +87,11 @@ local host = ARGV[5]
 local gpus = ARGV[6]
 local excess = ARGV[7]
 local n = tonumber(ARGV[8])
+local STRIDE = 12  -- ARGV per lease
 local gpus_key = prefix .. 'gpus'
 
-local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion', 'swept', 'classes')
+local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion', 'swept', 'classes',
+                      'epoch', 'seq')
 -- Every key built here (not in KEYS) is read before the first write: on Redis
 -- Cluster, while the pool's slot migrates, one may be on the other node
 -- already, and the script must fail before it writes (Redis does not undo
@@ -88,7 +100,7 @@ redis.call('EXISTS', gpus_key)
 redis.call('EXISTS', prefix .. 'ghosts')
 local records = {}
 for i = 0, n - 1 do
-  local base = 9 + 5 * i
+  local base = 9 + STRIDE * i
   records[i] = redis.call('HGET', prefix .. 'dev:' .. ARGV[base], ARGV[base + 1])
 end
 local last = tonumber(st[1]) or 0
@@ -126,7 +138,7 @@ end
 
 if now > last then redis.call('HSET', state_key, 'clock', now) end
 if not st[2] then return redis.error_reply('nopolicy') end
-reap_expired(prefix, state_key, exp_key, now, tonumber(st[3]))
+local _, next_exp = reap_expired(prefix, state_key, exp_key, now, tonumber(st[3]))
 
 -- Whether a live waiter for memory on device `uuid` is above `prio`: its
 -- effective priority, aged as admit_job.lua ages it, above the lease class's
@@ -148,19 +160,20 @@ local function device_contended(uuid, prio)
   return contended[uuid] ~= nil and contended[uuid] > prio
 end
 
--- A class's max_contended_ms (-1: none) and priority.
+-- A class's max_contended_ms (-1: none), priority, and whether the policy
+-- has it.
 local bounds = {}
 local function class_bounds(cls)
   if bounds[cls] == nil then
     local raw = redis.call('HGET', state_key, 'c:' .. cls)
     if raw then
       local prio, _, _, _, _, _, _, short = class_fields(raw)
-      bounds[cls] = {tonumber(short), tonumber(prio)}
+      bounds[cls] = {tonumber(short), tonumber(prio), true}
     else
-      bounds[cls] = {-1, 0}
+      bounds[cls] = {-1, 0, false}
     end
   end
-  return bounds[cls][1], bounds[cls][2]
+  return bounds[cls][1], bounds[cls][2], bounds[cls][3]
 end
 
 -- The devices' memory sums change with each reported actual and idle
@@ -297,9 +310,11 @@ if sweep then
   redis.call('HSET', state_key, 'swept', now)
 end
 
+local pool_epoch = st[7] or ''
+local last_id = tonumber(st[8]) or 0
 local out = {now, st[4] or ''}
 for i = 0, n - 1 do
-  local base = 9 + 5 * i
+  local base = 9 + STRIDE * i
   local uuid, id = ARGV[base], ARGV[base + 1]
   local actual = tonumber(ARGV[base + 2])
   local dkey = prefix .. 'dev:' .. uuid
@@ -344,12 +359,44 @@ for i = 0, n - 1 do
       if deadline > 0 and expires > deadline + ttl then expires = deadline + ttl end
       redis.call('ZADD', exp_key, 'XX', expires, member)
     end
+  elseif not records[i] and not expires
+      and (ARGV[base + 5] ~= pool_epoch or tonumber(id) > last_id)
+      and select(3, class_bounds(ARGV[base + 6])) then
+    -- Lost with Redis's state (see ARGV above): put back as it was.
+    local idle = math.max(0, tonumber(ARGV[base + 4]))
+    local rec = {e = tonumber(ARGV[base + 7]), a = math.max(0, actual), at = 0, r = 0,
+                 c = ARGV[base + 6], s = tonumber(ARGV[base + 8]), m = tonumber(ARGV[base + 9]),
+                 o = ARGV[base + 11], f = idle, t = ARGV[base + 10]}
+    if actual >= 0 then rec.at = now - tonumber(ARGV[base + 3]) end
+    redis.call('HSET', dkey, id, format_lease(rec))
+    local m = memory_of(uuid)
+    m[1] = m[1] + math.max(rec.e, rec.a)
+    m[2] = m[2] + rec.a
+    if rec.at > m[3] then m[3] = rec.at end
+    m[4] = m[4] + idle
+    redis.call('HINCRBY', state_key, 'n:' .. rec.c, 1)
+    redis.call('HINCRBY', state_key, 'd:' .. rec.c .. ':' .. uuid, 1)
+    redis.call('HINCRBY', state_key, 'd::' .. uuid, 1)
+    expires = now + ttl
+    if rec.m > 0 and expires > rec.m + ttl then expires = rec.m + ttl end
+    redis.call('ZADD', exp_key, expires, member)
+    if expires < next_exp then
+      next_exp = expires
+      redis.call('HSET', state_key, 'next_exp', string.format('%d', next_exp))
+    end
+    -- Ids issued from now on stay above it.
+    if tonumber(id) > last_id then
+      last_id = tonumber(id)
+      redis.call('HSET', state_key, 'seq', id)
+    end
+    status = 3
   else
     expires = 0
   end
   out[#out + 1] = status
   out[#out + 1] = expires
 end
+out[#out + 1] = pool_epoch
 local fields = {}
 for uuid, m in pairs(memory) do
   fields[#fields + 1] = 'm:' .. uuid
