@@ -251,6 +251,7 @@ class Model:
     n_gates: int
     last: int = 0  # the script clock recorded in the state hash (0: none yet)
     seq: int = 0
+    swept: int = 0  # when a heartbeat last swept lapsed waiters (renew_leases.lua)
     leases: dict[str, LeaseRec] = field(default_factory=dict)  # live leases and ghosts
     exp: dict[str, int] = field(default_factory=dict)  # live lease id -> expiry
     waiters: dict[str, Waiter] = field(default_factory=dict)
@@ -540,6 +541,9 @@ class Model:
         now = self.script_now(fake_ms)
         self._record_clock(now)
         self._reap(now)
+        if now - self.swept >= self.ttl:  # once per TTL: waiters past their expiry go
+            self.waiters = {i: w for i, w in self.waiters.items() if w.x > now}
+            self.swept = now
         status = {}
         for lease_id in sorted(self.held[gate]):
             actual = self.reports.pop(lease_id, None)
