@@ -2878,7 +2878,15 @@ class TestRefusals:
             url = private.url.replace("redis://", "redis://:wrong@")
             gate = Gate(url, pool=pool_name, sampler=SimulatedSampler(["80GiB"]), register=False)
             try:
+
+                def connections() -> int:
+                    with redis.Redis.from_url(private.url, password="s3cret") as client:
+                        return int(client.info("stats")["total_connections_received"])
+
+                before = connections()
                 assert gate.try_admit("batch", vram=1).reason == "backend_unavailable"
+                # Refused credentials are not tried again (each try cost a backoff).
+                assert connections() - before <= 2  # its own, and the count's
                 with pytest.raises(BackendError, match="refused the credentials") as raised:
                     gate.pause("batch")
                 assert "check the user and password in the URL" in str(raised.value)

@@ -35,6 +35,7 @@ import contextlib
 import os
 import re
 import threading
+from collections.abc import Callable
 from typing import Any, TypeAlias, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -192,7 +193,7 @@ def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
         # most) instead of failing as if Redis were down.
         "max_connections": MAX_CONNECTIONS,
         "timeout": socket_timeout_s,
-        "retry": Retry(
+        "retry": _Retry(
             EqualJitterBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S),
             MAX_RETRIES,
             # Not timeouts: a server that does not answer in time is hung or
@@ -245,6 +246,27 @@ def connect(url: str, *, socket_timeout_s: float = 2.0) -> Client:
 
 # What redis-py says when the node named as a cluster is a plain Redis.
 _NOT_A_CLUSTER = "Cluster mode is not enabled"
+
+
+class _Retry(Retry):
+    """redis-py's :class:`~redis.retry.Retry`, except that refused credentials
+    are not tried again: redis-py raises them as a connection error, and
+    another try can only fail the same way (a wrong password cost each call
+    its backoffs, 2.5 s per decision)."""
+
+    def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        def retryable(error: Exception) -> bool:
+            if _refused_credentials(error):
+                return False
+            return is_retryable is None or is_retryable(error)
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 class _RedisCluster(RedisCluster):
@@ -400,12 +422,17 @@ def _without_secrets(text: str, url: str) -> str:
 _CREDENTIAL_MARKS = ("NOAUTH", "WRONGPASS", "HELLO must be called", "invalid username-password")
 
 
+def _refused_credentials(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, redis.AuthenticationError) or any(m in text for m in _CREDENTIAL_MARKS)
+
+
 def down_reason(exc: BaseException) -> str:
     """How to say what a Redis failure in :data:`REDIS_DOWN` (or a refused
     write) means, after "Redis at <url> ": a server that answered is not
     called unreachable, and the fix is named."""
     text = str(exc)
-    if isinstance(exc, redis.AuthenticationError) or any(m in text for m in _CREDENTIAL_MARKS):
+    if _refused_credentials(exc):
         return f"refused the credentials: {text} (check the user and password in the URL)"
     if "READONLY" in text:
         return f"takes no writes: {text} (a replica: point the URL at the primary)"
