@@ -13,9 +13,10 @@
 --   that knew the pool's policy before (it restores it): when the pool has
 --   none, or only an automatic default, Redis lost its state while leases
 --   may be held, and decisions wait out a recovery window (state recover:
---   the script clock until which admit_job.lua DEFERs `recovering`, half a
---   lease TTL) in which the holders' heartbeats put their leases back
---   (renew_leases.lua). Older gates send "0"/"1".
+--   the script clock until which admit_job.lua DEFERs `recovering`, a lease
+--   TTL: the longest a live lease goes unrenewed) in which the holders'
+--   heartbeats put their leases back (renew_leases.lua, which also opens
+--   the window when it puts one back). Older gates send "0"/"1".
 --   A policy stored into a pool without one also starts a new epoch (state
 --   epoch, unique per start): leases carry the epoch they were granted in,
 --   so a renewal can tell a lease Redis lost from one it ended.
@@ -98,7 +99,7 @@ if not st[1] then
 end
 if restore and (not st[1] or st[5]) then
   local ttl = tonumber((select(2, pool_fields(pool_record))))
-  redis.call('HSET', state_key, 'recover', now + math.floor(ttl / 2))
+  redis.call('HSET', state_key, 'recover', now + ttl)
 end
 wake(prefix, 'policy')
 return reply

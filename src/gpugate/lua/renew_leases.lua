@@ -11,8 +11,9 @@
 --   lease Redis lost: one neither live nor a ghost here, granted in another
 --   epoch of the pool or with an id above the last one issued (Redis lost
 --   its state, or came back from an older snapshot) is put back as it was,
---   counted again, status 3 (its job runs on; while the pool recovers,
---   admit_job.lua admits nothing, so its slot and memory are still free).
+--   counted again, status 3 (its job runs on), whatever its class (one the
+--   policy no longer has still holds its memory), and the recovery window
+--   (state recover, see publish_policy.lua) is extended to a TTL from now.
 --   A lease this state ended (expired, reaped, released) is never put back:
 --   its id is at most the last issued and its epoch the pool's. owner "" renews
 --   without registering; otherwise the call is also the worker's heartbeat:
@@ -91,7 +92,7 @@ local STRIDE = 12  -- ARGV per lease
 local gpus_key = prefix .. 'gpus'
 
 local st = redis.call('HMGET', state_key, 'clock', 'pool', 'next_exp', 'pversion', 'swept', 'classes',
-                      'epoch', 'seq')
+                      'epoch', 'seq', 'recover')
 -- Every key built here (not in KEYS) is read before the first write: on Redis
 -- Cluster, while the pool's slot migrates, one may be on the other node
 -- already, and the script must fail before it writes (Redis does not undo
@@ -360,8 +361,7 @@ for i = 0, n - 1 do
       redis.call('ZADD', exp_key, 'XX', expires, member)
     end
   elseif not records[i] and not expires
-      and (ARGV[base + 5] ~= pool_epoch or tonumber(id) > last_id)
-      and select(3, class_bounds(ARGV[base + 6])) then
+      and (ARGV[base + 5] ~= pool_epoch or tonumber(id) > last_id) then
     -- Lost with Redis's state (see ARGV above): put back as it was.
     local idle = math.max(0, tonumber(ARGV[base + 4]))
     local rec = {e = tonumber(ARGV[base + 7]), a = math.max(0, actual), at = 0, r = 0,
@@ -388,6 +388,13 @@ for i = 0, n - 1 do
     if tonumber(id) > last_id then
       last_id = tonumber(id)
       redis.call('HSET', state_key, 'seq', id)
+    end
+    -- Other holders may not have renewed yet: nothing is admitted until
+    -- they have (a whole TTL, the longest a live lease goes unrenewed),
+    -- whoever stored the policy since.
+    if (tonumber(st[9]) or 0) < now + ttl then
+      st[9] = now + ttl
+      redis.call('HSET', state_key, 'recover', st[9])
     end
     status = 3
   else
