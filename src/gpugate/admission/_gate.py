@@ -555,9 +555,7 @@ class Gate(LeaseKeeping, Overrides):
             detail_b,
             available,
             v,
-            _,
-            _,
-        ) = reply
+        ) = reply[:9]
         if v != self._pool_version_b:
             self._follow_pool_policy(v)
         d_uuid = _b2s(dev_uuid) or None
@@ -586,9 +584,7 @@ class Gate(LeaseKeeping, Overrides):
                     expires_ms=int(expires_ms),
                     ttl_s=(int(expires_ms) - int(reply[9])) / 1000,
                     sent_mono=taken,
-                    granted=Granted(
-                        reply[10], int(reply[9]), self._deadline_ms(cls, int(reply[9])), tenant
-                    ),
+                    granted=Granted(reply[10], int(reply[9]), int(reply[11]), tenant),
                 )
                 self._hold(lease)
             if precheck:
@@ -714,12 +710,6 @@ class Gate(LeaseKeeping, Overrides):
         high = min(1.5 * seconds, max(low, self.effective_policy.pool.retry_max_s), limit_s)
         low = min(low, high)
         return low + (high - low) * random.random()
-
-    def _deadline_ms(self, cls: str, start_ms: int) -> int:
-        """The max-duration deadline admit_job.lua wrote for a lease of ``cls``
-        started at ``start_ms`` (0: none), by the pool's policy as known here."""
-        bound = self.effective_policy.class_policy(cls).max_duration_s
-        return 0 if bound is None else start_ms + round(bound * 1000)
 
     def _backend_down(
         self, cls: str, vram: int, snap: Snapshot, exc: BackendError, device: str | None = None

@@ -10,12 +10,13 @@
 --   an old sample pass for a newer one, which could end a ghost released after
 --   it was taken, or take an actual measured after it off its used memory.
 -- -> {outcome, reason, retry_ms, device_uuid, lease_id, expires_ms, detail,
---     available, policy_version, now, epoch}: available is the bytes free for this
+--     available, policy_version, now, epoch[, deadline]}: available is the bytes free for this
 --     request on its best device (the chosen one, or the closest to fitting),
 --     -1 when not reached; policy_version is the pool's (a gate that sees it
 --     change reads the policy again); now is the script clock (ms); epoch is
 --     the pool's (publish_policy.lua; "" for a pool made before epochs): an
---     admitted lease's, sent back with its renewals
+--     admitted lease's, sent back with its renewals; deadline (an ADMIT of a
+--     lease only) its max-duration deadline, 0 for none
 --    outcome "admit" | "defer" | "reject". Error replies: "nopolicy" (the
 --    pool has no policy yet), "unknown_class <name>".
 --
@@ -71,6 +72,7 @@ local sent_ms = tonumber(ARGV[10])
 local now
 local version
 local epoch
+local admitted_deadline  -- an ADMIT's lease's max-duration deadline (0: none)
 -- Deletions (an expired waiter, an ended ghost) wait for the end of the
 -- script: past maxmemory Redis refuses a script's writes only until its first
 -- one, and these free memory, so one of them first would let a lease be
@@ -530,6 +532,7 @@ end
 local id = string.format('%d', math.max((tonumber(st[7]) or 0) + 1, now * 1000))
 local deadline = 0
 if max_ms >= 0 then deadline = now + max_ms end
+admitted_deadline = deadline
 local rec = {e = vram, a = 0, at = 0, r = 0, c = cls, s = now, m = deadline, o = owner, f = 0,
              t = tenant ~= '' and tenant or '-'}
 redis.call('HSET', prefix .. 'dev:' .. best.uuid, id, format_lease(rec))
@@ -560,6 +563,7 @@ if reply[1] then
   reply[9] = version
   reply[10] = now
   reply[11] = epoch
+  if admitted_deadline then reply[12] = admitted_deadline end
   local key = prefix .. 'dec:' .. math.floor(now / 60000)
   if redis.call('HINCRBY', key, cls .. ' ' .. reply[1] .. ' ' .. reply[2], 1) == 1 then
     redis.call('PEXPIRE', key, 16 * 60000)
