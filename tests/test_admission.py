@@ -1451,6 +1451,38 @@ class TestLeases:
         d = other.try_admit("batch", vram="60GiB")
         assert (d.outcome, d.reason) == (Outcome.DEFER, "vram")
 
+    def test_a_policy_stored_over_an_automatic_default_by_an_older_gate_is_not_one(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # An older release's `policy apply` stores its policy and leaves the
+        # automatic default's mark as it was: that policy is the operator's.
+        make_gate(None, register=False).sync_policy()  # the automatic default
+        applied = policy(batch={"priority": 10, "max_concurrent": 2})
+        key = PoolKeys(pool_name).state
+        mark = read_redis(server, lambda client: client.hget(key, "pauto"))
+        assert mark == Policy.default().version
+        make_gate(applied, register=False).apply_policy()
+        read_redis(
+            server, lambda client: client.hset(key, "pauto", mark)
+        )  # as the old one leaves it
+        other = policy(batch={"priority": 10, "max_concurrent": 9})
+        assert make_gate(other, register=False).pool_policy_version == applied.version
+
+    def test_a_pool_an_older_gate_made_gets_an_epoch_from_its_first_lease_here(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # Without one, a lease lost with Redis's state could not be told from
+        # one this state ended once another id was issued.
+        gate = make_gate(policy(), register=False)
+        key = PoolKeys(pool_name).state
+        read_redis(server, lambda client: client.hdel(key, "epoch"))  # an older gate's pool
+        held = gate.try_admit("batch", vram=1).lease
+        assert held is not None
+        epoch = read_redis(server, lambda client: client.hget(key, "epoch"))
+        assert epoch == f"a{held.id}"
+        assert held._granted is not None
+        assert held._granted.epoch == epoch.encode()
+
     def test_a_lease_that_expired_is_not_brought_back_by_its_renewal(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -223,7 +223,11 @@ class GateCore:
             self._adopt(None, version, auto=mode == "d")
         else:
             doc, auto = self._call(self._client.hmget, self._keys.state, "pdoc", "pauto")
-            self._adopt(_b2s(doc) if doc is not None else None, version, auto=auto is not None)
+            self._adopt(
+                _b2s(doc) if doc is not None else None,
+                version,
+                auto=auto is not None and _b2s(auto) == version,
+            )
         self._check_mismatch()
         return self.pool_policy_version or "", lifted
 
@@ -253,7 +257,7 @@ class GateCore:
                 doc, auto = self._call(self._client.hmget, self._keys.state, "pdoc", "pauto")
             except BackendError:
                 return  # the next decision or beat tries again
-        self._adopt(_b2s(doc) if doc is not None else None, _b2s(version), auto=auto is not None)
+        self._adopt(_b2s(doc) if doc is not None else None, _b2s(version), auto=auto == version)
         log.info("pool_policy_changed", pool=self.pool, was=was, now=self.pool_policy_version)
         restore = prior or self.policy
         if self._pool_policy_auto and restore is not None:
@@ -287,7 +291,11 @@ class GateCore:
         )
         if doc is None:
             return None
-        self._adopt(_b2s(doc), _b2s(stored) if stored is not None else None, auto=auto is not None)
+        self._adopt(
+            _b2s(doc),
+            _b2s(stored) if stored is not None else None,
+            auto=auto is not None and auto == stored,
+        )
         return self.pool_policy
 
     def _adopt(self, doc: str | None, version: str | None = None, *, auto: bool = False) -> None:

@@ -542,6 +542,13 @@ if now + ttl < next_exp then
   more[#more + 1] = 'next_exp'
   more[#more + 1] = now + ttl
 end
+-- A pool whose policy an older gate stored has no epoch: its first lease
+-- here starts one (unique: ids are), so that a later loss can be told.
+if epoch == '' then
+  epoch = 'a' .. id
+  more[#more + 1] = 'epoch'
+  more[#more + 1] = epoch
+end
 redis.call('HSET', state_key, 'seq', id, 'clock', now, 'n:' .. cls, (tonumber(st[6]) or 0) + 1,
            'd:' .. cls .. ':' .. best.uuid, best.n_cls + 1, 'd::' .. best.uuid, best.n_all + 1,
            'm:' .. best.uuid, format_memory(best.m_res + vram, best.m_act, best.m_at, best.m_idle),

@@ -6,7 +6,7 @@
 --   mode: "1" replaces the stored policy (`gpugate policy apply`); "0"
 --   publishes into a pool without one, or whose policy is an automatic
 --   default; "d" publishes an automatic default (a worker's gate with no
---   policy to give), only into a pool without one: state pauto marks it, so
+--   policy to give), only into a pool without one: state pauto names it, so
 --   that a gate that knew the pool's real policy before Redis lost its state
 --   (or was made with one) replaces it, and a pool does not stay uncapped
 --   because a policy-less worker came back first. "r" is "0" from a gate
@@ -25,7 +25,7 @@
 --     "<kind> <class>" for each override in force lifted with its class}
 --
 -- Key schema: state pversion, pdoc (JSON of Policy.to_dict(), for people and
--- gates), pauto (present: an automatic default, see mode), epoch, recover
+-- gates), pauto (the version of an automatic default, see mode), epoch, recover
 -- (see mode), classes (space-separated names), pool (pool record), c:<class>
 -- (class records; formats in the prelude), pause:<class> ("until_ms"),
 -- cap:<class> ("n until_ms"; until 0 = no expiry) and ovr (overrides, as
@@ -51,7 +51,10 @@ local classes = ARGV[6]
 local pool_record = ARGV[7]
 
 local st = redis.call('HMGET', state_key, 'pversion', 'classes', 'ovr', 'clock', 'pauto')
-if st[1] and not force and (mode == 'd' or not st[5]) then return {0, st[1]} end
+-- An automatic default: pauto names its version (a policy stored over it by
+-- an older gate's script, which leaves pauto as it was, is not one).
+local auto = st[5] ~= false and st[5] == st[1]
+if st[1] and not force and (mode == 'd' or not auto) then return {0, st[1]} end
 local reply = {1, version}
 local now = script_now(clock_ms, tonumber(st[4]) or 0)
 if st[2] then
@@ -89,7 +92,7 @@ for i = 8, #ARGV, 2 do
 end
 redis.call('HSET', state_key, unpack(fields))
 if mode == 'd' then
-  redis.call('HSET', state_key, 'pauto', '1')
+  redis.call('HSET', state_key, 'pauto', version)
 elseif st[5] then
   redis.call('HDEL', state_key, 'pauto')
 end
@@ -97,7 +100,7 @@ if not st[1] then
   local t = redis.call('TIME')
   redis.call('HSET', state_key, 'epoch', t[1] .. '.' .. t[2])
 end
-if restore and (not st[1] or st[5]) then
+if restore and (not st[1] or auto) then
   local ttl = tonumber((select(2, pool_fields(pool_record))))
   redis.call('HSET', state_key, 'recover', now + ttl)
 end
