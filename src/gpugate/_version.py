@@ -1,3 +1,3 @@
 """The version of gpugate, in one place (pyproject reads it from here)."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
