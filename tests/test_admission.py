@@ -1483,6 +1483,31 @@ class TestLeases:
         assert held._granted is not None
         assert held._granted.epoch == epoch.encode()
 
+    def test_status_says_when_more_is_committed_than_a_device_holds(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        # An older gate admitted during the recovery window; the lease put
+        # back then lands on top: the verdict must not say OK.
+        from gpugate.state._inspect import read_pool
+        from gpugate.state._verdict import assess
+
+        pol = policy({"lease_ttl": "1s"})
+        holder = make_gate(pol, SimulatedSampler(["80GiB"]), register=False)
+        other = make_gate(pol, SimulatedSampler(["80GiB"]), register=False)
+        held = holder.try_admit("batch", vram="60GiB").lease
+        assert held is not None
+        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        other.sync_policy()  # as an older gate would: no window
+        read_redis(server, lambda client: client.hdel(PoolKeys(pool_name).state, "recover"))
+        assert other.try_admit("batch", vram="60GiB").lease is not None
+        holder.beat_now()  # 60 GiB more put back: 120 GiB on 80
+        client = redis.Redis.from_url(server.url)
+        try:
+            verdict = assess(read_pool(client, pool_name))
+        finally:
+            client.close()
+        assert any("120GiB committed on 80GiB" in r for r in verdict.reasons), verdict.reasons
+
     def test_a_lease_that_expired_is_not_brought_back_by_its_renewal(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .._units import format_duration
+from .._units import format_duration, format_size
 from ..sampling._sample import LOST_PREFIX
 from ._inspect import DECISION_MINUTES, PoolView
 
@@ -124,6 +124,14 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
             )
         elif d.uuid in reporting and d.total and d.used / d.total >= MEMORY_HIGH_RATIO:
             degraded.append(f"GPU {_short_uuid(d.uuid)} memory {d.used * 100 // d.total}% used")
+        if d.total and d.reserved > d.total:
+            # More committed than the device holds: leases put back after Redis
+            # lost its state on top of what was admitted meanwhile (or gates of
+            # an earlier release, which do not wait out the recovery window).
+            degraded.append(
+                f"GPU {_short_uuid(d.uuid)} has {format_size(d.reserved)} committed "
+                f"on {format_size(d.total)}"
+            )
     bounds = {
         name: c.max_fragmentation
         for name, c in view.policy.classes.items()
