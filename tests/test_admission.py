@@ -2781,6 +2781,46 @@ class TestWakeUpsThatConcernAWaiter:
     """A lease end sends a gate's blocked admissions to Redis only when what it
     freed may change their answer (the herd's rules: test_herd.py)."""
 
+    def test_a_woken_waiter_kept_off_a_device_by_a_ghost_asks_again_after_a_sample(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # The first decision after the release still counts its ghost on dev0
+        # and finds dev1 held back by a pinned interactive waiter: "priority".
+        # The freed room is usable at the next sample, not at its next timer
+        # (1.25 s or more with the default waiter TTL).
+        pol = policy(
+            interactive={"priority": 100}, notebook={"priority": 50}, batch={"priority": 10}
+        )
+        sim = SimulatedSampler(["80GiB", "80GiB"])
+        holder = make_gate(pol, sim)
+        big = holder.try_admit("batch", vram="60GiB", device="SIM-sim-0")
+        assert big.lease is not None
+        assert holder.try_admit("batch", vram="50GiB", device="SIM-sim-1").lease is not None
+        waiting = make_gate(pol, sim)
+
+        def interactive() -> None:  # 35 GiB on dev1 (30 free): waits throughout
+            with contextlib.suppress(AdmissionTimeout, UsageError):  # until the gate closes
+                waiting.admit("interactive", vram="35GiB", device="SIM-sim-1", timeout=10)
+
+        threading.Thread(target=interactive, daemon=True).start()
+        time.sleep(0.3)
+        gate = make_gate(pol, sim)
+        admitted: list[float] = []
+
+        def notebook() -> None:
+            ticket = gate.admit("notebook", vram="25GiB", timeout=10)
+            admitted.append(time.monotonic())
+            ticket.release()
+
+        t = threading.Thread(target=notebook)
+        t.start()
+        time.sleep(0.5)
+        released = time.monotonic()
+        big.lease.release()
+        t.join(15)
+        assert admitted
+        assert admitted[0] - released < 1.0
+
     def test_a_lease_end_on_another_hosts_device_leaves_a_memory_waiter_asleep(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:

@@ -72,8 +72,10 @@ _ESTIMATED = frozenset({"cap", "priority", "vram", "fragmented", "no_gpu", "stal
 # it (until then it counts as a ghost): a waiter woken by a release that
 # defers for one of these decides again once its sampler has read the devices
 # at least _SAMPLE_AFTER_WAKE_S after the wake-up (the script's clock is in
-# ms), polling the (local) sampler every _SAMPLE_POLL_S meanwhile.
-_FREED_AT_A_LATER_SAMPLE = frozenset({"vram", "fragmented"})
+# ms), polling the (local) sampler every _SAMPLE_POLL_S meanwhile. A
+# "priority" DEFER too: the freed room may be on the device it was kept off
+# the others for, still a ghost in the first decision.
+_FREED_AT_A_LATER_SAMPLE = frozenset({"vram", "fragmented", "priority"})
 # try_admit waiter ids a gate remembers, for close() and for the pre-check
 # (one per request shape and poller); past this many it forgets them: their
 # entries expire in Redis by themselves, and their next poll asks Redis.
