@@ -1005,6 +1005,27 @@ class TestPriority:
         assert gate.try_admit("interactive", vram="1GiB").reason == "cap"
         assert gate.try_admit("batch", vram="10GiB").outcome is Outcome.ADMIT
 
+    def test_a_paused_class_does_not_age_past_the_classes_the_drain_kept_running(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # 6/min of aging over a 20-minute drain lifted batch (10) above
+        # interactive (100): once resumed, its waiter held interactive back.
+        clock = FakeClock()
+        pol = policy(
+            {"priority_aging": "6/min", "waiter_ttl": "1h", "lease_ttl": "1h"},
+            interactive={"priority": 100},
+            batch={"priority": 10},
+        )
+        gate = make_gate(pol, SimulatedSampler(["80GiB"]), _clock_ms=clock)
+        assert gate.try_admit("interactive", vram="20GiB").lease is not None
+        gate.drain()
+        for _ in range(20):
+            assert gate.try_admit("batch", vram="70GiB").reason == "paused"
+            clock.advance(60)
+        gate.resume("batch")
+        assert gate.try_admit("batch", vram="70GiB").reason == "vram"  # waits on
+        assert gate.try_admit("interactive", vram="30GiB").outcome is Outcome.ADMIT
+
     def test_a_dead_waiter_stops_counting_after_the_waiter_ttl(
         self, make_gate: Callable[..., Gate]
     ) -> None:

@@ -358,7 +358,11 @@ class Model:
         if self._reap(now):
             self._record_clock(now)
 
+        paused_since: list[int | None] = [None]
+
         def since() -> int:
+            if paused_since[0] is not None:
+                return paused_since[0]
             own = self.waiters.get(waiter_id)
             if own is None or (own.x <= now and not stale_own_since):
                 return now
@@ -388,6 +392,7 @@ class Model:
 
         until = self.pauses.get(cls)
         if until is not None and (until == 0 or until > now):
+            paused_since[0] = now  # a paused class does not age
             return defer("paused", until - now if until > 0 else self.retry_max, None, "-")
         cap = self.effective_cap(cls, now)
 

@@ -154,6 +154,9 @@ if st[4] then
   if until_ms == 0 or until_ms > now then
     local retry = retry_max
     if until_ms > 0 then retry = until_ms - now end
+    -- A paused class does not age: after a long drain its requests would
+    -- outrank the classes the drain kept running.
+    since = now
     return defer('paused', retry, '', '-', 'class paused')
   end
 end
