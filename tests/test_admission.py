@@ -3494,6 +3494,34 @@ class TestFragmentation:
     """Jobs report what their allocator holds unused; a class's max_fragmentation keeps it off
     devices above that share."""
 
+    def test_a_fragmented_waiter_waits_on_a_device_it_could_use(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # dev0 has 50 GiB free but is too fragmented for interactive; dev1 is
+        # full. Interactive waits for room on dev1: batch may use dev0.
+        clock = FakeClock()
+        pol = policy(
+            interactive={"priority": 100, "max_fragmentation": 0.1}, batch={"priority": 10}
+        )
+        gate = make_gate(pol, SimulatedSampler(["80GiB", "80GiB"]), _clock_ms=clock)
+        a = gate.try_admit("batch", vram="30GiB", device="SIM-sim-0")
+        b = gate.try_admit("batch", vram="75GiB", device="SIM-sim-1")
+        assert a.lease is not None
+        assert b.lease is not None
+        a.lease.report_vram("30GiB", idle="20GiB")  # 25 % of dev0 held unused
+        clock.advance(0.05)
+        gate.beat_now()
+        clock.advance(0.05)
+        poller = threading.Thread(
+            target=gate.try_admit, args=("interactive",), kwargs={"vram": "20GiB"}
+        )
+        poller.start()
+        poller.join()
+        (waiter,) = gate.client.hvals(gate._keys.waiters)
+        assert waiter.split()[5:8] == [b"SIM-sim-1", b"interactive", b"fragmented"]
+        d = gate.try_admit("batch", vram="10GiB")
+        assert (d.outcome, d.device_uuid) == (Outcome.ADMIT, "SIM-sim-0")
+
     def test_a_fragmented_device_is_skipped_by_a_class_with_a_bound(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:

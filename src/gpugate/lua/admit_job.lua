@@ -431,6 +431,9 @@ if #newer > 0 then redis.call('HSET', samples_key, unpack(newer)) end
 -- it needs. Only when no slotted device could is it the one with most room.
 local best, best_avail, closest, closest_avail, closest_holds = nil, nil, nil, nil, false
 local held_back, fragmented = false, false
+-- For a DEFER fragmented: the same choice among the devices not too
+-- fragmented for it (it waits for memory there, not on the others).
+local usable, usable_avail, usable_holds = nil, nil, false
 for _, d in ipairs(slotted) do
   local reserved, measured = d.m_res, d.m_act
   if d.m_at > d.ts then
@@ -466,6 +469,10 @@ for _, d in ipairs(slotted) do
   if closest == nil or (holds and not closest_holds) or (holds == closest_holds and avail > closest_avail) then
     closest, closest_avail, closest_holds = d, avail, holds
   end
+  if not (max_frag >= 0 and d.m_idle > max_frag * d.total)
+      and (usable == nil or (holds and not usable_holds) or (holds == usable_holds and avail > usable_avail)) then
+    usable, usable_avail, usable_holds = d, avail, holds
+  end
 end
 -- Memory sums changed above (ghosts ended, latest_at moved) are written
 -- back: with the lease's own state write on an ADMIT, else before the DEFER.
@@ -496,12 +503,19 @@ if best == nil then
     r[8] = closest_avail
     return r
   end
-  -- Kept off the devices with room, it waits for memory elsewhere (or for
-  -- their fragmentation to fall), and holds back like any waiter for memory.
+  -- Kept off the devices with room, it waits for memory on the others, and
+  -- holds back there like any waiter for memory; with none, for their
+  -- fragmentation to fall, holding back nobody.
   if fragmented then
-    local r = defer('fragmented', estimate, closest.uuid, 'vram',
-                    'the devices with room are too fragmented for this class')
-    r[8] = closest_avail
+    local detail = 'the devices with room are too fragmented for this class'
+    local r
+    if usable then
+      r = defer('fragmented', estimate, usable.uuid, 'vram', detail)
+      r[8] = usable_avail
+    else
+      r = defer('fragmented', estimate, '', '-', detail)
+      r[8] = closest_avail
+    end
     return r
   end
   local r = defer('vram', estimate, closest.uuid, 'vram', 'not enough free memory on any device')
