@@ -907,6 +907,28 @@ class TestPriority:
         # and batch goes to the one it cannot use.
         assert gate.try_admit("batch", vram="10GiB").device_uuid == "SIM-sim-1"
 
+    def test_a_request_only_capped_devices_could_hold_waits_for_the_cap(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Only the 80 GiB dev0 can hold 60 GiB, and interactive's per-device
+        # cap is taken there: it waits for that cap (holding back nobody), not
+        # for memory on the 40 GiB dev1, which batch may then use.
+        clock = FakeClock()
+        pol = policy(interactive={"priority": 100, "max_per_device": 1}, batch={"priority": 10})
+        gate = make_gate(pol, SimulatedSampler(["80GiB", "40GiB"]), _clock_ms=clock)
+        held = gate.try_admit("interactive", vram="10GiB", device="SIM-sim-0")
+        assert held.lease is not None
+        poller = threading.Thread(
+            target=gate.try_admit, args=("interactive",), kwargs={"vram": "60GiB"}
+        )
+        poller.start()
+        poller.join()
+        (waiter,) = gate.client.hvals(gate._keys.waiters)
+        assert waiter.split()[3] == b"-"
+        assert waiter.split()[7] == b"cap"
+        d = gate.try_admit("batch", vram="25GiB", device="SIM-sim-1")
+        assert d.outcome is Outcome.ADMIT
+
     def test_another_hosts_waiter_does_not_hold_back_this_hosts_devices(
         self, make_gate: Callable[..., Gate]
     ) -> None:

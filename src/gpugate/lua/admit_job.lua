@@ -277,6 +277,21 @@ if #slotted == 0 then
   end
   return defer('cap', estimate, '', '-', 'class at its per-device cap')
 end
+-- When only devices at a limit could ever hold it, it waits for that limit
+-- (a shared slot there, or its own class's per-device cap, which holds back
+-- nobody), not for memory on a device too small for it.
+local slotted_holds = false
+for _, d in ipairs(slotted) do
+  if d.total - margin - reserve_above >= vram then slotted_holds = true end
+end
+if not slotted_holds then
+  for _, d in ipairs(cand) do
+    if d.total - margin - reserve_above >= vram and (dev_cap < 0 or d.n_cls < dev_cap) then
+      return defer('cap', estimate, d.uuid, 'slot', 'the devices that could hold it are at their job limit')
+    end
+  end
+  return defer('cap', estimate, '', '-', 'class at its per-device cap on the devices that could hold it')
+end
 
 -- Devices that a live waiter of higher effective priority waits for (the
 -- one closest to fitting it, or whose slot it waits for). Waiting ages
