@@ -87,6 +87,11 @@ def read_redis(server: RedisProcess, read: Callable[[redis.Redis], Any]) -> Any:
         client.close()
 
 
+def lose_state(server: RedisProcess, pool: str) -> None:
+    """Redis loses the pool's state (a FLUSHALL, a restart without persistence)."""
+    read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool}}}:*")))
+
+
 def state(server: RedisProcess, pool: str) -> dict[str, str]:
     return read_redis(server, lambda client: client.hgetall(PoolKeys(pool).state))
 
@@ -1409,7 +1414,7 @@ class TestLeases:
         assert held is not None
         # Redis comes back empty: the gate that knew the pool restores its
         # policy, and nothing is admitted until the holders have renewed.
-        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        lose_state(server, pool_name)
         time.sleep(0.002)  # a restart takes longer than a millisecond
         new_holder.sync_policy()
         assert new_holder.try_admit("batch", vram="1GiB").reason == "recovering"
@@ -1437,7 +1442,7 @@ class TestLeases:
         other = make_gate(pol, SimulatedSampler(["80GiB"]), register=False)
         held = holder.try_admit("batch", vram="60GiB").lease
         assert held is not None
-        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        lose_state(server, pool_name)
         assert other.try_admit("batch", vram="60GiB").reason == "recovering"
         holder.beat_now()
         time.sleep(1.1)  # the window: a TTL from the lease's return
@@ -1487,7 +1492,7 @@ class TestLeases:
         other = make_gate(without, SimulatedSampler(["80GiB"]), register=False)
         other.apply_policy()
         holder.beat_now()  # follows the new policy; its lease still counts
-        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        lose_state(server, pool_name)
         holder.beat_now()  # publishes the policy it knew; its lease comes back
         assert not held.lost
         time.sleep(1.1)
@@ -1539,7 +1544,7 @@ class TestLeases:
         other = make_gate(pol, SimulatedSampler(["80GiB"]), register=False)
         held = holder.try_admit("batch", vram="60GiB").lease
         assert held is not None
-        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        lose_state(server, pool_name)
         other.sync_policy()  # as an older gate would: no window
         read_redis(server, lambda client: client.hdel(PoolKeys(pool_name).state, "recover"))
         assert other.try_admit("batch", vram="60GiB").lease is not None
@@ -1575,7 +1580,7 @@ class TestLeases:
         assert held is not None
         # Redis loses its state; a worker without a policy starts first and
         # publishes the (uncapped) default.
-        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        lose_state(server, pool_name)
         worker = make_gate(None, register=False)
         worker.sync_policy()
         assert worker.pool_policy == Policy.default()
@@ -1591,7 +1596,7 @@ class TestLeases:
         time.sleep(1.1)  # the window: a TTL from the lease's return
         assert worker.try_admit("batch", vram=1).reason == "cap"
         # So does a gate made with that policy after the worker.
-        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        lose_state(server, pool_name)
         make_gate(None, register=False).sync_policy()
         assert make_gate(capped, register=False).pool_policy_version == capped.version
 
@@ -1604,7 +1609,7 @@ class TestLeases:
         make_gate(strict, register=False).apply_policy()  # `gpugate policy apply`
         held = running.try_admit("batch", vram=1).lease  # follows it
         assert held is not None
-        read_redis(server, lambda client: client.delete(*client.keys(f"gpugate:{{{pool_name}}}:*")))
+        lose_state(server, pool_name)
         assert running.try_admit("batch", vram=1).reason == "recovering"
         assert running.pool_policy_version == strict.version
         running.beat_now()  # its lease comes back
