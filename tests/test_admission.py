@@ -3522,6 +3522,34 @@ class TestFragmentation:
     """Jobs report what their allocator holds unused; a class's max_fragmentation keeps it off
     devices above that share."""
 
+    def test_a_fragmented_waiter_does_not_wait_on_a_device_too_small_for_it(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # dev0 (80 GiB) has room but is too fragmented for interactive; dev1
+        # (24 GiB) could never hold 40 GiB: it waits for dev0's fragmentation
+        # to fall, holding back nobody, and batch may use dev1.
+        clock = FakeClock()
+        pol = policy(
+            interactive={"priority": 100, "max_fragmentation": 0.1}, batch={"priority": 10}
+        )
+        gate = make_gate(pol, SimulatedSampler(["80GiB", "24GiB"]), _clock_ms=clock)
+        a = gate.try_admit("batch", vram="30GiB", device="SIM-sim-0")
+        assert a.lease is not None
+        a.lease.report_vram("30GiB", idle="20GiB")
+        clock.advance(0.05)
+        gate.beat_now()
+        clock.advance(0.05)
+        poller = threading.Thread(
+            target=gate.try_admit, args=("interactive",), kwargs={"vram": "40GiB"}
+        )
+        poller.start()
+        poller.join()
+        (waiter,) = gate.client.hvals(gate._keys.waiters)
+        assert waiter.split()[3] == b"-"
+        assert waiter.split()[7] == b"fragmented"
+        d = gate.try_admit("batch", vram="10GiB", device="SIM-sim-1")
+        assert d.outcome is Outcome.ADMIT
+
     def test_a_fragmented_waiter_waits_on_a_device_it_could_use(
         self, make_gate: Callable[..., Gate]
     ) -> None:

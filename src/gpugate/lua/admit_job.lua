@@ -446,9 +446,10 @@ if #newer > 0 then redis.call('HSET', samples_key, unpack(newer)) end
 -- it needs. Only when no slotted device could is it the one with most room.
 local best, best_avail, closest, closest_avail, closest_holds = nil, nil, nil, nil, false
 local held_back, fragmented = false, false
--- For a DEFER fragmented: the same choice among the devices not too
--- fragmented for it (it waits for memory there, not on the others).
-local usable, usable_avail, usable_holds = nil, nil, false
+-- For a DEFER fragmented: the one with the most room among the devices
+-- not too fragmented for it that could ever hold it (it waits for memory
+-- there, not on the others, nor on one too small).
+local usable, usable_avail = nil, nil
 for _, d in ipairs(slotted) do
   local reserved, measured = d.m_res, d.m_act
   if d.m_at > d.ts then
@@ -484,9 +485,9 @@ for _, d in ipairs(slotted) do
   if closest == nil or (holds and not closest_holds) or (holds == closest_holds and avail > closest_avail) then
     closest, closest_avail, closest_holds = d, avail, holds
   end
-  if not (max_frag >= 0 and d.m_idle > max_frag * d.total)
-      and (usable == nil or (holds and not usable_holds) or (holds == usable_holds and avail > usable_avail)) then
-    usable, usable_avail, usable_holds = d, avail, holds
+  if holds and not (max_frag >= 0 and d.m_idle > max_frag * d.total)
+      and (usable == nil or avail > usable_avail) then
+    usable, usable_avail = d, avail
   end
 end
 -- Memory sums changed above (ghosts ended, latest_at moved) are written

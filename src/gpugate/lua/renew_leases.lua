@@ -391,8 +391,9 @@ for i = 0, n - 1 do
     end
     -- Other holders may not have renewed yet: nothing is admitted until
     -- they have (a whole TTL, the longest a live lease goes unrenewed),
-    -- whoever stored the policy since.
-    if (tonumber(st[9]) or 0) < now + ttl then
+    -- whoever stored the policy since. Not for one already past its max
+    -- duration (ending within this TTL anyway).
+    if expires > now and (tonumber(st[9]) or 0) < now + ttl then
       st[9] = now + ttl
       redis.call('HSET', state_key, 'recover', st[9])
     end
