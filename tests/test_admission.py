@@ -912,6 +912,29 @@ class TestPriority:
         # and batch goes to the one it cannot use.
         assert gate.try_admit("batch", vram="10GiB").device_uuid == "SIM-sim-1"
 
+    def test_a_lower_request_leaves_the_room_several_waiters_need_together(
+        self, make_gate: Callable[..., Gate]
+    ) -> None:
+        # Two interactive waiters of 20 GiB; 45 GiB open on dev1: each alone
+        # would still fit after 10 GiB of batch, both would not.
+        clock = FakeClock()
+        sim = SimulatedSampler(["80GiB", "80GiB"])
+        gate = make_gate(policy(), sim, _clock_ms=clock)
+        sim.set_used(0, "65GiB")
+        sim.set_used(1, "75GiB")
+        for _ in range(2):  # two pollers (threads): two waiters
+            poller = threading.Thread(
+                target=gate.try_admit, args=("interactive",), kwargs={"vram": "20GiB"}
+            )
+            poller.start()
+            poller.join()
+        assert gate.client.hlen(gate._keys.waiters) == 2
+        sim.set_used(1, "35GiB")
+        clock.advance(0.1)
+        d = gate.try_admit("batch", vram="10GiB")
+        assert (d.outcome, d.reason) == (Outcome.DEFER, "priority")
+        assert gate.try_admit("batch", vram="5GiB").outcome is Outcome.ADMIT  # 40 GiB left
+
     def test_a_request_only_capped_devices_could_hold_waits_for_the_cap(
         self, make_gate: Callable[..., Gate]
     ) -> None:

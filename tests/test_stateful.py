@@ -490,8 +490,13 @@ class Model:
             free = total - unmanaged - reserved - self.margin
             if avail >= vram:
                 last_slot = self.shared_cap >= 0 and self.count(None, i) + 1 >= self.shared_cap
-                if blocked.get(i, False) or any(
-                    free - a - n >= 0 and (last_slot or free - a - n < vram) for n, a in needs
+                fit = [(n, a) for n, a in needs if free - a - n >= 0]
+                # ... and the room those that fit here now need together
+                joint = free - max((a for _, a in fit), default=0) - sum(n for n, _ in fit)
+                if (
+                    blocked.get(i, False)
+                    or any(last_slot or free - a - n < vram for n, a in fit)
+                    or (fit and 0 <= joint < vram)
                 ):
                     held_back = True
                 elif (

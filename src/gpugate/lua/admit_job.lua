@@ -335,17 +335,23 @@ end
 -- d, with `free` bytes before class reserves: the waiter could go there now
 -- (its VRAM and its own class's reserve fit; d has a free shared slot, or it
 -- would not be a candidate), and could not after this request, which takes
--- that room or d's last free shared slot. The waiter's own class caps are
--- not known here: it counts as if they let it go.
+-- that room or d's last free shared slot. Nor the room those that could go
+-- there now need together (two waiters of 20 GiB and 45 GiB free: a 10 GiB
+-- request takes what one of them needs). The waiters' own class caps are
+-- not known here: they count as if they let them go.
 local function place_taken(d, free)
   local last_slot = shared_cap >= 0 and d.n_all + 1 >= shared_cap
+  local together, reserve = 0, 0
   for _, need in ipairs(needs) do
     local left = free - need.reserve - need.v
-    if (need.pin == nil or need.pin == d.uuid) and left >= 0 and (last_slot or left < vram) then
-      return true
+    if (need.pin == nil or need.pin == d.uuid) and left >= 0 then
+      if last_slot or left < vram then return true end
+      together = together + need.v
+      if need.reserve > reserve then reserve = need.reserve end
     end
   end
-  return false
+  local left = free - reserve - together
+  return together > 0 and left >= 0 and left < vram
 end
 
 -- Ghosts end once a sample taken after their release is used: they leave
