@@ -1554,6 +1554,25 @@ class TestLeases:
         assert held._granted is not None
         assert held._granted.epoch == epoch.encode()
 
+    def test_status_says_the_pool_is_recovering(
+        self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
+    ) -> None:
+        from gpugate.state._inspect import read_pool
+        from gpugate.state._verdict import assess
+
+        gate = make_gate(policy({"lease_ttl": "30s"}), register=False)
+        assert gate.try_admit("batch", vram=1).lease is not None
+        lose_state(server, pool_name)
+        gate.sync_policy()  # restores the policy it knew: the window opens
+        assert gate.try_admit("batch", vram=1).reason == "recovering"
+        client = redis.Redis.from_url(server.url)
+        try:
+            verdict = assess(read_pool(client, pool_name))
+        finally:
+            client.close()
+        # (CRITICAL too: the devices' samples went with the state.)
+        assert any(r.startswith("recovering: Redis lost its state") for r in verdict.reasons)
+
     def test_status_says_when_more_is_committed_than_a_device_holds(
         self, make_gate: Callable[..., Gate], server: RedisProcess, pool_name: str
     ) -> None:

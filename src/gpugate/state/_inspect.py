@@ -451,6 +451,9 @@ class PoolView:
     workers: list[WorkerView]
     lease_seq: int
     counters: dict[str, int] = field(default_factory=dict)
+    # Until when decisions DEFER `recovering` (script clock, ms; 0: never):
+    # Redis lost its state and the holders put their leases back.
+    recovering_until_ms: int = 0
 
     @property
     def ttl_ms(self) -> int:
@@ -613,6 +616,7 @@ def read_pool(
         ),
         lease_seq=_int(state.get("seq")),
         counters=counters,
+        recovering_until_ms=_int(state.get("recover")),
     )
 
 

@@ -94,6 +94,14 @@ def assess(view: PoolView, *, extra: Iterable[str] = ()) -> Verdict:
         )
     elif no_gpu:
         critical.append(f"no GPU visible to {len(no_gpu)} waiting request(s)")
+    if view.recovering_until_ms > view.now_ms:
+        recovery_left = format_duration(
+            max(1, round((view.recovering_until_ms - view.now_ms) / 1000))
+        )
+        degraded.append(
+            f"recovering: Redis lost its state; nothing is admitted for {recovery_left} while the "
+            "holders' heartbeats put their leases back"
+        )
     stale = [w for w in view.waiters if w.reason == "stale_sample"]
     if stale:
         newest = min(ages, default=0.0)
