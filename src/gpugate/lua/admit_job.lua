@@ -96,6 +96,9 @@ local my_prio, cap, dev_cap, rate, burst, reserve_above, max_ms, _, no_gpu, max_
 max_frag = tonumber(max_frag)
 my_prio, cap, dev_cap, rate = tonumber(my_prio), tonumber(cap), tonumber(dev_cap), tonumber(rate)
 burst, reserve_above, max_ms = tonumber(burst), tonumber(reserve_above), tonumber(max_ms)
+-- Whether a device of this capacity could ever hold the request (never
+-- judged on current use).
+local function could_hold(total) return total - margin - reserve_above >= vram end
 
 -- A DEFER or REJECT writes no state but its waiter, so only scripts that
 -- change leases, buckets or overrides record the clock.
@@ -209,7 +212,7 @@ for i = 0, n_samples - 1 do
       fresher[#fresher + 1] = total .. ' ' .. used .. ' ' .. ts
     end
     listed = listed + 1
-    if total - margin - reserve_above >= vram then fits_listed = true end
+    if could_hold(total) then fits_listed = true end
     if now - ts <= max_age then
       cand[#cand + 1] = {uuid = uuid, total = total, used = used, ts = ts, s_ts = s_ts,
                          written = written}
@@ -235,7 +238,7 @@ end
 -- Never fits: judged against capacity, never against current use.
 local fits_ever = false
 for _, d in ipairs(cand) do
-  if d.total - margin - reserve_above >= vram then fits_ever = true end
+  if could_hold(d.total) then fits_ever = true end
 end
 if not fits_ever then
   if fits_listed then
@@ -282,11 +285,11 @@ end
 -- nobody), not for memory on a device too small for it.
 local slotted_holds = false
 for _, d in ipairs(slotted) do
-  if d.total - margin - reserve_above >= vram then slotted_holds = true end
+  if could_hold(d.total) then slotted_holds = true end
 end
 if not slotted_holds then
   for _, d in ipairs(cand) do
-    if d.total - margin - reserve_above >= vram and (dev_cap < 0 or d.n_cls < dev_cap) then
+    if could_hold(d.total) and (dev_cap < 0 or d.n_cls < dev_cap) then
       return defer('cap', estimate, d.uuid, 'slot', 'the devices that could hold it are at their job limit')
     end
   end
@@ -369,6 +372,17 @@ for _, d in ipairs(slotted) do
 end
 local ghosts_key = prefix .. 'ghosts'
 local ended = {}  -- uuid -> {lease id = true}: ghosts ended here, deleted at the end
+-- End ghost `id` (record `rec`) of device d: its memory leaves d's sums
+-- (written back below) and its record goes at the end.
+local function end_ghost(d, id, rec)
+  d.m_res = d.m_res - math.max(rec.e, rec.a)
+  d.m_act = d.m_act - rec.a
+  d.m_idle = d.m_idle - rec.f
+  d.m_dirty = true
+  ended[d.uuid] = ended[d.uuid] or {}
+  ended[d.uuid][id] = true
+  frees[#frees + 1] = {'HDEL', prefix .. 'dev:' .. d.uuid, id}
+end
 local others = {}  -- memory sums of other devices with ghosts ended here, by uuid
 local gone = redis.call('ZRANGEBYSCORE', ghosts_key, '-inf', newest_ts - 1, 'WITHSCORES', 'LIMIT', 0, 256)
 for i = 1, #gone, 2 do
@@ -390,16 +404,7 @@ for i = 1, #gone, 2 do
     local dkey = prefix .. 'dev:' .. d.uuid
     local id = string.sub(member, tab + 1)
     local raw = redis.call('HGET', dkey, id)
-    if raw then
-      local rec = parse_lease(raw)
-      d.m_res = d.m_res - math.max(rec.e, rec.a)
-      d.m_act = d.m_act - rec.a
-      d.m_idle = d.m_idle - rec.f
-      d.m_dirty = true
-      ended[d.uuid] = ended[d.uuid] or {}
-      ended[d.uuid][id] = true
-      frees[#frees + 1] = {'HDEL', dkey, id}
-    end
+    if raw then end_ghost(d, id, parse_lease(raw)) end
     frees[#frees + 1] = {'ZREM', ghosts_key, member}
   end
 end
@@ -416,16 +421,10 @@ if #gone == 512 then
       local id = rows[j]
       local rec = parse_lease(rows[j + 1])
       if rec.r > 0 and rec.r < d.ts and not here[id] then
-        d.m_res = d.m_res - math.max(rec.e, rec.a)
-        d.m_act = d.m_act - rec.a
-        d.m_idle = d.m_idle - rec.f
-        d.m_dirty = true
-        here[id] = true
-        frees[#frees + 1] = {'HDEL', dkey, id}
+        end_ghost(d, id, rec)
         frees[#frees + 1] = {'ZREM', ghosts_key, d.uuid .. '\t' .. id}
       end
     end
-    if next(here) then ended[d.uuid] = here end
   end
 end
 -- A ghost ended here on this decision's sample is gone for every decision,
@@ -487,7 +486,7 @@ for _, d in ipairs(slotted) do
       best, best_avail = d, avail
     end
   end
-  local holds = d.total - margin - reserve_above >= vram
+  local holds = could_hold(d.total)
   if closest == nil or (holds and not closest_holds) or (holds == closest_holds and avail > closest_avail) then
     closest, closest_avail, closest_holds = d, avail, holds
   end
