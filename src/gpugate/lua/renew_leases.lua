@@ -161,20 +161,19 @@ local function device_contended(uuid, prio)
   return contended[uuid] ~= nil and contended[uuid] > prio
 end
 
--- A class's max_contended_ms (-1: none), priority, and whether the policy
--- has it.
+-- A class's max_contended_ms (-1: none) and priority.
 local bounds = {}
 local function class_bounds(cls)
   if bounds[cls] == nil then
     local raw = redis.call('HGET', state_key, 'c:' .. cls)
     if raw then
       local prio, _, _, _, _, _, _, short = class_fields(raw)
-      bounds[cls] = {tonumber(short), tonumber(prio), true}
+      bounds[cls] = {tonumber(short), tonumber(prio)}
     else
-      bounds[cls] = {-1, 0, false}
+      bounds[cls] = {-1, 0}
     end
   end
-  return bounds[cls][1], bounds[cls][2], bounds[cls][3]
+  return bounds[cls][1], bounds[cls][2]
 end
 
 -- The devices' memory sums change with each reported actual and idle
@@ -273,16 +272,17 @@ if sweep then
   local ghosts_key = prefix .. 'ghosts'
   local gone = {}
   for _, d in ipairs(unseen) do
-    local r, a, t, f = parse_memory(d.m)
-    local m = memory[d.uuid]
-    if m then r, a, t, f = m[1], m[2], m[3], m[4] end
+    -- The device's idle bytes once its old ghosts ended: what idle workers
+    -- still hold there.
+    local f = select(4, parse_memory(d.m))
+    if memory[d.uuid] then f = memory[d.uuid][4] end
     local ended, busy = {}, d.n > 0
     for i = 1, #d.rows, 2 do
       local rec = parse_lease(d.rows[i + 1])
       if rec.r == 0 or rec.r >= now - max_age then
         busy = true
       else
-        r, a, f = r - math.max(rec.e, rec.a), a - rec.a, f - rec.f
+        f = f - rec.f
         ended[#ended + 1] = d.rows[i]
       end
     end
